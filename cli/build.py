@@ -1,0 +1,134 @@
+"""`alexprep build-shards` and `alexprep verify`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from alexprep.cli.common import BadInput, format_bytes, user_errors
+from alexprep.imagenet_prep.build import DEFAULT_SHARD_SIZE, BuildConfig, build_shards, default_workers
+from alexprep.imagenet_prep.transform import ENCODINGS, RESAMPLE_FILTERS, ImageSpec
+
+
+class PartType(click.ParamType):
+    """`i/N`: part i (0-based) of N."""
+
+    name = "i/N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            i, n = (int(x) for x in str(value).split("/"))
+        except ValueError:
+            self.fail(f"{value!r} is not i/N (e.g. 0/4)", param, ctx)
+        if not (n >= 1 and 0 <= i < n):
+            self.fail(f"{value!r}: need 0 <= i < N (parts are numbered 0..N-1)", param, ctx)
+        return i, n
+
+
+@click.command("build-shards")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default="all", show_default=True,
+              help="Which split to build (those present in SRC).")
+@click.option("--encoding", type=click.Choice(ENCODINGS), default="jpeg", show_default=True,
+              help="JPEG bytes, or raw 256x256x3 uint8 (6x larger, no decoding, exact).")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
+              help="JPEG quality (cuda-convnet2 used 95).")
+@click.option("--resample", type=click.Choice(sorted(RESAMPLE_FILTERS)), default="lanczos", show_default=True,
+              help="Antialiasing filter for the resize.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
+              help="Images per shard (~40 MB of q95 JPEG at the default).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the spread of samples over shards.")
+@click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default="all cores",
+              help="Worker processes.")
+@click.option("--part", type=PartType(), default="0/1", show_default=True,
+              help="Build only part i of N (0-based), e.g. --part $SLURM_ARRAY_TASK_ID/16.")
+@click.option("--on-error", type=click.Choice(["report", "fail"]), default="report", show_default=True,
+              help="Unreadable files are always listed; 'fail' also exits with code 1.")
+@click.option("--overwrite", is_flag=True, help="Replace a different build found in OUT.")
+@click.option("--val-labels", type=click.Path(path_type=Path),
+              help="Labels of a flat val/ folder: LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt.")
+@click.option("--devkit", type=click.Path(path_type=Path),
+              help="The ILSVRC2012 devkit folder (holds data/meta.mat).")
+@click.option("--classes", "classes_file", type=click.Path(path_type=Path),
+              help="The class list: a classes.json, or one wnid per line.")
+@click.option("--no-stats", is_flag=True, help="Do not keep statistics partials (`stats --recompute` can still compute them).")
+@user_errors
+def build_shards_command(src, out, split, encoding, quality, resample, shard_size, seed, workers, part,
+                         on_error, overwrite, val_labels, devkit, classes_file, no_stats):
+    """Convert an ImageNet (or any ImageFolder) tree into 256x256 Arrow shards.
+
+    Finds train/ and val/ under SRC (or the Kaggle tree ILSVRC/Data/CLS-LOC/), rescales
+    each image's shorter side to 256, crops the central 256x256 and writes shards to OUT,
+    with each shard's statistics partial beside it. Safe to kill and rerun: finished
+    shards are kept. Unreadable files are reported, never fatal.
+
+    \b
+    Example:
+        alexprep build-shards ~/imagenet out/
+        alexprep build-shards ~/kaggle-imagenet out/ --split val
+        alexprep build-shards ~/imagenet out/ --part 3/16   # on machine 3 of 16
+    """
+    from tqdm import tqdm
+
+    config = BuildConfig(
+        spec=ImageSpec(encoding=encoding, quality=quality, resample=resample),
+        shard_size=shard_size, seed=seed, workers=workers, part=part[0], parts=part[1],
+        splits=("train", "val") if split == "all" else (split,), on_error=on_error, overwrite=overwrite,
+        accumulate_stats=not no_stats, val_labels=val_labels, devkit=devkit, classes_file=classes_file,
+    )
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="img", desc="build-shards", dynamic_ncols=True, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        report = build_shards(src, out, config, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    written = sum(r.written for r in report.splits)
+    rate = written / report.seconds if report.seconds else 0.0
+    click.echo(f"built {out} (build id {report.build_id}, part {part[0]}/{part[1]}) in {report.seconds:.1f} s, "
+               f"{rate:.0f} images/s")
+    for r in report.splits:
+        click.echo(f"  {r.split}: {r.written} written, {len(r.skipped)} skipped, {r.ignored} non-image files ignored, "
+                   f"{r.shards_built + r.shards_reused} shards ({r.shards_built} built, {r.shards_reused} kept), "
+                   f"{format_bytes(r.bytes)}")
+    if report.skipped:
+        click.echo(f"skipped {len(report.skipped)} unreadable file(s) (also listed in the manifests):")
+        for s in report.skipped:
+            click.echo(f"  {s['key']}: {s['reason']}")
+        if on_error == "fail":
+            raise SystemExit(1)
+
+
+@click.command("verify")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--decode", "decode_images", is_flag=True, help="Also decode every image (slower).")
+@user_errors
+def verify_command(out, decode_images):
+    """Check every shard of a build folder against its manifest.
+
+    Size, row count and SHA-256 of each shard; with --decode, every image decodes to
+    256x256x3. Exit code 1 and the list of bad shards if any.
+
+    \b
+    Example:
+        alexprep verify out/ --decode
+    """
+    from alexprep.imagenet_prep.verify import verify_build
+
+    report = verify_build(out, decode_images=decode_images)
+    click.echo(f"{report.shards} shards, {report.rows} images checked{' (decoded)' if decode_images else ''}: "
+               f"{'all good' if report.ok else f'{len(report.bad)} bad'}")
+    for line in report.bad:
+        click.echo(f"  {line}")
+    if not report.ok:
+        raise SystemExit(1)

@@ -1,0 +1,44 @@
+"""The `alexprep` click group; each command group lives in its own module."""
+from __future__ import annotations
+
+import importlib.metadata
+
+import click
+
+from alexprep.cli.build import build_shards_command, verify_command
+from alexprep.cli.info import info
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("alexprep")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_version(), prog_name="alexprep")
+def cli() -> None:
+    """alexprep: the AlexNet paper as a tool.
+
+    ImageNet (any ImageFolder tree) to 256x256 Arrow shards, the training set's
+    mean image and RGB PCA, the paper's augmentations, and the two-tower AlexNet.
+
+    \b
+    Example:
+        alexprep build-shards ~/imagenet out/
+        alexprep stats out/
+    """
+
+
+cli.add_command(build_shards_command)
+cli.add_command(verify_command)
+cli.add_command(info)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""Everything about data: finding samples, transforming images, Arrow shards, statistics,
+and the augmentation pipelines that feed the trainer."""

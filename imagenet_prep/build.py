@@ -1,0 +1,399 @@
+"""`build-shards`: an input tree to the build folder of 256x256 Arrow shards, in parallel.
+
+How a build is laid out, so that it is deterministic, resumable and splittable:
+1. List each split's files (sorted keys), fix the class list (OUT/classes.json, once).
+2. Permute the samples with a generator seeded by (seed, split): every shard mixes classes.
+3. Cut the permutation into `ceil(n / shard_size)` shards of near-equal size; shard j
+   belongs to --part j mod N. Everything so far depends only on the input and the options.
+4. Each worker process builds whole shards: decode, crop, encode, accumulate statistics,
+   stream to a temporary file, then rename (the statistics partial first, the shard last,
+   so a shard under its final name always has its partial). A rerun skips finished shards.
+5. The part's manifest is written last, atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alexprep.imagenet_prep import layout
+from alexprep.imagenet_prep.atomic import remove_leftovers, write_bytes_atomic, write_text_atomic
+from alexprep.imagenet_prep.classes import ClassList, load_classes, read_class_file, save_classes
+from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.shards import (
+    ShardRecord, ShardWriter, build_id, manifest_name, partial_name, read_manifest, shard_name, shard_schema,
+)
+from alexprep.imagenet_prep.stats import PartialStats
+from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, encode, load_center_crop, pil_flavour
+
+# ~1024 images is ~40 MB of q95 JPEG: long sequential reads (FFCV's pages are 8 MiB), about
+# 1,250 shards for ImageNet-1k so that 16-64 workers or machines each get many, a few
+# shards fit a shuffle buffer in RAM, and a crash loses at most a few seconds per worker.
+DEFAULT_SHARD_SIZE = 1024
+# Conservative bytes per image for the free-space check (q95 256x256 photos: 30-60 KB).
+JPEG_BYTES_ESTIMATE = 70_000
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `build-shards` does, shared by the CLI and the library."""
+
+    spec: ImageSpec = ImageSpec()
+    shard_size: int = DEFAULT_SHARD_SIZE
+    seed: int = 0  # seeds the order of samples over shards
+    splits: tuple[str, ...] = layout.SPLITS  # those of these present in SRC are built
+    workers: int = field(default_factory=default_workers)
+    part: int = 0  # this run builds shards j with j % parts == part
+    parts: int = 1
+    on_error: str = "report"  # "report": list unreadable files and go on; "fail": also exit non-zero
+    overwrite: bool = False  # replace a different build found in OUT
+    accumulate_stats: bool = True  # keep each shard's statistics partial (off only to benchmark)
+    val_labels: Path | None = None
+    devkit: Path | None = None
+    classes_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise DataError(f"--shard-size must be at least 1, not {self.shard_size}")
+        if self.workers < 1:
+            raise DataError(f"--workers must be at least 1, not {self.workers}")
+        if not (self.parts >= 1 and 0 <= self.part < self.parts):
+            raise DataError(f"--part {self.part}/{self.parts}: expected i/N with 0 <= i < N (e.g. --part 0/4 .. 3/4)")
+        if self.on_error not in ("report", "fail"):
+            raise DataError(f"--on-error must be 'report' or 'fail', not {self.on_error!r}")
+        unknown = set(self.splits) - set(layout.SPLITS)
+        if unknown or not self.splits:
+            raise DataError(f"--split must be among {layout.SPLITS}, not {sorted(unknown) or 'nothing'}")
+
+
+@dataclass
+class SplitReport:
+    split: str
+    shards_total: int = 0
+    shards_built: int = 0
+    shards_reused: int = 0
+    inputs: int = 0  # candidate image files in this part's shards
+    written: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    ignored: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    build_id: str
+    splits: list[SplitReport]
+    seconds: float = 0.0
+
+    @property
+    def skipped(self) -> list[dict]:
+        return [s for r in self.splits for s in r.skipped]
+
+
+# ---------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    index: int
+    count: int
+    samples: tuple[tuple[str, str, int, str], ...]  # (key, path, label, wnid)
+
+
+def plan_shards(listing: layout.SplitListing, classes: ClassList, shard_size: int, seed: int) -> list[ShardJob]:
+    """Split the samples into shards: a seeded permutation cut into near-equal pieces."""
+    n = len(listing.samples)
+    count = max(1, math.ceil(n / shard_size)) if n else 0
+    rng = np.random.Generator(np.random.PCG64([seed, layout.SPLITS.index(listing.split)]))
+    order = rng.permutation(n)
+    rows = [(s.key, s.path, classes.index(s.wnid), s.wnid) for s in listing.samples]
+    bounds = [j * n // count for j in range(count + 1)] if count else [0]
+    return [
+        ShardJob(listing.split, j, count, tuple(rows[i] for i in order[bounds[j]:bounds[j + 1]]))
+        for j in range(count)
+    ]
+
+
+# ---------------------------------------------------------------------------- workers
+_progress = None  # a shared counter of images done, set in each worker
+
+
+def _init_worker(counter) -> None:
+    global _progress
+    _progress = counter
+
+
+def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: ClassList, build: str,
+                    accumulate_stats: bool) -> dict:
+    """Build one shard and its statistics partial; returns its record. Runs in a worker."""
+    folder = Path(out_split)
+    name = shard_name(job.split, job.index, job.count)
+    writer = ShardWriter(folder / name, shard_schema(classes, spec, build, job.split))
+    partial = PartialStats.empty(spec.size)
+    skipped = []
+    try:
+        for key, path, label, wnid in job.samples:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                pixels = load_center_crop(data, spec)
+            except UnreadableImage as exc:
+                skipped.append({"key": key, "reason": str(exc)})
+            except OSError as exc:
+                skipped.append({"key": key, "reason": f"cannot read file: {exc.strerror or exc}"})
+            else:
+                if accumulate_stats:
+                    partial.add(pixels)
+                writer.add(encode(pixels, spec), label, wnid, key)
+            if _progress is not None:
+                with _progress.get_lock():
+                    _progress.value += 1
+        size, sha = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    record = {
+        "build_id": build,
+        "shard": ShardRecord(name, job.index, writer.rows, size, sha).to_json(),
+        "inputs": len(job.samples),
+        "skipped": skipped,
+        "has_stats": accumulate_stats,
+    }
+    # The partial first, the shard last: a shard under its final name always has its partial.
+    write_bytes_atomic(folder / partial_name(name), partial.to_npz_bytes(record=np.array(json.dumps(record))))
+    writer.commit()
+    return record
+
+
+def _run_job(args) -> dict:
+    return build_one_shard(*args)
+
+
+def read_shard_record(folder: Path, name: str) -> dict | None:
+    """The record of a finished shard (shard and partial both present), else None."""
+    shard, partial = folder / name, folder / partial_name(name)
+    if not (shard.exists() and partial.exists()):
+        return None
+    with np.load(partial) as z:
+        record = json.loads(str(z["record"]))
+    if record["shard"]["bytes"] != os.path.getsize(shard):
+        return None  # not ours to trust: rebuild it
+    return record
+
+
+# ---------------------------------------------------------------------------- checks
+def _check_out(out: Path, overwrite: bool, build: str, classes: ClassList) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"OUT {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"OUT {out} cannot be created ({exc.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DataError(f"OUT {out} is not writable")
+    found = _existing_build_ids(out)
+    other = sorted(found - {build})
+    if other and not overwrite:
+        raise DataError(
+            f"OUT {out} holds a different build (build id {', '.join(other)}; these options give {build}): "
+            "pass --overwrite to replace it, or choose another OUT"
+        )
+
+
+def _existing_build_ids(out: Path) -> set[str]:
+    ids = set()
+    for split in layout.SPLITS:
+        folder = out / split
+        if not folder.is_dir():
+            continue
+        for path in folder.glob("manifest*.json"):
+            ids.add(read_manifest(path)["build_id"])
+        for path in folder.glob("*.stats.npz"):
+            with np.load(path) as z:
+                ids.add(json.loads(str(z["record"]))["build_id"])
+            break  # one finished shard tells the build of an unfinished run
+    return ids
+
+
+def _clear_build(out: Path) -> None:
+    """--overwrite: remove what a build wrote (only our files), keep anything else."""
+    for split in layout.SPLITS:
+        folder = out / split
+        if folder.is_dir():
+            for pattern in ("*.arrow", "*.stats.npz", "manifest*.json"):
+                for path in folder.glob(pattern):
+                    path.unlink()
+    for name in ("classes.json", "stats.npz", "stats.json", "stats.png"):
+        if (out / name).exists():
+            (out / name).unlink()
+
+
+def _check_disk(out: Path, spec: ImageSpec, images: int) -> None:
+    per_image = spec.size * spec.size * 3 + 200 if spec.encoding == "raw" else JPEG_BYTES_ESTIMATE
+    need = images * per_image
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise DataError(
+            f"not enough disk space in {out}: about {need / 1e9:.2f} GB needed for {images} images "
+            f"({per_image / 1e3:.0f} KB each), {free / 1e9:.2f} GB free"
+        )
+
+
+def fix_class_list(out: Path, src: Path, config: BuildConfig, folders: dict, listings: dict) -> ClassList:
+    """OUT/classes.json if present; else --classes FILE; else inferred from SRC."""
+    existing = out / "classes.json"
+    given = read_class_file(config.classes_file) if config.classes_file else None
+    if existing.exists() and not config.overwrite:
+        classes = load_classes(existing)
+        if given is not None and given.wnids != classes.wnids:
+            raise DataError(f"--classes {config.classes_file} differs from {existing}, fixed by an earlier build: "
+                            "pass --overwrite to rebuild with the new list")
+        return classes
+    if given is not None:
+        return given
+    labels = layout.ValLabelSource(config.val_labels, config.devkit)
+    return layout.infer_class_list(src, folders, listings, labels)
+
+
+# ---------------------------------------------------------------------------- the build
+def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), progress=None) -> BuildReport:
+    """Build (or finish building) part `config.part` of `config.parts` of OUT from SRC.
+
+    `progress(done, total)` is called from time to time when given.
+    """
+    started = time.perf_counter()
+    src, out = Path(src), Path(out)
+    folders = layout.find_split_folders(src)
+    wanted = {s: f for s, f in folders.items() if s in config.splits}
+    if not wanted:
+        raise DataError(f"SRC {src} has no {' or '.join(config.splits)} split (found: {', '.join(folders) or 'none'})")
+    labels = layout.ValLabelSource(config.val_labels, config.devkit)
+    listings = {s: layout.list_split(s, f, src, labels) for s, f in wanted.items()}
+    if not any(l.samples for l in listings.values()):
+        raise DataError(f"SRC {src}: no image files found in {', '.join(str(f) for f in wanted.values())}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"OUT {out} is a file, not a folder")
+    classes = fix_class_list(out, src, config, folders, listings)
+    build = build_id(config.spec, config.shard_size, config.seed, classes)
+    _check_out(out, config.overwrite, build, classes)
+    if config.overwrite:
+        _clear_build(out)
+    plans = {s: plan_shards(listings[s], classes, config.shard_size, config.seed) for s in listings}
+    mine = {s: [j for j in jobs if j.index % config.parts == config.part] for s, jobs in plans.items()}
+
+    reports = {s: SplitReport(s, shards_total=len(plans[s]), ignored=len(listings[s].ignored) if config.part == 0 else 0)
+               for s in listings}
+    todo: list[ShardJob] = []
+    records: dict[str, list[dict]] = {s: [] for s in listings}
+    for split, jobs in mine.items():
+        folder = out / split
+        folder.mkdir(exist_ok=True)
+        remove_leftovers(folder)
+        for job in jobs:
+            record = read_shard_record(folder, shard_name(split, job.index, job.count))
+            if record is not None and record["build_id"] == build:
+                records[split].append(record)
+                reports[split].shards_reused += 1
+            else:
+                todo.append(job)
+    _check_disk(out, config.spec, sum(len(j.samples) for j in todo))
+    if not (out / "classes.json").exists():
+        save_classes(classes, out / "classes.json")
+
+    total = sum(len(j.samples) for j in todo)
+    args = [(j, str(out / j.split), config.spec, classes, build, config.accumulate_stats) for j in todo]
+    for record, job in _run_all(args, config.workers, total, progress):
+        records[job.split].append(record)
+        reports[job.split].shards_built += 1
+
+    for split, split_records in records.items():
+        report = reports[split]
+        split_records.sort(key=lambda r: r["shard"]["index"])
+        for r in split_records:
+            report.inputs += r["inputs"]
+            report.written += r["shard"]["rows"]
+            report.skipped += r["skipped"]
+            report.bytes += r["shard"]["bytes"]
+        manifest = {
+            "format": "alexprep-shards",
+            "version": 1,
+            "split": split,
+            "build_id": build,
+            "part": config.part,
+            "parts": config.parts,
+            "shard_count": report.shards_total,
+            "image": asdict(config.spec),
+            "build": {"shard_size": config.shard_size, "seed": config.seed, "source": str(src.resolve())},
+            "classes": len(classes),
+            "counts": {"inputs": report.inputs, "written": report.written, "skipped": len(report.skipped),
+                       "ignored": report.ignored, "bytes": report.bytes},
+            "has_stats": all(r["has_stats"] for r in split_records),
+            "shards": [r["shard"] for r in split_records],
+            "skipped": report.skipped,
+            # Ignored files are listed (and counted) once, by part 0, so that parts add up.
+            "ignored": listings[split].ignored if config.part == 0 else [],
+            "software": {"pil": pil_flavour(), "pyarrow": __import__("pyarrow").__version__},
+        }
+        write_text_atomic(out / split / manifest_name(config.part, config.parts), json.dumps(manifest, indent=1) + "\n")
+    return BuildReport(out, build, list(reports.values()), time.perf_counter() - started)
+
+
+def _run_all(args: list, workers: int, total: int, progress):
+    """Yield (record, job) as shards finish, in a pool of `workers` processes (or inline)."""
+    if not args:
+        return
+    counter = mp.Value("q", 0)
+    if workers == 1:
+        _init_worker(counter)
+        try:
+            with _progress_reporter(counter, total, progress):
+                for a in args:
+                    yield _run_job(a), a[0]
+        finally:
+            _init_worker(None)
+        return
+    context = mp.get_context("fork" if os.name == "posix" else "spawn")
+    with context.Pool(min(workers, len(args)), initializer=_init_worker, initargs=(counter,)) as pool:
+        # The reporter thread starts after the fork: forking with live threads risks deadlock.
+        with _progress_reporter(counter, total, progress):
+            for record, a in zip(pool.imap(_run_job, args), args):
+                yield record, a[0]
+
+
+class _progress_reporter:
+    """Calls progress(done, total) four times a second from a thread, and once at the end."""
+
+    def __init__(self, counter, total: int, progress):
+        self.counter, self.total, self.progress = counter, total, progress
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.25):
+            self.progress(self.counter.value, self.total)
+
+    def __enter__(self):
+        if self.progress:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress:
+            self.stop.set()
+            self.thread.join()
+            self.progress(self.counter.value, self.total)

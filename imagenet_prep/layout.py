@@ -1,0 +1,215 @@
+"""Finding the samples of an input tree: which files, which split, which class.
+
+Layouts read (DESIGN.md):
+- `SRC/train/<wnid>/*` and `SRC/val/<wnid>/*` (ImageFolder trees; any class names),
+- the Kaggle tree `SRC/ILSVRC/Data/CLS-LOC/{train,val}`,
+- a flat `val/*.JPEG` labelled by Kaggle's `LOC_val_solution.csv` or by the devkit's
+  `ILSVRC2012_validation_ground_truth.txt` + `data/meta.mat`,
+- SRC itself as an ImageFolder tree (taken as the train split) when it has no train/val.
+
+Files are judged by content later, not by extension here: hidden files and known
+non-image files are ignored and counted; every other file is a candidate sample.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alexprep.imagenet_prep.classes import ClassList, read_devkit_meta, read_synset_mapping
+from alexprep.imagenet_prep.errors import DataError
+
+SPLITS = ("train", "val")
+# Extensions that are never images; everything else is opened and judged by content.
+NON_IMAGE_SUFFIXES = frozenset(
+    ".txt .json .csv .tsv .xml .mat .tar .gz .tgz .zip .md .py .sh .npz .npy .pdf .html .htm "
+    ".yaml .yml .log .arrow .parquet .db .ini .cfg .pkl".split()
+)
+KAGGLE_SUBDIR = Path("ILSVRC") / "Data" / "CLS-LOC"
+KAGGLE_VAL_CSV = "LOC_val_solution.csv"
+KAGGLE_SYNSETS = "LOC_synset_mapping.txt"
+DEVKIT_DIR = "ILSVRC2012_devkit_t12"
+DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # path relative to SRC, '/'-separated: stable across machines
+    path: str  # where to read it
+    wnid: str
+
+
+@dataclass
+class SplitListing:
+    """The candidate samples of one split, sorted by key, and the files ignored."""
+
+    split: str
+    folder: Path
+    samples: list[Sample] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ValLabelSource:
+    """Where flat validation images get their wnids."""
+
+    val_labels: Path | None = None  # LOC_val_solution.csv or the devkit ground truth
+    devkit: Path | None = None  # holds data/meta.mat (needed with the ground truth file)
+
+
+def find_split_folders(src: Path) -> dict[str, Path]:
+    """The split folders under SRC. Raises DataError when SRC is not a readable tree."""
+    src = Path(src)
+    if not src.exists():
+        raise DataError(f"SRC {src} does not exist")
+    if not src.is_dir():
+        raise DataError(f"SRC {src} is not a folder")
+    for base in (src, src / KAGGLE_SUBDIR):
+        found = {s: base / s for s in SPLITS if (base / s).is_dir()}
+        if found:
+            return found
+    # A bare ImageFolder tree: class folders directly under SRC.
+    if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(src)):
+        return {"train": src}
+    raise DataError(f"SRC {src} has no train/ or val/ folder and no class folders: nothing to build")
+
+
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or Path(name).suffix.lower() in NON_IMAGE_SUFFIXES
+
+
+def _walk_files(folder: Path):
+    """Yield (path, name) of every file below folder, skipping hidden folders."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            yield os.path.join(dirpath, name), name
+
+
+def _key(path: str, src: Path) -> str:
+    return Path(os.path.relpath(path, src)).as_posix()
+
+
+def list_split(split: str, folder: Path, src: Path, labels: ValLabelSource = ValLabelSource()) -> SplitListing:
+    """List one split: class folders (ImageFolder), or flat files labelled from a label file."""
+    listing = SplitListing(split, folder)
+    class_dirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    flat_files = sorted(e.name for e in os.scandir(folder) if e.is_file())
+    flat_images = [n for n in flat_files if not _is_ignored(n)]
+    listing.ignored += [_key(str(folder / n), src) for n in flat_files if _is_ignored(n)]
+    if flat_images and not class_dirs:
+        wnid_of = read_val_labels(src, labels)
+        unlabelled = [n for n in flat_images if Path(n).stem not in wnid_of]
+        if unlabelled:
+            more = f" and {len(unlabelled) - 3} more" if len(unlabelled) > 3 else ""
+            raise DataError(
+                f"{split}: no label for {', '.join(unlabelled[:3])}{more} in {describe_label_source(src, labels)}"
+            )
+        for n in flat_images:
+            p = str(folder / n)
+            listing.samples.append(Sample(_key(p, src), p, wnid_of[Path(n).stem]))
+    else:
+        # ImageFolder: files outside a class folder belong to no class; ignore and count them.
+        listing.ignored += [_key(str(folder / n), src) for n in flat_images]
+        for wnid in class_dirs:
+            for path, name in _walk_files(folder / wnid):
+                if _is_ignored(name):
+                    listing.ignored.append(_key(path, src))
+                else:
+                    listing.samples.append(Sample(_key(path, src), path, wnid))
+    listing.samples.sort(key=lambda s: s.key)
+    listing.ignored.sort()
+    return listing
+
+
+def _auto_label_source(src: Path, labels: ValLabelSource) -> ValLabelSource:
+    """Fill in label files that sit in SRC (Kaggle) or in the devkit folder."""
+    devkit = labels.devkit
+    if devkit is None and (src / DEVKIT_DIR).is_dir():
+        devkit = src / DEVKIT_DIR
+    val_labels = labels.val_labels
+    if val_labels is None:
+        for candidate in (
+            src / KAGGLE_VAL_CSV,
+            src / DEVKIT_GROUND_TRUTH,
+            *((devkit / "data" / DEVKIT_GROUND_TRUTH,) if devkit else ()),
+        ):
+            if candidate.is_file():
+                val_labels = candidate
+                break
+    return ValLabelSource(val_labels, devkit)
+
+
+def describe_label_source(src: Path, labels: ValLabelSource) -> str:
+    found = _auto_label_source(Path(src), labels)
+    return str(found.val_labels) if found.val_labels else "(no label file: give --val-labels)"
+
+
+def read_val_labels(src: Path, labels: ValLabelSource) -> dict[str, str]:
+    """Image stem ('ILSVRC2012_val_00000001') -> wnid, from Kaggle's CSV or the devkit."""
+    found = _auto_label_source(Path(src), labels)
+    path = found.val_labels
+    if path is None:
+        raise DataError(
+            "the validation images sit in one flat folder and no labels were found: give "
+            f"--val-labels {KAGGLE_VAL_CSV} (Kaggle) or --val-labels {DEVKIT_GROUND_TRUTH} --devkit DIR"
+        )
+    if not Path(path).is_file():
+        raise DataError(f"--val-labels {path}: no such file")
+    if Path(path).suffix.lower() == ".csv":
+        return _read_kaggle_csv(Path(path))
+    if found.devkit is None:
+        raise DataError(f"{path} holds ILSVRC2012_IDs: give --devkit DIR (the folder holding data/meta.mat) to map them to wnids")
+    id_to_wnid, _ = read_devkit_meta(found.devkit)
+    wnid_of = {}
+    for line_no, line in enumerate(Path(path).read_text().split(), start=1):
+        try:
+            wnid_of[f"ILSVRC2012_val_{line_no:08d}"] = id_to_wnid[int(line)]
+        except (ValueError, KeyError):
+            raise DataError(f"{path} line {line_no}: {line!r} is not an ILSVRC2012_ID of a class in meta.mat") from None
+    return wnid_of
+
+
+def _read_kaggle_csv(path: Path) -> dict[str, str]:
+    wnid_of = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: expected Kaggle's columns ImageId,PredictionString")
+        for row in reader:
+            tokens = row["PredictionString"].split()
+            if tokens:
+                wnid_of[row["ImageId"]] = tokens[0]  # first token of each box is its wnid
+    return wnid_of
+
+
+def known_class_names(src: Path, labels: ValLabelSource) -> dict[str, str]:
+    """Human names for wnids, from LOC_synset_mapping.txt or the devkit, where present."""
+    src = Path(src)
+    found = _auto_label_source(src, labels)
+    if (src / KAGGLE_SYNSETS).is_file():
+        return read_synset_mapping(src / KAGGLE_SYNSETS)
+    if found.devkit and (found.devkit / "data" / "meta.mat").is_file():
+        return read_devkit_meta(found.devkit)[1]
+    return {}
+
+
+def infer_class_list(src: Path, folders: dict[str, Path], listings: dict[str, SplitListing], labels: ValLabelSource) -> ClassList:
+    """The class list for a new build folder when none is given: the train tree's class
+    folders (even when only val is built now); else the devkit's 1000 classes or Kaggle's
+    synset mapping; else the val tree's class folders."""
+    src = Path(src)
+    names = known_class_names(src, labels)
+    if "train" in folders:
+        wnids = [e.name for e in os.scandir(folders["train"]) if e.is_dir() and not e.name.startswith(".")]
+        if wnids:
+            return ClassList.from_wnids(wnids, names)
+    found = _auto_label_source(src, labels)
+    if found.devkit and (found.devkit / "data" / "meta.mat").is_file():
+        return ClassList.from_wnids(read_devkit_meta(found.devkit)[1].keys(), names)
+    if names:
+        return ClassList.from_wnids(names.keys(), names)
+    if "val" in listings and listings["val"].samples:
+        return ClassList.from_wnids([s.wnid for s in listings["val"].samples], names)
+    raise DataError("cannot tell the class list: build the train split first, or give --classes FILE")

@@ -1,0 +1,149 @@
+"""One image, from file bytes to the paper's 256x256 RGB crop and back to bytes.
+
+The paper (section 2): rescale the shorter side to 256, then crop the central 256x256.
+We resize only the central square of the source (`Image.resize(box=...)`), which is the
+same mapping as resize-then-crop without rounding the intermediate size, and does less
+work. JPEGs at least twice the target are decoded at 1/2, 1/4 or 1/8 scale by libjpeg's
+DCT scaling (`Image.draft`), so big images cost a fraction of a full decode.
+
+Decisions a user should know (also in the README):
+- Files are recognised by content: a PNG named .JPEG decodes as PNG.
+- CMYK, grayscale, palette and 16-bit images become RGB.
+- Transparency is composited over white (what a viewer on a white page shows), not dropped.
+- EXIF orientation is ignored, as torchvision's ImageFolder (PIL) and DALI's decoders do,
+  so a shard holds the pixels those pipelines would see.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# A truncated JPEG must be an error we report, never silently grey-filled pixels.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+RESAMPLE_FILTERS = {
+    "lanczos": Image.Resampling.LANCZOS,  # cuda-convnet2's make-data used PIL's ANTIALIAS (= LANCZOS)
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "area": Image.Resampling.BOX,
+}
+ENCODINGS = ("jpeg", "raw")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How every image of a build is turned into bytes; part of the build id."""
+
+    size: int = 256  # the paper's 256x256
+    encoding: str = "jpeg"  # "jpeg" (compact) or "raw" (HWC uint8, no decode cost, exact)
+    quality: int = 95  # cuda-convnet2's make-data used 95
+    resample: str = "lanczos"
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, not {self.encoding!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"JPEG quality must be 1..100, not {self.quality}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, not {self.resample!r}")
+        if self.size < 1:
+            raise ValueError(f"size must be positive, not {self.size}")
+
+
+class UnreadableImage(Exception):
+    """A file that does not decode to an image; the message is the reason we report."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: keep the top 8 bits (PIL's own convert would clip at 255).
+        arr = np.asarray(img, dtype=np.uint32)
+        peak = 65535 if img.mode.startswith("I;16") or arr.max() > 255 else 255
+        return Image.fromarray((arr * 255 // peak).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    return img.convert("RGB")  # L, CMYK, YCbCr, P without transparency, 1
+
+
+def load_center_crop(data: bytes, spec: ImageSpec) -> np.ndarray:
+    """Decode file bytes (any format PIL knows) into the central (size, size, 3) uint8 crop."""
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG":
+            # DCT-scaled decoding: libjpeg picks the largest 1/2^k reduction whose result is
+            # still at least size x size, so both sides stay >= the target.
+            img.draft("RGB", (spec.size, spec.size))
+        img.load()
+        img = _to_rgb(img)
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        out = img.resize(
+            (spec.size, spec.size),
+            RESAMPLE_FILTERS[spec.resample],
+            box=(left, top, left + side, top + side),
+        )
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(f"too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        raise UnreadableImage(_reason(exc)) from None
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    if isinstance(exc, Image.UnidentifiedImageError) or text.startswith("cannot identify image file"):
+        return "not an image (no known format matches its content)"
+    if "truncated" in text.lower() or "premature end" in text.lower():
+        return f"truncated image ({text})"
+    return f"{type(exc).__name__}: {text}"
+
+
+def encode(pixels: np.ndarray, spec: ImageSpec) -> bytes:
+    """The bytes stored in a shard: JPEG at spec.quality, or raw HWC uint8."""
+    if spec.encoding == "raw":
+        return np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    buf = io.BytesIO()
+    # 4:2:0 chroma subsampling stated explicitly (PIL's default at this quality) so that
+    # the bytes do not change if that default does.
+    Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=spec.quality, subsampling="4:2:0")
+    return buf.getvalue()
+
+
+def decode(data: bytes, spec: ImageSpec) -> np.ndarray:
+    """Shard bytes back to a (size, size, 3) uint8 array."""
+    if spec.encoding == "raw":
+        return np.frombuffer(data, dtype=np.uint8).reshape(spec.size, spec.size, 3)
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def pil_flavour() -> dict:
+    """Which PIL this process runs on: pillow-simd and Pillow both install as `PIL`."""
+    import PIL
+    from PIL import features
+
+    dists = importlib.metadata.packages_distributions().get("PIL", [])
+    name = "pillow-simd" if any("simd" in d.lower() for d in dists) else "Pillow"
+    if name == "Pillow" and ".post" in PIL.__version__:  # pillow-simd versions end in .postN
+        name = "pillow-simd"
+    return {
+        "name": name,
+        "version": PIL.__version__,
+        "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
+    }

@@ -1,0 +1,60 @@
+"""Checking a build folder against its manifests: every shard present, whole and unchanged."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alexprep.imagenet_prep import layout
+from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.shards import file_sha256, image_bytes_column, open_shard, read_split
+from alexprep.imagenet_prep.transform import decode
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    rows: int = 0
+    bad: list[str] = field(default_factory=list)  # "path: reason"
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def verify_build(root: Path, decode_images: bool = False, on_shard=None) -> VerifyReport:
+    """Check size, row count and checksum of every shard (and with decode_images, that every
+    image decodes to size x size x 3). Missing splits are fine; a folder with none is not."""
+    root = Path(root)
+    report = VerifyReport()
+    splits = [s for s in layout.SPLITS if (root / s).is_dir()]
+    if not splits:
+        raise DataError(f"{root} holds no train/ or val/ split: is it a build folder?")
+    for split in splits:
+        index = read_split(root, split)
+        if len(index.shards) != index.shard_count:
+            have = {s.index for s in index.shards}
+            missing = [i for i in range(index.shard_count) if i not in have]
+            report.bad.append(f"{index.folder}: manifests list {len(index.shards)} of {index.shard_count} shards "
+                              f"(missing indices {missing[:5]}{'…' if len(missing) > 5 else ''})")
+        for shard in index.shards:
+            report.shards += 1
+            path = index.shard_path(shard)
+            try:
+                table = open_shard(index, shard)
+                if file_sha256(path) != shard.sha256:
+                    raise DataError(f"shard {path}: checksum differs from the manifest")
+                if decode_images:
+                    for i, data in enumerate(image_bytes_column(table).to_pylist()):
+                        try:
+                            shape = decode(data, index.spec).shape
+                        except Exception as exc:
+                            raise DataError(f"shard {path} row {i}: does not decode ({exc})") from None
+                        want = (index.spec.size, index.spec.size, 3)
+                        if shape != want:
+                            raise DataError(f"shard {path} row {i}: decodes to {shape}, not {want}")
+                report.rows += table.num_rows
+            except DataError as exc:
+                report.bad.append(str(exc))
+            if on_shard:
+                on_shard()
+    return report

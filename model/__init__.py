@@ -1,0 +1,1 @@
+"""The paper's network, its trainer and evaluation."""

@@ -1,0 +1,350 @@
+"""The AlexNet of Krizhevsky, Sutskever and Hinton (2012), its two towers on one device or two.
+
+The network of the paper's §3 (Figure 2), as a standalone PyTorch module: it imports
+nothing but torch and the standard library, so it can be copied into any project.
+
+    from alexprep.model.alexnet import AlexNet
+    model = AlexNet()                                    # 1000 classes, both towers on the CPU
+    model = AlexNet(num_classes=10, devices=("cuda:0", "cuda:1"))   # the paper's two GPUs
+    logits = model(images.to(model.input_device))        # images: (N, 3, 224, 224)
+
+The two towers. The paper split every layer's kernels between two GPUs: conv2, conv4 and
+conv5 (and the response normalisation) see only their own GPU's maps; conv3 and the
+fully connected layers see both. Each tower's parameters are always held by their own
+module (`model.towers[0]`, `model.towers[1]`), so the state_dict has the same keys in
+every placement and a checkpoint loads across placements with plain `load_state_dict`.
+
+- One device, `devices=("cpu",)` or `("cuda:0",)`: the towers run as grouped
+  convolutions (groups=2) on the two towers' weights concatenated along the output
+  channels; the concatenation is part of the autograd graph, so each tower's weight gets
+  exactly its slice of the grouped gradient.
+- Two devices, e.g. `("cuda:0", "cuda:1")`, `("cuda:0", "cpu")` or `("cpu", "cpu")`:
+  tower t lives on `devices[t]` and activations cross only where the paper's GPUs talk
+  (into conv3, fc6, fc7 and fc8). fc8 and the logits live on the first device.
+
+Both placements compute the same function of the same weights (up to floating-point
+summation order inside the convolution kernels; identical on CPU in our tests).
+
+Placement is fixed at construction by `devices`. `model.to(device)` afterwards moves
+every parameter (it is plain `nn.Module.to`); the forward pass reads each tower's device
+from its parameters, so a moved model still runs (a two-device model moved to one
+device keeps running its towers as two separate halves, there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# The paper's count for 1000 classes (§3.5: "60 million parameters"); the exact figure
+# follows from the layer sizes below and is checked by the tests.
+PAPER_PARAMETER_COUNT = 60_965_224
+
+# Local response normalisation (§3.3): "k = 2, n = 5, α = 10^-4, and β = 0.75", chosen by
+# the authors on a validation set.
+LRN_K = 2.0
+LRN_SIZE = 5
+LRN_ALPHA = 1e-4
+LRN_BETA = 0.75
+
+# conv1 is 11x11 stride 4 on a 224x224 input. Floor arithmetic gives (224 - 11) // 4 + 1
+# = 54 outputs, but the paper's maps are 55x55: cuda-convnet counted output positions as
+# 1 + ceil((224 - 11) / 4) = 55, the last one reading 3 pixels of zeros past the right
+# and bottom edges. We pad exactly those (left, right, top, bottom) = (0, 3, 0, 3).
+# (Caffe instead fed 227x227 crops; the pipeline here crops 224 as the paper says.)
+CONV1_PAD = (0, 3, 0, 3)
+
+# Overlapping max pooling (§3.4): z = 3, s = 2.
+POOL_KERNEL = 3
+POOL_STRIDE = 2
+
+
+@dataclass(frozen=True)
+class AlexNetConfig:
+    """What can vary in the network; the defaults are the paper's."""
+
+    # ILSVRC's 1000 classes; fc8 and nothing else depends on it.
+    num_classes: int = 1000
+    # "cuda-convnet": b = a / (k + (α/n) Σ a²)^β, α divided by the window size n, as
+    # Krizhevsky's cuda-convnet (which produced the paper's numbers) and PyTorch's
+    # LocalResponseNorm both compute it. "paper": the formula as printed in §3.3,
+    # b = a / (k + α Σ a²)^β, a normalisation five times stronger.
+    lrn: Literal["cuda-convnet", "paper"] = "cuda-convnet"
+    # "paper": biases 1 in conv2, conv4, conv5, fc6 and fc7 (§5: positive inputs to the
+    # ReLUs speed up early learning), 0 elsewhere. "caffe": 0.1 instead of 1, because
+    # Caffe's reproduction saw the loss stay flat at first with 1.
+    bias_init: Literal["paper", "caffe"] = "paper"
+    # §4.2: dropout 0.5 on fc6 and fc7. PyTorch's inverted dropout scales by 2 at train
+    # time where the paper scaled by 0.5 at test time: equal in expectation.
+    dropout: float = 0.5
+    # §5: every weight drawn from N(0, 0.01²).
+    weight_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.num_classes, int) and self.num_classes >= 1):
+            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        if self.lrn not in ("cuda-convnet", "paper"):
+            raise ValueError(f"lrn must be 'cuda-convnet' or 'paper', got {self.lrn!r}")
+        if self.bias_init not in ("paper", "caffe"):
+            raise ValueError(f"bias_init must be 'paper' or 'caffe', got {self.bias_init!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.weight_std > 0.0:
+            raise ValueError(f"weight_std must be positive, got {self.weight_std!r}")
+
+    @property
+    def lrn_alpha(self) -> float:
+        """The α that goes into `local_response_norm`, per the chosen semantics."""
+        return LRN_ALPHA / LRN_SIZE if self.lrn == "cuda-convnet" else LRN_ALPHA
+
+    @property
+    def hidden_bias(self) -> float:
+        """The bias of conv2, conv4, conv5, fc6 and fc7 at initialisation."""
+        return 1.0 if self.bias_init == "paper" else 0.1
+
+
+def local_response_norm(
+    x: Tensor,
+    *,
+    size: int = LRN_SIZE,
+    alpha: float = LRN_ALPHA,
+    beta: float = LRN_BETA,
+    k: float = LRN_K,
+    groups: int = 1,
+) -> Tensor:
+    """Response normalisation across channels, the paper's formula (§3.3) literally.
+
+        b[c] = a[c] / (k + alpha * sum(a[j]² for j in c-size//2 .. c+size//2))^beta
+
+    with the sum clipped at the first and last channel of the group. `groups` splits the
+    channels into equal consecutive groups normalised independently: the towers'
+    maps never enter each other's sums. For cuda-convnet's (and PyTorch's
+    `nn.LocalResponseNorm`'s) semantics pass `alpha / size`.
+
+    x: (N, C, H, W) with C divisible by `groups`; returns the same shape.
+    """
+    if size % 2 != 1:
+        raise ValueError(f"size must be odd (a window centred on each channel), got {size}")
+    n, c, h, w = x.shape
+    half = size // 2
+    squares = x.square().unflatten(1, (groups, c // groups))  # (N, G, C/G, H, W)
+    # Zero-pad the channel axis so that every window has `size` terms (zeros at the edges
+    # are the clipping of the formula's sum).
+    squares = F.pad(squares, (0, 0, 0, 0, half, half))  # (N, G, C/G + size - 1, H, W)
+    window = squares[:, :, 0 : c // groups]
+    for offset in range(1, size):
+        window = window + squares[:, :, offset : offset + c // groups]  # (N, G, C/G, H, W)
+    return x / (k + alpha * window.flatten(1, 2)).pow(beta)  # (N, C, H, W)
+
+
+class Tower(nn.Module):
+    """One GPU's half of the network: half the kernels of every layer but fc8.
+
+    conv3, fc6 and fc7 take both towers' maps as input (their `in_channels` /
+    `in_features` count both); conv2, conv4 and conv5 take only this tower's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # conv1's asymmetric padding (CONV1_PAD) is applied to the input, not here.
+        self.conv1 = nn.Conv2d(3, 48, kernel_size=11, stride=4)
+        self.conv2 = nn.Conv2d(48, 128, kernel_size=5, padding=2)
+        self.conv3 = nn.Conv2d(2 * 128, 192, kernel_size=3, padding=1)
+        self.conv4 = nn.Conv2d(192, 192, kernel_size=3, padding=1)
+        self.conv5 = nn.Conv2d(192, 128, kernel_size=3, padding=1)
+        self.fc6 = nn.Linear(2 * 128 * 6 * 6, 2048)
+        self.fc7 = nn.Linear(2 * 2048, 2048)
+
+
+def _gather(parts: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Both towers' maps, concatenated along channels, on `device` (where GPUs talk)."""
+    if len(parts) == 1:
+        return parts[0].to(device)
+    return torch.cat([p.to(device) for p in parts], dim=1)
+
+
+class AlexNet(nn.Module):
+    """The paper's network: 5 convolutional and 3 fully connected layers in two towers.
+
+    Args:
+        config: an `AlexNetConfig`, or just the number of classes; None for the paper's.
+        devices: one device (both towers on it, as grouped convolutions) or two (tower t
+            on `devices[t]`; the same device twice is allowed).
+        **overrides: `AlexNetConfig` fields replacing those of `config`, so that
+            `AlexNet(num_classes=10, devices=("cpu", "cpu"))` reads naturally.
+
+    Input (N, 3, 224, 224), mean-subtracted; output (N, num_classes) logits on the
+    first device. Weights are drawn on the CPU from torch's global generator before
+    being moved, so a given seed gives the same network in every placement.
+    """
+
+    def __init__(
+        self,
+        config: AlexNetConfig | int | None = None,
+        *,
+        devices: Sequence[str | torch.device] = ("cpu",),
+        **overrides,
+    ) -> None:
+        super().__init__()
+        if config is None:
+            config = AlexNetConfig()
+        elif isinstance(config, int):
+            config = AlexNetConfig(num_classes=config)
+        self.config = dataclasses.replace(config, **overrides)
+        if isinstance(devices, (str, torch.device)):
+            devices = (devices,)
+        if len(devices) not in (1, 2):
+            raise ValueError(f"devices must name one device or two, got {devices!r}")
+        placed = tuple(torch.device(d) for d in devices)
+        # Which code path runs; fixed here, whatever `.to()` does later.
+        self._grouped = len(placed) == 1
+
+        self.towers = nn.ModuleList([Tower(), Tower()])
+        self.fc8 = nn.Linear(2 * 2048, self.config.num_classes)
+        self.reset_parameters()
+
+        tower_devices = placed * 2 if self._grouped else placed
+        for tower, device in zip(self.towers, tower_devices):
+            tower.to(device)
+        self.fc8.to(placed[0])
+
+    def reset_parameters(self) -> None:
+        """The paper's initialisation (§5), or Caffe's biases if the config says so."""
+        cfg = self.config
+        for tower in self.towers:
+            for name, layer in tower.named_children():
+                nn.init.normal_(layer.weight, mean=0.0, std=cfg.weight_std)
+                hidden = name in ("conv2", "conv4", "conv5", "fc6", "fc7")
+                nn.init.constant_(layer.bias, cfg.hidden_bias if hidden else 0.0)
+        nn.init.normal_(self.fc8.weight, mean=0.0, std=cfg.weight_std)
+        nn.init.zeros_(self.fc8.bias)
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """Where the towers are: one device (grouped) or one per tower (split)."""
+        if self._grouped:
+            return (self.fc8.weight.device,)
+        return tuple(t.conv1.weight.device for t in self.towers)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs should be (tower 0's device); the logits come back there too."""
+        return self.fc8.weight.device
+
+    def num_parameters(self) -> int:
+        """Learnable parameters; `PAPER_PARAMETER_COUNT` for 1000 classes."""
+        return sum(p.numel() for p in self.parameters())
+
+    # -- the layers, written once for both placements ------------------------------------
+    # Activations travel as a list: [both towers' maps] in the grouped placement, or
+    # [tower 0's, tower 1's] (each on its tower's device) in the split one.
+
+    def _conv(self, name: str, hs: list[Tensor], *, mixes: bool) -> list[Tensor]:
+        """Convolution `name` of both towers, then ReLU; `mixes` if it sees both towers."""
+        convs = [getattr(t, name) for t in self.towers]
+        if self._grouped:
+            # Both towers' kernels as one convolution; groups=2 keeps each tower's
+            # kernels on its own input maps.
+            weight = torch.cat([c.weight for c in convs])
+            bias = torch.cat([c.bias for c in convs])
+            out = F.conv2d(
+                hs[0], weight, bias, stride=convs[0].stride, padding=convs[0].padding,
+                groups=1 if mixes else 2,
+            )
+            return [F.relu(out)]
+        ins = [_gather(hs, c.weight.device) for c in convs] if mixes else hs
+        return [F.relu(c(h)) for c, h in zip(convs, ins)]
+
+    def _fc(self, name: str, hs: list[Tensor], *, dropout: bool) -> list[Tensor]:
+        """Hidden fully connected layer `name` of both towers: ReLU, then dropout."""
+        fcs = [getattr(t, name) for t in self.towers]
+        if self._grouped:
+            # Two half-width products rather than one on concatenated weights: the same
+            # arithmetic, without copying fc6's 38M weights at every step.
+            h = hs[0].flatten(1)
+            outs = [torch.cat([fc(h) for fc in fcs], dim=1)]
+        else:
+            outs = [fc(_gather(hs, fc.weight.device).flatten(1)) for fc in fcs]
+        return [F.dropout(F.relu(o), self.config.dropout, training=dropout) for o in outs]
+
+    def _lrn_pool(self, hs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Response normalisation within each tower, then overlapping max pooling."""
+        groups = 2 // len(hs)  # both towers in one tensor: normalise each separately
+        alpha = self.config.lrn_alpha
+        normed = [local_response_norm(h, alpha=alpha, groups=groups) for h in hs]
+        return normed, [F.max_pool2d(h, POOL_KERNEL, POOL_STRIDE) for h in normed]
+
+    def _run(self, x: Tensor, *, dropout: bool, stages: dict | None = None) -> list[Tensor]:
+        """Everything up to fc7 (post-ReLU, after dropout if `dropout`), as a list."""
+
+        def keep(name: str, hs: list[Tensor]) -> list[Tensor]:
+            if stages is not None:
+                stages[name] = _gather(hs, self.input_device)
+            return hs
+
+        hs = [F.pad(x, CONV1_PAD)]  # (N, 3, 227, 227)
+        # conv1 "mixes" in that both towers see all three colour channels of the image.
+        hs = keep("conv1", self._conv("conv1", hs, mixes=True))  # (N, 96, 55, 55)
+        normed, hs = self._lrn_pool(hs)
+        keep("norm1", normed)  # (N, 96, 55, 55)
+        keep("pool1", hs)  # (N, 96, 27, 27)
+        hs = keep("conv2", self._conv("conv2", hs, mixes=False))  # (N, 256, 27, 27)
+        normed, hs = self._lrn_pool(hs)
+        keep("norm2", normed)  # (N, 256, 27, 27)
+        keep("pool2", hs)  # (N, 256, 13, 13)
+        hs = keep("conv3", self._conv("conv3", hs, mixes=True))  # (N, 384, 13, 13)
+        hs = keep("conv4", self._conv("conv4", hs, mixes=False))  # (N, 384, 13, 13)
+        hs = keep("conv5", self._conv("conv5", hs, mixes=False))  # (N, 256, 13, 13)
+        hs = keep("pool5", [F.max_pool2d(h, POOL_KERNEL, POOL_STRIDE) for h in hs])  # (N, 256, 6, 6)
+        hs = keep("fc6", self._fc("fc6", hs, dropout=dropout))  # (N, 4096)
+        return keep("fc7", self._fc("fc7", hs, dropout=dropout))  # (N, 4096)
+
+    # -- public entry points -------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (N, num_classes) on the first device, for images (N, 3, 224, 224)."""
+        hs = self._run(x, dropout=self.training)
+        return self.fc8(_gather(hs, self.fc8.weight.device))  # (N, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """fc7 activations (N, 4096), post-ReLU and without dropout, on the first device.
+
+        The paper's §6.1 "feature activations induced by an image at the last, 4096-
+        dimensional hidden layer", whose Euclidean distances find similar images. Dropout
+        is off whatever the mode; gradients flow (wrap in `torch.no_grad()` to save
+        memory). Channels 0-2047 are tower 0's, 2048-4095 tower 1's.
+        """
+        return _gather(self._run(x, dropout=False), self.input_device)
+
+    def stages(self, x: Tensor) -> dict[str, Tensor]:
+        """Every stage's output for images (N, 3, 224, 224), on the first device.
+
+        Keys in order: conv1 (N, 96, 55, 55), norm1, pool1 (N, 96, 27, 27), conv2
+        (N, 256, 27, 27), norm2, pool2 (N, 256, 13, 13), conv3 (N, 384, 13, 13), conv4,
+        conv5 (N, 256, 13, 13), pool5 (N, 256, 6, 6), fc6 (N, 4096), fc7 (N, 4096), fc8
+        (N, num_classes). Convolutions and fully connected layers are after their ReLU.
+        Tower 0 owns the first half of every stage's channels, tower 1 the second half.
+        Dropout follows the module's mode, as in `forward`.
+        """
+        out: dict[str, Tensor] = {}
+        hs = self._run(x, dropout=self.training, stages=out)
+        out["fc8"] = self.fc8(_gather(hs, self.fc8.weight.device))
+        return out
+
+    def conv1_kernels(self) -> Tensor:
+        """conv1's weights by tower, (2, 48, 3, 11, 11), detached, on the CPU.
+
+        The paper's Figure 3: tower 0 (GPU 1) learned mostly colour-agnostic kernels,
+        tower 1 (GPU 2) mostly colour-specific ones.
+        """
+        return torch.stack([t.conv1.weight.detach().cpu() for t in self.towers])
+
+    def extra_repr(self) -> str:
+        placement = "grouped" if self._grouped else "split"
+        devices = ", ".join(str(d) for d in self.devices)
+        return f"{self.config}, placement={placement}, devices=({devices})"

@@ -1,0 +1,39 @@
+"""Shared fixtures: ImageNet-layout trees made from real photographs, and their builds.
+
+Session-scoped and read-only: a test that changes a tree or build copies it first.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alexprep.imagenet_prep.build import BuildConfig, build_shards
+from alexprep.imagenet_prep.sample_data import write_photo_tree
+from alexprep.imagenet_prep.transform import ImageSpec
+
+
+@pytest.fixture(scope="session")
+def photo_tree(tmp_path_factory) -> Path:
+    """train/<wnid>/ (4 classes x 8) and val/<wnid>/ (4 classes x 3) of real-photo JPEGs."""
+    root = tmp_path_factory.mktemp("photo_tree")
+    write_photo_tree(root, classes=4, train_per_class=8, val_per_class=3, seed=1)
+    return root
+
+
+def _build(tmp_path_factory, tree: Path, name: str, **spec) -> Path:
+    out = tmp_path_factory.mktemp(name) / "out"
+    build_shards(tree, out, BuildConfig(spec=ImageSpec(**spec), shard_size=6, workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def photo_build(tmp_path_factory, photo_tree) -> Path:
+    """The build folder of photo_tree: JPEG q95 shards of 6 images (no stats.npz yet)."""
+    return _build(tmp_path_factory, photo_tree, "photo_build")
+
+
+@pytest.fixture(scope="session")
+def photo_build_raw(tmp_path_factory, photo_tree) -> Path:
+    """The same build with --encoding raw (exact pixels)."""
+    return _build(tmp_path_factory, photo_tree, "photo_build_raw", encoding="raw")
