@@ -26,6 +26,8 @@ def verify_build(root: Path, decode_images: bool = False, on_shard=None) -> Veri
     image decodes to size x size x 3). Missing splits are fine; a folder with none is not."""
     root = Path(root)
     report = VerifyReport()
+    if not root.is_dir():
+        raise DataError(f"{root} is not a build folder (it does not exist or is a file)")
     splits = [s for s in layout.SPLITS if (root / s).is_dir()]
     if not splits:
         raise DataError(f"{root} holds no train/ or val/ split: is it a build folder?")

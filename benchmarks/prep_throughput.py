@@ -1,0 +1,238 @@
+"""How fast build-shards turns JPEGs into 256x256 shards, against what users would write.
+
+Run: python benchmarks/prep_throughput.py [--quick]
+
+On a corpus of real-photo JPEGs with ImageNet's mix of sizes and qualities, per image
+and per size bucket, in one run, alternating contenders after a warm-up:
+  (a) build-shards' per-image path: read, draft decode, box resize, centre crop, q95 encode,
+      statistics partial (and the same without statistics: their cost);
+  (b) the plain path users write with stock Pillow (open, convert, resize the shorter
+      side, centre crop, save; no draft), run in its own venv since Pillow and
+      pillow-simd both own `PIL`;
+  (c) OpenCV: imdecode, INTER_AREA resize, crop, imencode q95;
+  (d) decode only, with draft: the limit for any path that must decode.
+Then whole builds (listing, Arrow writing included) with 1 and 2 workers, with and without
+statistics, and peak RSS of a build of N and 10N images. Writes
+benchmarks/results/prep_throughput.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, summary, write_result  # noqa: E402
+
+from alexprep.imagenet_prep.build import BuildConfig, build_shards  # noqa: E402
+from alexprep.imagenet_prep.sample_data import size_bucket, write_corpus  # noqa: E402
+from alexprep.imagenet_prep.stats import PartialStats  # noqa: E402
+from alexprep.imagenet_prep.transform import ImageSpec, encode, load_center_crop  # noqa: E402
+
+SPEC = ImageSpec()
+PILLOW_VENV = Path(__file__).resolve().parent / ".pillow-venv"
+IMAGENET_IMAGES = 1_281_167 + 50_000
+
+
+def ours(data: bytes, with_stats: bool) -> bytes:
+    pixels = load_center_crop(data, SPEC)
+    if with_stats:
+        PartialStats.empty().add(pixels)  # the per-image work; the buffer is per shard in a build
+    return encode(pixels, SPEC)
+
+
+def opencv_path(data: bytes) -> bytes:
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    h, w = bgr.shape[:2]
+    s = 256 / min(w, h)
+    bgr = cv2.resize(bgr, (max(256, round(w * s)), max(256, round(h * s))), interpolation=cv2.INTER_AREA)
+    top, left = (bgr.shape[0] - 256) // 2, (bgr.shape[1] - 256) // 2
+    return cv2.imencode(".jpg", bgr[top:top + 256, left:left + 256], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+
+
+def decode_only(data: bytes) -> None:
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (256, 256))
+    img.load()
+
+
+def time_each(files: dict[Path, bytes], fn) -> dict[Path, float]:
+    out = {}
+    for path, data in files.items():
+        t = time.perf_counter()
+        fn(data)
+        out[path] = time.perf_counter() - t
+    return out
+
+
+def pillow_env() -> tuple[Path | None, str]:
+    """A venv with stock Pillow for contender (b); created once with pip."""
+    python = PILLOW_VENV / "bin" / "python"
+    if not python.exists():
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(PILLOW_VENV)], check=True, capture_output=True)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "pillow"], check=True, capture_output=True, timeout=300)
+        except (subprocess.SubprocessError, OSError) as exc:
+            shutil.rmtree(PILLOW_VENV, ignore_errors=True)
+            return None, f"could not create a stock-Pillow venv: {exc}"
+    return python, ""
+
+
+def time_plain(python: Path, files: list[Path]) -> dict[Path, float]:
+    script = Path(__file__).resolve().parent / "plain_pillow.py"
+    result = subprocess.run([str(python), str(script)], input="\n".join(map(str, files)), capture_output=True,
+                            text=True, check=True)
+    payload = json.loads(result.stdout)
+    time_plain.version = payload["pil"]
+    return {Path(p): t for p, t in payload["times"].items()}
+
+
+def build_time(src: Path, workers: int, stats: bool) -> float:
+    out = Path(tempfile.mkdtemp(prefix="prep_bench_out"))
+    try:
+        t = time.perf_counter()
+        build_shards(src, out / "o", BuildConfig(workers=workers, accumulate_stats=stats, shard_size=64))
+        return time.perf_counter() - t
+    finally:
+        shutil.rmtree(out)
+
+
+def peak_rss_of_build(src: Path) -> float:
+    """Peak RSS in MB of the largest process of a CLI build (main or worker)."""
+    out = Path(tempfile.mkdtemp(prefix="prep_bench_rss"))
+    code = ("import resource, sys; from alexprep.cli.main import cli\n"
+            "try:\n    cli([sys.argv[1], sys.argv[2], '--workers', '2'])\nexcept SystemExit:\n    pass\n"
+            "r = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+            "print(r)")
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(src), str(out / "o"), "build-shards"],
+                                capture_output=True, text=True, check=True)
+        return int(result.stdout.strip().splitlines()[-1]) / 1024
+    finally:
+        shutil.rmtree(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller RSS corpus")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    repeats = args.repeats or (2 if args.quick else 3)
+    rss_sizes = (args.images, args.images * (4 if args.quick else 10))
+    work = Path(tempfile.mkdtemp(prefix="prep_bench"))
+    try:
+        print(f"writing a corpus of {args.images} real-photo JPEGs ...", flush=True)
+        paths = write_corpus(work / "corpus", args.images, seed=0)
+        files = {p: p.read_bytes() for p in paths}
+        sizes = {p: Image.open(p).size for p in paths}
+        buckets = {p: size_bucket(*sizes[p]) for p in paths}
+        python, why_not = pillow_env()
+        contenders = {
+            "a_build_shards_path": lambda: time_each(files, lambda d: ours(d, True)),
+            "a_without_stats": lambda: time_each(files, lambda d: ours(d, False)),
+            "c_opencv": lambda: time_each(files, opencv_path),
+            "d_decode_only_draft": lambda: time_each(files, decode_only),
+        }
+        if python:
+            contenders["b_plain_stock_pillow"] = lambda: time_plain(python, paths)
+        for fn in contenders.values():  # warm-up: page cache, imports, allocators
+            fn()
+        runs: dict[str, list[dict]] = {k: [] for k in contenders}
+        for r in range(repeats):
+            for name, fn in contenders.items():  # alternating
+                runs[name].append(fn())
+            print(f"  repeat {r + 1}/{repeats} done", flush=True)
+
+        def rate(name: str, subset) -> dict:
+            per_repeat = [len(subset) / sum(run[p] for p in subset) for run in runs[name]]
+            return summary(per_repeat)
+
+        bucket_names = sorted(set(buckets.values()))
+        per_image = {name: {"all": rate(name, paths), **{b: rate(name, [p for p in paths if buckets[p] == b])
+                                                         for b in bucket_names}} for name in contenders}
+        print("whole builds (1 and 2 workers, with and without statistics) ...", flush=True)
+        builds: dict[str, list[float]] = {"1 worker": [], "2 workers": [], "1 worker, no stats": []}
+        build_time(work / "corpus", 1, True)  # warm-up
+        for _ in range(repeats):
+            builds["1 worker"].append(len(paths) / build_time(work / "corpus", 1, True))
+            builds["1 worker, no stats"].append(len(paths) / build_time(work / "corpus", 1, False))
+            builds["2 workers"].append(len(paths) / build_time(work / "corpus", 2, True))
+        whole = {k: summary(v) for k, v in builds.items()}
+        print("peak RSS ...", flush=True)
+        rss = {str(rss_sizes[0]): peak_rss_of_build(work / "corpus")}
+        big = work / "big"
+        write_corpus(big, rss_sizes[1], seed=1)
+        rss[str(rss_sizes[1])] = peak_rss_of_build(big)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = lambda name: per_image[name]["all"]["median"]  # noqa: E731
+    ratios = {
+        "a_over_d (target >= 0.6)": med("a_build_shards_path") / med("d_decode_only_draft"),
+        "a_over_c_opencv": med("a_build_shards_path") / med("c_opencv"),
+        "stats_overhead_per_image (target <= 0.15)": med("a_without_stats") / med("a_build_shards_path") - 1,
+        "stats_overhead_whole_build": whole["1 worker, no stats"]["median"] / whole["1 worker"]["median"] - 1,
+        "two_workers_over_one (target >= 1.8)": whole["2 workers"]["median"] / whole["1 worker"]["median"],
+    }
+    if "b_plain_stock_pillow" in per_image:
+        ratios["a_over_b_plain (target >= 2)"] = med("a_build_shards_path") / med("b_plain_stock_pillow")
+    per_core = whole["1 worker"]["median"]
+    hours_16 = IMAGENET_IMAGES / (per_core * 16 * min(1.0, ratios["two_workers_over_one (target >= 1.8)"] / 2)) / 3600
+    result = {
+        "benchmark": "prep_throughput",
+        "machine": machine(),
+        "corpus": {"images": len(paths), "buckets": {b: sum(1 for p in paths if buckets[p] == b) for b in bucket_names}},
+        "repeats": repeats,
+        "per_image_images_per_s_one_core": per_image,
+        "whole_build_images_per_s": whole,
+        "ratios": ratios,
+        "peak_rss_mb": rss,
+        "imagenet_1k_hours_on_16_cores_extrapolated": hours_16,
+        "plain_pillow": {"version": getattr(time_plain, "version", None), "skipped": why_not or None},
+    }
+    path = write_result("prep_throughput", result)
+    plot(result, RESULTS / "prep_throughput.png")
+    print(json.dumps({"ratios": ratios, "whole_build_images_per_s": {k: v["median"] for k, v in whole.items()},
+                      "per_image_all": {k: v["all"]["median"] for k, v in per_image.items()},
+                      "peak_rss_mb": rss, "imagenet_hours_16_cores": hours_16}, indent=1))
+    print(f"wrote {path}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_image = result["per_image_images_per_s_one_core"]
+    names = list(per_image)
+    buckets = [b for b in next(iter(per_image.values())) if b != "all"] + ["all"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [per_image[name][b]["median"] for b in buckets]
+        ax.bar(np.arange(len(buckets)) + i * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(buckets)) + width * (len(names) - 1) / 2, buckets)
+    ax.set_ylabel("images/s on one core (median)")
+    m = result["machine"]
+    ax.set_title(f"256x256 preprocessing per image — {m['cpu']}, {m['pil']['name']} {m['pil']['version']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
