@@ -37,3 +37,16 @@ def photo_build(tmp_path_factory, photo_tree) -> Path:
 def photo_build_raw(tmp_path_factory, photo_tree) -> Path:
     """The same build with --encoding raw (exact pixels)."""
     return _build(tmp_path_factory, photo_tree, "photo_build_raw", encoding="raw")
+
+
+@pytest.fixture(scope="session")
+def stats_build(tmp_path_factory, photo_build) -> Path:
+    """A copy of photo_build with OUT/stats.npz: what the loaders and the trainer need."""
+    import shutil
+
+    from alexprep.imagenet_prep.stats import compute_stats, write_stats
+
+    out = tmp_path_factory.mktemp("stats_build") / "out"
+    shutil.copytree(photo_build, out)
+    write_stats(out, compute_stats(out))
+    return out
