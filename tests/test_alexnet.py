@@ -128,6 +128,21 @@ def test_lrn_matches_the_formula(alpha):
     torch.testing.assert_close(local_response_norm(a, alpha=alpha), lrn_direct(a, alpha))
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_gradient_matches_autograd_of_the_formula(groups):
+    """The closed-form backward against autograd through the per-channel formula."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(2, 12, 3, 4, generator=g, dtype=torch.float64) * 30).requires_grad_()
+    upstream = torch.randn(2, 12, 3, 4, generator=g, dtype=torch.float64)
+    (got,) = torch.autograd.grad(local_response_norm(a, alpha=0.3, groups=groups), a, upstream)
+    want_out = torch.cat([lrn_direct(h, 0.3) for h in a.chunk(groups, dim=1)], dim=1)
+    (want,) = torch.autograd.grad(want_out, a, upstream)
+    torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(
+        lambda t: local_response_norm(t, alpha=0.3, groups=groups), (a[:1, :, :2, :2].detach().requires_grad_(),)
+    )
+
+
 def test_lrn_groups_normalise_each_group_alone():
     a = torch.randn(2, 12, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 30
     got = local_response_norm(a, alpha=0.3, groups=2)
@@ -269,16 +284,21 @@ def test_towers_on_gpu_and_cpu_match_one_gpu():
     split = make(("cuda:0", "cpu"), dropout=0.0)
     assert split.towers[1].conv1.weight.device.type == "cpu"
     x = images(2).cuda()
-    y1, y2 = one(x), split(x)
-    assert y2.device == x.device
-    # cuDNN and the CPU pick different algorithms: TF32 is off by default for convolutions
-    # only where the user turns it off, so compare at a looser, float32-kernel tolerance.
-    torch.testing.assert_close(y2, y1, rtol=1e-3, atol=1e-4)
-    y1.square().sum().backward()
-    y2.square().sum().backward()
+    # cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later: turn it
+    # off so that both placements compute in float32 and differ only in summation order.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        y1, y2 = one(x), split(x)
+        assert y2.device == x.device
+        torch.testing.assert_close(y2, y1, rtol=1e-4, atol=1e-5)
+        y1.square().sum().backward()
+        y2.square().sum().backward()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     for (name, p), (_, q) in zip(one.named_parameters(), split.named_parameters()):
         scale = p.grad.abs().max().item()
-        torch.testing.assert_close(q.grad.to(p.device), p.grad, rtol=1e-2, atol=1e-3 * scale, msg=name)
+        torch.testing.assert_close(q.grad.to(p.device), p.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
 # -- initialisation -------------------------------------------------------------------
@@ -386,7 +406,7 @@ def test_constructor_forms():
 )
 def test_bad_arguments_are_refused(kwargs, error):
     with pytest.raises(error):
-        AlexNet(num_classes=SMALL, **kwargs)
+        AlexNet(**{"num_classes": SMALL, **kwargs})
 
 
 def test_config_is_frozen():
