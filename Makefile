@@ -30,10 +30,11 @@ test: setup
 	$(VENV)/bin/pytest -q tests
 
 demo: setup
-	$(PY) -m alexprep.cli.demo
+	$(VENV)/bin/alexprep demo
 
+# Every benchmark in --quick mode (under ~10 minutes on 2 cores); results in benchmarks/results/.
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

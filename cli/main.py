@@ -5,8 +5,13 @@ import importlib.metadata
 
 import click
 
+from alexprep.cli.demo import demo_command
 from alexprep.cli.build import build_shards_command, verify_command
 from alexprep.cli.info import info
+from alexprep.cli.figures import inspect_group
+from alexprep.cli.predict import predict_command
+from alexprep.cli.stats import stats_command
+from alexprep.cli.train import evaluate_command, train_command
 
 
 def package_version() -> str:
@@ -34,6 +39,12 @@ def cli() -> None:
 cli.add_command(build_shards_command)
 cli.add_command(verify_command)
 cli.add_command(info)
+cli.add_command(stats_command)
+cli.add_command(train_command)
+cli.add_command(evaluate_command)
+cli.add_command(demo_command)
+cli.add_command(inspect_group)
+cli.add_command(predict_command)
 
 
 def main() -> None:

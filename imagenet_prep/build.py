@@ -28,6 +28,7 @@ from alexprep.imagenet_prep import layout
 from alexprep.imagenet_prep.atomic import remove_leftovers, write_bytes_atomic, write_text_atomic
 from alexprep.imagenet_prep.classes import ClassList, load_classes, read_class_file, save_classes
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.forking import frozen_gc
 from alexprep.imagenet_prep.shards import (
     ShardRecord, ShardWriter, build_id, manifest_name, partial_name, read_manifest, shard_name, shard_schema,
 )
@@ -368,7 +369,9 @@ def _run_all(args: list, workers: int, total: int, progress):
             _init_worker(None)
         return
     context = mp.get_context("fork" if os.name == "posix" else "spawn")
-    with context.Pool(min(workers, len(args)), initializer=_init_worker, initargs=(counter,)) as pool:
+    with frozen_gc():  # the workers must never collect a caller's DALI pipeline (forking.py)
+        pool = context.Pool(min(workers, len(args)), initializer=_init_worker, initargs=(counter,))
+    with pool:
         # The reporter thread starts after the fork: forking with live threads risks deadlock.
         with _progress_reporter(counter, total, progress):
             for record, a in zip(pool.imap(_run_job, args), args):

@@ -45,6 +45,22 @@ def test_schema_metadata_declares_images_and_class_names(photo_build, photo_buil
     assert json.loads(raw_schema.metadata[b"huggingface"])["info"]["features"]["image"]["_type"] == "Value"
 
 
+def test_hugging_face_datasets_shows_images_and_class_names(photo_build, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    path = sorted((photo_build / "train").glob("*.arrow"))[0]
+    ds = datasets.Dataset.from_file(str(path))
+    assert isinstance(ds.features["image"], datasets.Image)
+    wnids = [c["wnid"] for c in json.loads((photo_build / "classes.json").read_text())["classes"]]
+    assert ds.features["label"].names == wnids
+    row = ds[0]
+    assert isinstance(row["image"], Image.Image) and row["image"].size == (256, 256)
+    assert ds.features["label"].int2str(row["label"]) == row["wnid"]
+    table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    assert len(ds) == table.num_rows
+
+
 def test_verify_passes_a_good_build(photo_build):
     report = verify_build(photo_build, decode_images=True)
     assert report.ok and report.shards == 8 and report.rows == 44

@@ -1,0 +1,477 @@
+"""Training-loader throughput, images/s, every contender doing the same augmentations.
+
+    .venv/bin/python benchmarks/loader_throughput.py --quick          # ~2-3 min on 2 cores
+    .venv/bin/python benchmarks/loader_throughput.py --device cuda    # the same on a GPU
+
+Per image, everywhere: a 224x224 crop at one of 33x33 offsets of the 256x256 image, a
+flip with p = 0.5, the mean image's window subtracted, PCA lighting added; batches of
+float32 NCHW tensors (on the GPU with --device cuda). Contenders:
+
+- dali-arrow: `train_loader(backend="dali")` over our JPEG Arrow shards;
+  dali-arrow-roi-decode: the same decoding only the crop window (why it is not the default);
+  dali-arrow-raw: over `--encoding raw` shards (no decoding at all; 4x the disk);
+- dali-files: DALI's `readers.file` over the same 256x256 JPEGs (the shards' very bytes)
+  as files, the same operators;
+- torch-twin: `train_loader(backend="torch")`, PIL decoding in DataLoader workers;
+- imagefolder-original: what users write today, a torchvision-style ImageFolder in a
+  DataLoader over the original JPEGs (decode, resize shorter side to 256, centre crop,
+  random crop, flip, mean image, lighting), per-sample numpy in the workers;
+- imagefolder-256: the same code over the 256x256 JPEG files (the loader alone);
+- webdataset: tar shards of the 256x256 JPEGs through webdataset, if it installs
+  (`pip install --target /tmp/benchdeps webdataset`; found there when present);
+- ffcv: tried, and the reason it is absent recorded.
+
+Method: all contenders are built and warmed up, then run in alternating order in this
+one process, `--repeats` times each. Before each run the machine is let go idle (the
+others' workers fill their prefetch queues and stop) and the timed loader's own queue is
+drained untimed; the run then times `--batches` batches of a never-ending stream of
+epochs (epoch restarts included). Every contender uses all cores (threads or worker
+processes). Reported: median images/s and the spread. Writes
+benchmarks/results/loader_throughput.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCHDEPS = Path("/tmp/benchdeps")  # where optional contenders are pip-installed with --target
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------- data
+def prepare(work: Path, n: int, workers: int) -> dict:
+    """The corpus, its shard builds and statistics, and the same images as files and tars."""
+    from alexprep.imagenet_prep.build import BuildConfig, build_shards
+    from alexprep.imagenet_prep.sample_data import write_corpus
+    from alexprep.imagenet_prep.shards import image_bytes_column, open_shard, read_split
+    from alexprep.imagenet_prep.stats import DatasetStats, PartialStats
+    from alexprep.imagenet_prep.transform import ImageSpec
+
+    t0 = time.perf_counter()
+    src = work / "original"
+    write_corpus(src, n)
+    builds = {}
+    for encoding in ("jpeg", "raw"):
+        out = work / f"out-{encoding}"
+        build_shards(src, out, BuildConfig(spec=ImageSpec(encoding=encoding), shard_size=128, workers=workers))
+        index = read_split(out, "train")
+        merged = None
+        for shard in index.shards:
+            with np.load(index.partial_path(shard)) as z:
+                partial = PartialStats.from_arrays(z)
+            merged = partial if merged is None else merged.merge(partial)
+        DatasetStats.from_partial(merged, build_id=index.build_id).save(out / "stats.npz")
+        builds[encoding] = out
+    # The JPEG shards' bytes, as files (class folders) and as webdataset tars.
+    index = read_split(builds["jpeg"], "train")
+    files = work / "files256" / "train"
+    tars = work / "tars"
+    tars.mkdir(parents=True)
+    records = []
+    for shard in index.shards:
+        table = open_shard(index, shard)
+        images = image_bytes_column(table).to_pylist()
+        for data, label, wnid, key in zip(images, table.column("label").to_pylist(),
+                                          table.column("wnid").to_pylist(), table.column("key").to_pylist()):
+            path = files / wnid / (Path(key).stem + ".jpg")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            records.append((Path(key).stem, data, label))
+    tar_count = 8  # >= workers, so that every worker gets shards
+    for t in range(tar_count):
+        with tarfile.open(tars / f"train-{t:04d}.tar", "w") as tar:
+            for stem, data, label in records[t::tar_count]:
+                for suffix, payload in ((".jpg", data), (".cls", str(label).encode())):
+                    info = tarfile.TarInfo(stem + suffix)
+                    info.size, info.mode, info.mtime = len(payload), 0o444, 0
+                    tar.addfile(info, io.BytesIO(payload))
+    stats = DatasetStats.load(builds["jpeg"] / "stats.npz")
+    return {"src": src / "train", "builds": builds, "files": files, "tars": sorted(tars.glob("*.tar")),
+            "stats": stats, "seconds": time.perf_counter() - t0, "images": len(records)}
+
+
+# ---------------------------------------------------------------------------- a user's loop
+class UserAugment:
+    """The per-sample augmentation as users write it with PIL and numpy (torchvision-style):
+    what every non-pipeline contender runs in its DataLoader workers."""
+
+    def __init__(self, stats, resize: bool):
+        self.mean = np.asarray(stats.mean_image, np.float32)
+        self.scale = np.sqrt(np.clip(stats.eigvals, 0, None)) * stats.eigvecs  # column i scaled by sqrt(lambda_i)
+        self.resize = resize
+
+    def __call__(self, img):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        if self.resize:  # Resize(256) then CenterCrop(256)
+            w, h = img.size
+            s = 256 / min(w, h)
+            img = img.resize((max(256, round(w * s)), max(256, round(h * s))), Image.Resampling.BILINEAR)
+            w, h = img.size
+            left, top = (w - 256) // 2, (h - 256) // 2
+            img = img.crop((left, top, left + 256, top + 256))
+        rng = np.random.default_rng()
+        ox, oy = rng.integers(0, 33, 2)  # RandomCrop(224): 33 positions per axis
+        x = np.asarray(img, np.float32)[oy:oy + 224, ox:ox + 224] - self.mean[oy:oy + 224, ox:ox + 224]
+        if rng.random() < 0.5:
+            x = x[:, ::-1]
+        x = x + (self.scale @ rng.normal(0, 0.1, 3)).astype(np.float32)
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+class ImageFolder:
+    """torchvision.datasets.ImageFolder's behaviour: sorted class folders, PIL loader."""
+
+    def __init__(self, root: Path, transform):
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        self.samples = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).iterdir())]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+        return self.transform(img), label
+
+
+# ---------------------------------------------------------------------------- contenders
+def forever(make_epoch):
+    while True:
+        yield from make_epoch()
+
+
+def to_device(batches, device):
+    for x, y in batches:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from alexprep.imagenet_prep import loaders
+
+    made = {}
+    torch_device = "cuda:0" if device == "cuda" else "cpu"
+    have_dali = importlib.util.find_spec("nvidia.dali") is not None
+
+    def ours(name, build, backend, **kw):
+        loader = loaders.train_loader(build, batch_size=batch, device=torch_device, seed=0, backend=backend,
+                                      workers=workers, **kw)
+        made[name] = forever(lambda: iter(loader))
+
+    if have_dali:
+        from alexprep.imagenet_prep import pipeline
+
+        ours("dali-arrow", data["builds"]["jpeg"], "dali")
+        default = pipeline.ROI_DECODE
+        pipeline.ROI_DECODE = not default  # read when the pipeline is built
+        ours("dali-arrow-full-decode" if default else "dali-arrow-roi-decode", data["builds"]["jpeg"], "dali")
+        pipeline.ROI_DECODE = default
+        ours("dali-arrow-raw", data["builds"]["raw"], "dali")
+        made["dali-files"] = dali_files(data, torch_device, batch, workers)
+    else:
+        notes["dali"] = "nvidia.dali does not import here: DALI contenders skipped"
+    ours("torch-twin", data["builds"]["jpeg"], "torch")
+
+    def user_loader(dataset, shuffle=True):
+        dl = DataLoader(dataset, batch_size=batch, shuffle=shuffle, num_workers=workers, drop_last=True,
+                        persistent_workers=True, pin_memory=device == "cuda", prefetch_factor=2)
+        return to_device(forever(lambda: iter(dl)), torch_device)
+
+    made["imagefolder-original"] = user_loader(ImageFolder(data["src"], UserAugment(data["stats"], resize=True)))
+    made["imagefolder-256"] = user_loader(ImageFolder(data["files"], UserAugment(data["stats"], resize=True)))
+
+    wds = _optional("webdataset")
+    if wds is None:
+        notes["webdataset"] = f"webdataset is not installed (pip install --target {BENCHDEPS} webdataset)"
+    else:
+        notes["webdataset"] = f"webdataset {getattr(wds, '__version__', '?')} from {Path(wds.__file__).parent.parent}"
+        augment = UserAugment(data["stats"], resize=True)
+        ds = (wds.WebDataset([str(t) for t in data["tars"]], shardshuffle=len(data["tars"]), empty_check=False)
+              .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map_tuple(augment, int).batched(batch, partial=False))
+        dl = wds.WebLoader(ds, batch_size=None, num_workers=workers, persistent_workers=True,
+                           pin_memory=device == "cuda", prefetch_factor=2)
+        made["webdataset"] = to_device(forever(lambda: iter(dl)), torch_device)
+    notes["ffcv"] = ffcv_status()
+    return made
+
+
+def dali_files(data: dict, torch_device: str, batch: int, workers: int):
+    """DALI's file reader over the 256x256 JPEGs, the same operators as our pipeline
+    (`pipeline.image_graph`), the draws fed per iteration from augment.draw."""
+    import torch
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    from alexprep.imagenet_prep import augment, pipeline
+
+    stats = data["stats"]
+    mean = np.asarray(stats.mean_image, np.float32)
+    gpu = torch_device.startswith("cuda")
+    counter = {"i": 0}
+
+    def draws():
+        index = np.arange(counter["i"] * batch, (counter["i"] + 1) * batch)
+        counter["i"] += 1
+        d = augment.draw(0, 0, index)
+        cmn = -augment.lighting_shift(d.alpha, stats.eigvals, stats.eigvecs)
+        return (augment.crop_position(d.offset_x, 33), augment.crop_position(d.offset_y, 33),
+                d.flip.astype(np.int32), cmn)
+
+    pipe = Pipeline(batch_size=batch, num_threads=workers, device_id=0 if gpu else None, prefetch_queue_depth=2)
+    with pipe:
+        jpegs, labels = fn.readers.file(file_root=str(data["files"]), random_shuffle=True, initial_fill=1024,
+                                        name="reader")
+        pos_x, pos_y, mirror, cmn = fn.external_source(source=draws, num_outputs=4, batch=True,
+                                                       dtype=[types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
+        images = pipeline.image_graph(jpegs, encoding="jpeg", size=256, crop=224, gpu=gpu, mean_image=mean,
+                                      windows=[(pos_x, pos_y, mirror)], cmn_mean=cmn, std=[1.0, 1.0, 1.0],
+                                      roi=pipeline.ROI_DECODE)
+        pipe.set_outputs(images, labels)
+    pipe.build()
+
+    def batches():
+        while True:
+            out, lab = pipe.run()
+            dense = out.as_tensor()
+            if pipe.exec_dynamic:  # zero-copy, as our DALI backend does
+                with torch.device(torch_device):
+                    x = torch.from_dlpack(dense)
+            else:
+                x = torch.empty(dense.shape(), dtype=torch.float32, device=torch_device)
+                feed_ndarray(dense, x, cuda_stream=torch.cuda.current_stream() if gpu else None)
+            y = torch.from_numpy(lab.as_array().reshape(-1).astype(np.int64)).to(torch_device)
+            yield x, y
+
+    return batches()
+
+
+def _optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pass
+    if BENCHDEPS.is_dir() and str(BENCHDEPS) not in sys.path:
+        sys.path.append(str(BENCHDEPS))  # appended: the venv's numpy etc. keep precedence
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+    return None
+
+
+def ffcv_status() -> str:
+    if _optional("ffcv") is not None:
+        return "ffcv imports, but no contender is written for it yet"
+    return ("not installed: ffcv publishes no wheels, only an sdist whose setup.py needs system opencv4 and "
+            "libturbojpeg found through pkg-config (FFCV's instructions use a conda environment); "
+            "`pip install --target /tmp/benchdeps_ffcv ffcv` fails here with "
+            "'RuntimeError: Could not find required package: opencv4'")
+
+
+# ---------------------------------------------------------------------------- timing
+def _cpu_busy() -> tuple[int, int] | None:
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_idle(limit_s: float = 15.0, threshold: float = 0.1) -> bool:
+    """Wait until the other contenders' workers have filled their prefetch queues and
+    stopped (CPU use under 10% over 0.2 s), so that they do not steal the timed one's cores.
+    False if the machine stayed busy (someone else's work): the run is then flagged."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        a = _cpu_busy()
+        time.sleep(0.2)
+        b = _cpu_busy()
+        if a is None or b is None:
+            time.sleep(2.0)  # no /proc/stat: give them a fixed while
+            return True
+        if b[1] > a[1] and (b[0] - a[0]) / (b[1] - a[1]) < threshold:
+            return True
+    return False
+
+
+def time_run(stream, batches: int, sync, skip: int = 0) -> tuple[float, int]:
+    """Seconds and images for `batches` batches, after `skip` untimed ones: a loader comes
+    back to the timer with its prefetch queue full (up to 2 batches for DALI, workers x 2
+    for a DataLoader), and timing those would measure a queue, not a loader."""
+    for _ in range(skip):
+        next(stream)
+    sync()
+    t0 = time.perf_counter()
+    images = 0
+    for _ in range(batches):
+        x, _ = next(stream)
+        images += x.shape[0]
+    sync()
+    return time.perf_counter() - t0, images
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    from alexprep.imagenet_prep.loaders import available_cpus
+    from alexprep.imagenet_prep.transform import pil_flavour
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for name, module in (("pyarrow", "pyarrow"), ("dali", "nvidia.dali"), ("webdataset", "webdataset")):
+        mod = sys.modules.get(module) or _optional(module)
+        versions[name] = getattr(mod, "__version__", None) if mod else None
+    return {"cpu": cpu, "cores": available_cpus(), "platform": platform.platform(), "pil": pil_flavour(),
+            "versions": versions, "device": device,
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+
+
+def plot(results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    med = [results[n]["median"] for n in names]
+    lo = [results[n]["median"] - results[n]["min"] for n in names]
+    hi = [results[n]["max"] - results[n]["median"] for n in names]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.5))
+    ax.barh(names, med, xerr=[lo, hi], color=["tab:green" if n.startswith("dali-arrow") else "tab:gray" for n in names])
+    for y, m in enumerate(med):
+        ax.text(m, y, f" {m:.0f}", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel("images/s (median; bars: min-max over repeats)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small corpus, few repeats (~2-3 min on 2 cores)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--images", type=int, help="corpus size (default 512 quick, 2048 full)")
+    parser.add_argument("--batch-size", type=int, help="default 64 quick, 128 full")
+    parser.add_argument("--batches", type=int, help="batches per timed run (default 12 quick, 24 full)")
+    parser.add_argument("--repeats", type=int, help="timed runs per contender (default 5 quick, 9 full)")
+    parser.add_argument("--workers", type=int, help="threads/worker processes for every contender (default: all CPUs)")
+    parser.add_argument("--only", help="comma-separated contender names")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from alexprep.imagenet_prep.loaders import available_cpus
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    n = args.images or (512 if args.quick else 2048)
+    batch = args.batch_size or (64 if args.quick else 128)
+    per_run = args.batches or (12 if args.quick else 24)
+    repeats = args.repeats or (5 if args.quick else 9)
+    workers = args.workers or available_cpus()
+    work = args.work or Path(tempfile.mkdtemp(prefix="alexprep-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    notes: dict = {}
+    try:
+        print(f"preparing {n} images in {work} ...", flush=True)
+        data = prepare(work, n, workers)
+        print(f"  {data['seconds']:.1f} s", flush=True)
+        streams = contenders(data, args.device, batch, workers, notes)
+        if args.only:
+            keep = set(args.only.split(","))
+            streams = {k: v for k, v in streams.items() if k in keep}
+        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+        runs: dict[str, list[float]] = {name: [] for name in streams}
+        for name, stream in streams.items():  # warm-up: workers started, pipelines primed, caches hot
+            t0 = time.perf_counter()
+            time_run(stream, per_run, sync)
+            print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        names = list(streams)
+        skip = max(2, 2 * workers)  # the deepest prefetch queue here: a DataLoader's workers x 2
+        busy_runs = 0
+        for r in range(repeats):
+            order = names if r % 2 == 0 else names[::-1]  # alternate, so drift hits everyone alike
+            for name in order:
+                busy_runs += not wait_idle()
+                seconds, images = time_run(streams[name], per_run, sync, skip=skip)
+                runs[name].append(images / seconds)
+            print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {runs[k][-1]:.0f}" for k in names), flush=True)
+        results = {k: {"median": statistics.median(v), "min": min(v), "max": max(v),
+                       "iqr": float(np.subtract(*np.percentile(v, [75, 25]))), "runs": v} for k, v in runs.items()}
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    med = {k: v["median"] for k, v in results.items()}
+    checks = {}
+    if "dali-arrow" in med and "dali-files" in med:
+        checks["dali_arrow_over_dali_files"] = med["dali-arrow"] / med["dali-files"]
+    for base in ("imagefolder-original", "imagefolder-256"):
+        if "dali-arrow" in med and base in med:
+            checks[f"dali_arrow_over_{base.replace('-', '_')}"] = med["dali-arrow"] / med[base]
+    report = {
+        "benchmark": "loader_throughput",
+        "unit": "images/s",
+        "machine": machine(args.device),
+        "config": {"images": data["images"], "batch_size": batch, "batches_per_run": per_run, "repeats": repeats,
+                   "untimed_batches_before_each_run": skip,
+                   "workers": workers, "device": args.device, "quick": args.quick,
+                   "augmentation": "224 crop of 256 (33x33 offsets), flip 0.5, minus mean image, PCA lighting 0.1"},
+        "results": results,
+        "ratios": checks,
+        "targets": {"dali_arrow >= dali_files": checks.get("dali_arrow_over_dali_files", 0) >= 1,
+                    "dali_arrow >= 2x imagefolder-original":
+                        checks.get("dali_arrow_over_imagefolder_original", 0) >= 2},
+        "notes": notes | {"runs_started_on_a_busy_machine": busy_runs,
+                          "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "loader_throughput" if args.device == "cpu" else "loader_throughput_cuda"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    m = report["machine"]
+    plot(results, args.out / f"{stem}.png",
+         f"{m['cpu']}, {m['cores']} cores, {args.device}; batch {batch}, {data['images']} images")
+    print(json.dumps({"median images/s": {k: round(v) for k, v in med.items()}, "ratios": checks,
+                      "notes": notes}, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

@@ -1,0 +1,224 @@
+"""The DALI pipeline: shards in memory, batches of augmented images out, on CPU or GPU.
+
+The pipeline is written once (`image_graph`); the device is a parameter:
+- "cpu": `device_id=None`, DALI's CPU operators only (libjpeg-turbo decoding), so it runs
+  on machines without a GPU;
+- "cuda:N": `device_id=N`, nvJPEG decoding (`device="mixed"`) and GPU operators.
+
+DALI has no Arrow reader, so `fn.external_source` feeds it: each batch is a list of numpy
+views of the memory-mapped shards' binary buffers (`no_copy=True`: DALI reads the page
+cache directly), plus the per-sample crop positions, flips and lighting, all drawn on the
+host (augment.py) so that DALI's own random operators play no part.
+
+Per training image: decode, subtract the mean image (float32), then crop_mirror_normalize
+cuts the window, mirrors it, subtracts `base - lighting shift` and divides by `std` (1
+for the mean image), into CHW float32. Crop positions are `offset / 32` for integer
+offsets 0..32, exact in float32, so DALI's `pos * (256 - 224)` is the integer: a
+continuous position with rounding would give the end offsets 0 and 32 half weight.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import numpy as np
+
+from alexprep.imagenet_prep import augment
+from alexprep.imagenet_prep.errors import DataError
+
+# Decode only the crop window in training (DALI's decoders.image_crop: libjpeg-turbo's
+# partial decoding on CPU, nvJPEG ROI on GPU)? The same pixels (checked in the tests), but
+# no faster on 256x256 q95 JPEGs on 2 CPU cores (the window is 77% of the image; see
+# benchmarks/loader_throughput.py, "dali-arrow-roi-decode"), so off by default. Not yet
+# measured on a GPU.
+ROI_DECODE = False
+
+
+def require_dali():
+    """Import DALI, or say why not and what to use instead."""
+    try:
+        import nvidia.dali  # noqa: F401
+        from nvidia.dali import fn, types  # noqa: F401
+    except ImportError as exc:
+        raise DataError(f"backend='dali' needs NVIDIA DALI (pip install nvidia-dali-cuda120; Linux only), which "
+                        f"does not import here ({exc}): use backend='torch'") from None
+    import nvidia.dali
+
+    return nvidia.dali
+
+
+def image_graph(data, *, encoding: str, size: int, crop: int, gpu: bool, mean_image, windows, cmn_mean, std,
+                roi: bool):
+    """The per-image operators, shared by training and evaluation.
+
+    data: encoded images (JPEG bytes, or raw HWC uint8). mean_image: (S, S, 3) float32 or
+    None. windows: a list of (crop_pos_x, crop_pos_y, mirror), per-sample DataNodes or
+    constants; more than one gives (K, 3, crop, crop) per sample. cmn_mean: per-sample
+    (3,) DataNode or a constant list; std: a list of 3.
+    """
+    from nvidia.dali import fn, types
+
+    device = "gpu" if gpu else "cpu"
+    decoder_device = "mixed" if gpu else "cpu"  # nvJPEG: CPU parses headers, GPU decodes
+    mean = None
+    if mean_image is not None:
+        # A constant, so that it is copied to the device once, not fed with every batch.
+        mean = fn.constant(fdata=mean_image.ravel().tolist(), shape=list(mean_image.shape), layout="HWC",
+                           dtype=types.FLOAT, device=device)
+    cmn = dict(mean=cmn_mean, std=std, dtype=types.FLOAT, output_layout="CHW")
+
+    if encoding == "jpeg" and roi and len(windows) == 1:
+        pos_x, pos_y, mirror = windows[0]
+        image = fn.decoders.image_crop(data, device=decoder_device, output_type=types.RGB, crop=(crop, crop),
+                                       crop_pos_x=pos_x, crop_pos_y=pos_y)
+        if mean is not None:
+            window = fn.crop(mean, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y)
+            image = fn.cast(image, dtype=types.FLOAT) - window
+        return fn.crop_mirror_normalize(image, mirror=mirror, **cmn)
+
+    if encoding == "raw":
+        image = fn.reshape(data.gpu() if gpu else data, shape=[size, size, 3], layout="HWC")
+    else:
+        image = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
+    if mean is not None:
+        image = fn.cast(image, dtype=types.FLOAT) - mean
+    outs = [fn.crop_mirror_normalize(image, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
+                                     **cmn)
+            for pos_x, pos_y, mirror in windows]
+    return outs[0] if len(outs) == 1 else fn.stack(*outs, axis=0)
+
+
+class DaliBackend:
+    """Runs a Loader's epoch plans through one DALI pipeline, built once."""
+
+    def __init__(self, loader):
+        dali = require_dali()
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+
+        self.loader = loader
+        config = loader.config
+        self.gpu = loader.device.type == "cuda"
+        self._feed = None  # endless Batch plans (loaders.endless_batches); None ends the stream
+        # What was fed and not yet consumed, in order: (batch, inputs). no_copy: DALI reads
+        # the inputs' memory until that iteration's outputs are out, so they live here.
+        self._inflight: collections.deque = collections.deque()
+        self._next = None  # (epoch, batch) the next output is; None when nothing is running
+        self._generation = 0
+        self.pipe = Pipeline(batch_size=config.batch_size, num_threads=max(1, config.threads),
+                             device_id=loader.device.index if self.gpu else None,
+                             prefetch_queue_depth=config.prefetch, seed=0)
+        norm, positions = loader.norm, loader.positions
+        with self.pipe:
+            if config.train:
+                data, pos_x, pos_y, mirror, cmn_mean = fn.external_source(
+                    source=self._source, num_outputs=5, batch=True, batch_info=True, no_copy=True,
+                    dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
+                windows = [(pos_x, pos_y, mirror)]
+            else:
+                (data,) = fn.external_source(source=self._source, num_outputs=1, batch=True, batch_info=True,
+                                             no_copy=True, dtype=[types.UINT8])
+                fixed = loader._eval_windows  # the same windows for every image: constants
+                pos = augment.crop_position(fixed[:, :2], positions)
+                windows = [(float(x), float(y), int(flip)) for (x, y), flip in zip(pos, fixed[:, 2])]
+                cmn_mean = [float(v) for v in norm.base]
+            images = image_graph(data, encoding=loader.index.spec.encoding, size=loader.size, crop=config.crop,
+                                 gpu=self.gpu, mean_image=norm.mean_image, windows=windows, cmn_mean=cmn_mean,
+                                 std=[float(v) for v in norm.std], roi=ROI_DECODE)
+            self.pipe.set_outputs(images)
+        self.pipe.build()
+        self.dali_version = dali.__version__
+
+    # -- feeding
+    def _source(self, info):
+        if self._feed is None:
+            raise StopIteration
+        batch = next(self._feed)
+        inputs = (self.loader.samples.views(batch.index),)
+        if self.loader.config.train:
+            w = batch.windows[:, 0, :]
+            positions = self.loader.positions
+            inputs += (augment.crop_position(w[:, 0], positions), augment.crop_position(w[:, 1], positions),
+                       w[:, 2].astype(np.int32), np.ascontiguousarray(batch.cmn_mean, np.float32))
+        self._inflight.append((batch, inputs))
+        return inputs
+
+    def _stop(self) -> None:
+        """End the stream in flight: the source stops, what DALI prefetched is consumed
+        and dropped, and the pipeline is reset for a new stream."""
+        if self._next is None:
+            return
+        self._feed = None
+        for _ in range(self.loader.config.prefetch + 2):
+            try:
+                self.pipe.run()
+            except StopIteration:
+                break
+        else:
+            raise RuntimeError("DALI pipeline did not stop when its source did")
+        self.pipe.reset()
+        self._inflight.clear()
+        self._next = None
+
+    # -- iteration
+    def run(self, plan, start: int):
+        """Batches start.. of `plan`. The source runs on into the following epochs, so that
+        DALI's prefetching does not drain at every epoch's end; a run that does not follow
+        on from where the stream stands (set_epoch, an epoch broken off) restarts it."""
+        from alexprep.imagenet_prep.loaders import endless_batches, stream_position
+
+        position = stream_position(plan, start)
+        if self._next != position:
+            self._stop()
+            self._feed = endless_batches(self.loader, *position)
+            self._next = position
+        self._generation += 1
+        return self._iterate(self._generation, plan.epoch, range(start, len(plan)))
+
+    def _iterate(self, generation: int, epoch: int, numbers):
+        import torch
+
+        from alexprep.imagenet_prep.loaders import torch_dtype
+
+        dtype = self.loader.config.dtype
+        last = len(numbers) and numbers[-1]
+        for number in numbers:
+            if generation != self._generation:
+                raise RuntimeError("this iterator was superseded: the loader has started another epoch since")
+            try:
+                (out,) = self.pipe.run()
+            except StopIteration:
+                raise RuntimeError("DALI pipeline ended before its epoch did") from None
+            batch, _ = self._inflight.popleft()
+            if (batch.epoch, batch.number) != (epoch, number):  # a bug, never the user's doing
+                raise RuntimeError(f"DALI returned batch {batch.number} of epoch {batch.epoch}, "
+                                   f"expected {number} of {epoch}")
+            self._next = (epoch, number + 1) if number != last else (epoch + 1, 0)
+            images = self._to_torch(out)
+            labels = torch.from_numpy(np.ascontiguousarray(batch.labels))
+            if self.gpu:
+                labels = labels.to(self.loader.device, non_blocking=True)
+            if dtype != "float32":
+                images = images.to(torch_dtype(dtype))
+            yield images, labels
+
+    def _to_torch(self, tensor_list):
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tensor_list.as_tensor()
+        if self.pipe.exec_dynamic:
+            # DALI's default executor hands out buffers it owns until they are released:
+            # share them (DLPack) rather than copy 38 MB per batch of 64, which here took
+            # longer than decoding it. The outputs are host-synchronous (run() without a stream).
+            with self.loader.device if self.gpu else contextlib.nullcontext():
+                return torch.from_dlpack(dense)
+        out = torch.empty(dense.shape(), dtype=torch.float32, device=self.loader.device)
+        stream = torch.cuda.current_stream(self.loader.device) if self.gpu else None
+        feed_ndarray(dense, out, cuda_stream=stream)
+        return out
+
+    def close(self) -> None:
+        self._feed = None
+        self._inflight.clear()
+        self.pipe = None

@@ -1,0 +1,607 @@
+"""Tests for the augmentation pipelines (augment.py, loaders.py, pipeline.py, torch_pipeline.py).
+
+Outputs are checked against an independent numpy reference written here (`reference`):
+the shards' images decoded with pyarrow and PIL directly, windowed, mirrored and lit in
+float64 from the statistics. Both backends run on the CPU; DALI tests skip where DALI does
+not import, GPU tests where CUDA is absent.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from scipy import stats as scipy_stats
+
+from alexprep.imagenet_prep import augment
+from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.loaders import eval_loader, train_loader
+from alexprep.imagenet_prep.shards import read_split
+from alexprep.imagenet_prep.stats import DatasetStats, PartialStats
+
+try:
+    import nvidia.dali  # noqa: F401
+
+    HAVE_DALI = True
+except ImportError:
+    HAVE_DALI = False
+
+needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+BACKENDS = pytest.mark.parametrize("backend", [pytest.param("dali", marks=[pytest.mark.dali, needs_dali]), "torch"])
+
+CROP, SIZE, POS = 224, 256, 33
+
+
+# ---------------------------------------------------------------------------- fixtures
+def _with_stats(tmp_path_factory, build: Path, name: str) -> Path:
+    """A copy of a session build with OUT/stats.npz: the merged shard partials."""
+    out = tmp_path_factory.mktemp(name) / "out"
+    shutil.copytree(build, out)
+    index = read_split(out, "train")
+    merged = None
+    for shard in index.shards:
+        with np.load(index.partial_path(shard)) as z:
+            partial = PartialStats.from_arrays(z)
+        merged = partial if merged is None else merged.merge(partial)
+    DatasetStats.from_partial(merged, build_id=index.build_id).save(out / "stats.npz")
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_out(tmp_path_factory, photo_build_raw) -> Path:
+    return _with_stats(tmp_path_factory, photo_build_raw, "pipe_raw")
+
+
+@pytest.fixture(scope="module")
+def jpeg_out(tmp_path_factory, photo_build) -> Path:
+    return _with_stats(tmp_path_factory, photo_build, "pipe_jpeg")
+
+
+_IMAGES: dict = {}
+
+
+def split_images(out: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 256, 256, 3) uint8 and (N,) labels in shard order, read without the loaders."""
+    key = (str(out), split)
+    if key not in _IMAGES:
+        index = read_split(out, split)
+        images, labels = [], []
+        for shard in index.shards:
+            table = pa.ipc.open_stream(pa.memory_map(str(index.shard_path(shard)))).read_all()
+            for row in table.to_pylist():
+                data = row["image"]["bytes"] if isinstance(row["image"], dict) else row["image"]
+                if index.spec.encoding == "raw":
+                    images.append(np.frombuffer(data, np.uint8).reshape(SIZE, SIZE, 3))
+                else:
+                    images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+                labels.append(row["label"])
+        _IMAGES[key] = (np.stack(images), np.array(labels, np.int64))
+    return _IMAGES[key]
+
+
+def reference(image: np.ndarray, stats: DatasetStats, ox: int, oy: int, flip: bool, alpha=(0.0, 0.0, 0.0),
+              normalize: str = "mean-image") -> np.ndarray:
+    """The paper's augmentation of one (256, 256, 3) uint8 image, in float64, as (3, 224, 224)."""
+    x = image.astype(np.float64)
+    shift = stats.eigvecs @ (np.asarray(alpha) * np.sqrt(stats.eigvals))
+    if normalize == "mean-image":
+        y = x - stats.mean_image + shift
+    else:
+        y = (x + shift - stats.channel_mean) / stats.channel_std
+    y = y[oy:oy + CROP, ox:ox + CROP]
+    if flip:
+        y = y[:, ::-1]
+    return y.transpose(2, 0, 1)
+
+
+def load_stats(out: Path) -> DatasetStats:
+    return DatasetStats.load(out / "stats.npz")
+
+
+def assert_close(actual: torch.Tensor, expected: np.ndarray, jpeg: bool) -> None:
+    d = np.abs(actual.float().cpu().numpy().astype(np.float64) - expected)
+    if jpeg:  # PIL and DALI's libjpeg-turbo may round the odd pixel differently
+        assert d.max() <= 4 and d.mean() <= 0.05, (d.max(), d.mean())
+    else:  # float32 arithmetic against the float64 reference
+        assert d.max() <= 1e-3, d.max()
+
+
+def run(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+# ---------------------------------------------------------------------------- the draws
+def test_offsets_are_uniform_over_all_33_positions():
+    n = 33 * 6000
+    d = augment.draw(seed=7, epoch=3, index=np.arange(n))
+    for offsets in (d.offset_x, d.offset_y):
+        counts = np.bincount(offsets, minlength=POS)
+        assert len(counts) == POS and offsets.min() == 0 and offsets.max() == POS - 1
+        assert scipy_stats.chisquare(counts).pvalue > 1e-4, counts
+        # The ends are full positions, not the half-weight ends of a rounded continuous draw.
+        assert counts[0] > 0.9 * n / POS and counts[-1] > 0.9 * n / POS
+    joint = np.bincount(d.offset_x * POS + d.offset_y, minlength=POS * POS)
+    assert scipy_stats.chisquare(joint).pvalue > 1e-4
+
+
+def test_flips_and_alphas_have_the_stated_distribution():
+    n = 100_000
+    d = augment.draw(seed=1, epoch=0, index=np.arange(n), lighting_std=0.1)
+    assert abs(d.flip.mean() - 0.5) < 0.008  # 5 standard errors
+    assert np.all(np.abs(d.alpha.std(axis=0) / 0.1 - 1) < 0.015)
+    assert np.all(np.abs(d.alpha.mean(axis=0)) < 0.0025)
+    assert np.abs(np.corrcoef(d.alpha.T) - np.eye(3)).max() < 0.02
+    for channel in range(3):
+        assert scipy_stats.kstest(d.alpha[:, channel] / 0.1, "norm").pvalue > 1e-4
+    # flips and offsets do not depend on each other
+    assert abs(d.flip[d.offset_x < 16].mean() - d.flip[d.offset_x >= 16].mean()) < 0.02
+    assert not augment.draw(seed=1, epoch=0, index=np.arange(100), lighting_std=0.0).alpha.any()
+
+
+def test_draws_depend_only_on_seed_epoch_and_index():
+    index = np.arange(1000)
+    full = augment.draw(seed=5, epoch=2, index=index)
+    pick = np.random.default_rng(0).permutation(1000)[:137]
+    part = augment.draw(seed=5, epoch=2, index=pick)
+    for name in ("offset_x", "offset_y", "flip", "alpha"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(full, name)[pick])
+    for other in (augment.draw(seed=6, epoch=2, index=index), augment.draw(seed=5, epoch=3, index=index)):
+        assert (other.offset_x == full.offset_x).mean() < 0.1  # ~1/33 by chance
+        assert not np.allclose(other.alpha, full.alpha)
+
+
+def test_lighting_shift_is_eigvecs_times_alpha_sqrt_eigvals():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    eigvals = np.array([9000.0, 400.0, 50.0])
+    alpha = rng.normal(0, 0.1, (5, 3))
+    got = augment.lighting_shift(alpha, eigvals, q)
+    for a, g in zip(alpha, got):
+        np.testing.assert_allclose(g, sum(a[i] * np.sqrt(eigvals[i]) * q[:, i] for i in range(3)), rtol=1e-5)
+
+
+def test_epoch_orders():
+    rows = [5, 5, 6, 5, 5, 6, 7, 3]
+    n = sum(rows)
+    a = augment.epoch_order(rows, seed=0, epoch=0)
+    np.testing.assert_array_equal(np.sort(a), np.arange(n))
+    np.testing.assert_array_equal(a, augment.epoch_order(rows, seed=0, epoch=0))
+    assert not np.array_equal(a, augment.epoch_order(rows, seed=0, epoch=1))
+    assert not np.array_equal(a, augment.epoch_order(rows, seed=1, epoch=0))
+    shard_of = np.repeat(np.arange(len(rows)), rows)
+    shard_orders = set()
+    for epoch in range(3):
+        q = augment.epoch_order(rows, seed=0, epoch=epoch, order="quasi", buffer_shards=3)
+        np.testing.assert_array_equal(np.sort(q), np.arange(n))
+        # consecutive groups of 3 shards, each group's samples all together
+        first_seen = [int(s) for s in dict.fromkeys(shard_of[q])]
+        shard_orders.add(tuple(first_seen))
+        pos = 0
+        for g in (set(first_seen[i:i + 3]) for i in range(0, len(rows), 3)):
+            size = sum(rows[s] for s in g)
+            assert set(shard_of[q[pos:pos + size]]) == g
+            assert not np.all(np.diff(q[pos:pos + size]) > 0)  # shuffled within the group
+            pos += size
+    assert len(shard_orders) == 3  # the shards' order changes every epoch
+
+
+def test_rank_split_is_equal_disjoint_and_covers_all_but_n_mod_w():
+    order = augment.epoch_order([10, 13], seed=3, epoch=0)
+    for w in (1, 2, 3, 5):
+        parts = [augment.rank_split(order, r, w) for r in range(w)]
+        assert {len(p) for p in parts} == {len(order) // w}
+        union = np.concatenate(parts)
+        assert len(np.unique(union)) == len(union)
+        assert set(union) == set(order[: len(order) // w * w])
+
+
+def test_ten_crop_windows_order():
+    w = augment.ten_crop_windows(POS)
+    corners_then_centre = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]
+    assert [tuple(r[:2]) for r in w[:5]] == corners_then_centre
+    assert [tuple(r[:2]) for r in w[5:]] == corners_then_centre
+    assert list(w[:, 2]) == [0] * 5 + [1] * 5
+    assert tuple(augment.centre_window(POS)[0]) == (16, 16, 0)
+    np.testing.assert_array_equal(augment.crop_position(np.arange(POS), POS) * 32, np.arange(POS))
+
+
+# ---------------------------------------------------------------------------- train outputs
+@BACKENDS
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_train_batches_equal_the_reference(backend, encoding, raw_out, jpeg_out):
+    out = raw_out if encoding == "raw" else jpeg_out
+    images, labels = split_images(out, "train")
+    stats = load_stats(out)
+    loader = train_loader(out, batch_size=8, device="cpu", seed=11, backend=backend,
+                          workers=0 if backend == "torch" else 2)
+    plan = loader.plan(0)
+    batches = run(loader)
+    assert len(batches) == len(loader) == len(images) // 8
+    seen = []
+    for batch, (x, y) in zip(plan, batches):
+        assert x.shape == (8, 3, CROP, CROP) and x.dtype == torch.float32
+        assert y.dtype == torch.int64
+        np.testing.assert_array_equal(y.numpy(), labels[batch.index])
+        d = batch.draws
+        for i, sample in enumerate(batch.index):
+            expected = reference(images[sample], stats, d.offset_x[i], d.offset_y[i], d.flip[i], d.alpha[i])
+            assert_close(x[i], expected, jpeg=encoding == "jpeg")
+        seen.extend(batch.index)
+    assert len(set(seen)) == len(seen) == len(images)  # 32 = 4 batches of 8: nothing dropped here
+
+
+def _recover(output: np.ndarray, image: np.ndarray, stats: DatasetStats):
+    """(offset_x, offset_y, flip, alpha) of one output, found from its pixels alone: the
+    window is where the output's horizontal differences (which lighting cancels from)
+    match those of image - mean image; alpha from the mean remaining difference."""
+    y = image.astype(np.float64) - stats.mean_image
+    patch = np.diff(output.transpose(1, 2, 0)[:16, :17], axis=1)  # (16, 16, 3)
+    best = None
+    for flip, source in ((False, y), (True, y[:, ::-1])):
+        diffs = np.diff(source, axis=1)
+        windows = np.lib.stride_tricks.sliding_window_view(diffs[:POS + 15, :POS + 15], (16, 16, 3))[:, :, 0]
+        err = ((windows - patch) ** 2).sum(axis=(2, 3, 4))  # (33 rows, 33 cols)
+        oy, ox = np.unravel_index(np.argmin(err), err.shape)
+        if best is None or err[oy, ox] < best[0]:
+            best = (err[oy, ox], (POS - 1 - ox) if flip else ox, oy, flip)
+    _, ox, oy, flip = best
+    shift = (output - reference(image, stats, ox, oy, flip)).mean(axis=(1, 2))
+    alpha = (stats.eigvecs.T @ shift) / np.sqrt(stats.eigvals)
+    return ox, oy, flip, alpha
+
+
+@needs_dali
+@pytest.mark.dali
+def test_recovered_draws_from_outputs(raw_out):
+    """Offsets, flips and alphas read back from the pixels: as planned, and distributed as stated."""
+    images, _ = split_images(raw_out, "train")
+    stats = load_stats(raw_out)
+    loader = train_loader(raw_out, batch_size=16, device="cpu", seed=2, lighting_std=0.1)
+    found = []
+    for epoch in range(8):
+        plan = loader.plan(epoch)
+        for batch, (x, _) in zip(plan, loader):
+            for i, sample in enumerate(batch.index):
+                ox, oy, flip, alpha = _recover(x[i].numpy().astype(np.float64), images[sample], stats)
+                d = batch.draws
+                assert (ox, oy, flip) == (d.offset_x[i], d.offset_y[i], d.flip[i])
+                np.testing.assert_allclose(alpha, d.alpha[i], atol=1e-4)
+                found.append((ox, oy, flip, *alpha))
+    found = np.array(found)  # 256 samples
+    assert abs(found[:, 2].mean() - 0.5) < 0.12
+    for axis in (0, 1):
+        assert found[:, axis].min() <= 2 and found[:, axis].max() >= 30 and len(set(found[:, axis])) >= 25
+    assert np.all(np.abs(found[:, 3:].std(axis=0) / 0.1 - 1) < 0.2)
+
+
+@BACKENDS
+def test_channel_normalisation_and_no_lighting(backend, raw_out):
+    images, _ = split_images(raw_out, "train")
+    stats = load_stats(raw_out)
+    for normalize, sigma in (("channel", 0.1), ("mean-image", 0.0)):
+        loader = train_loader(raw_out, batch_size=8, device="cpu", seed=4, backend=backend, normalize=normalize,
+                              lighting_std=sigma, workers=0 if backend == "torch" else 2)
+        batch = loader.plan(0)[0]
+        x, _ = next(iter(loader))
+        if sigma == 0:
+            assert not batch.draws.alpha.any()
+        d = batch.draws
+        for i, sample in enumerate(batch.index):
+            expected = reference(images[sample], stats, d.offset_x[i], d.offset_y[i], d.flip[i], d.alpha[i], normalize)
+            np.testing.assert_allclose(x[i].numpy(), expected, atol=1e-4)
+
+
+@needs_dali
+@pytest.mark.dali
+def test_backends_agree_exactly_on_raw_shards(raw_out, jpeg_out):
+    for out, exact in ((raw_out, True), (jpeg_out, False)):
+        for make in (lambda b: train_loader(out, batch_size=8, device="cpu", seed=9, backend=b, workers=0),
+                     lambda b: eval_loader(out, batch_size=5, device="cpu", crops=10, backend=b, workers=0),
+                     lambda b: train_loader(out, batch_size=8, device="cpu", seed=9, backend=b, workers=0,
+                                            normalize="channel")):
+            dali, twin = run(make("dali")), run(make("torch"))
+            assert len(dali) == len(twin)
+            for (a, la), (b, lb) in zip(dali, twin):
+                assert torch.equal(la, lb)
+                if exact:
+                    assert torch.equal(a, b)
+                else:
+                    assert (a - b).abs().max() <= 4 and (a - b).abs().mean() <= 0.05
+
+
+def test_torch_workers_give_the_same_batches(raw_out):
+    one = run(train_loader(raw_out, batch_size=8, device="cpu", seed=1, backend="torch", workers=0))
+    two = train_loader(raw_out, batch_size=8, device="cpu", seed=1, backend="torch", workers=2)
+    for epoch_run in (run(two), run(two)):  # persistent workers serve a second epoch
+        assert len(epoch_run) == len(one)
+    two.set_epoch(0)
+    for (a, la), (b, lb) in zip(one, run(two)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    two.close()
+
+
+@BACKENDS
+def test_outputs_stay_valid_while_held(backend, raw_out):
+    """Batches are not overwritten by later ones (DALI's are shared zero-copy)."""
+    kw = dict(batch_size=4, device="cpu", seed=12, backend=backend, workers=0)
+    held = [x for x, _ in train_loader(raw_out, **kw)] + [x for x, _ in train_loader(raw_out, **kw)]
+    copies = [x.clone() for x, _ in train_loader(raw_out, **kw)]
+    for a, b in zip(held, copies + copies):
+        assert torch.equal(a, b)
+
+
+@BACKENDS
+def test_lower_precision_outputs(backend, raw_out):
+    full = train_loader(raw_out, batch_size=8, device="cpu", seed=0, backend=backend, workers=0)
+    half = train_loader(raw_out, batch_size=8, device="cpu", seed=0, backend=backend, workers=0, dtype=torch.bfloat16)
+    (a, _), (b, _) = next(iter(full)), next(iter(half))
+    assert b.dtype == torch.bfloat16
+    assert torch.equal(a.to(torch.bfloat16), b)
+
+
+# ---------------------------------------------------------------------------- epochs, ranks, resume
+@BACKENDS
+def test_same_seed_same_batches_and_each_epoch_a_new_order(backend, raw_out):
+    kw = dict(batch_size=8, device="cpu", backend=backend, workers=0)
+    a = train_loader(raw_out, seed=3, **kw)
+    b = train_loader(raw_out, seed=3, **kw)
+    epoch0, epoch1 = run(a), run(a)
+    assert a.epoch == 2
+    for (x, y), (u, v) in zip(epoch0, run(b)):
+        assert torch.equal(x, u) and torch.equal(y, v)
+    assert not all(torch.equal(x, u) for (x, _), (u, _) in zip(epoch0, epoch1))
+    assert [list(p.index) for p in a.plan(0)] != [list(p.index) for p in a.plan(1)]
+    other = run(train_loader(raw_out, seed=4, **kw))
+    assert not all(torch.equal(x, u) for (x, _), (u, _) in zip(epoch0, other))
+    c = train_loader(raw_out, seed=3, **kw)
+    c.set_epoch(1)
+    for (x, _), (u, _) in zip(epoch1, run(c)):
+        assert torch.equal(x, u)
+
+
+@BACKENDS
+def test_resume_mid_epoch_is_exact(backend, raw_out):
+    kw = dict(batch_size=4, device="cpu", seed=8, backend=backend, workers=0)
+    full = train_loader(raw_out, **kw)
+    full.set_epoch(2)
+    whole = run(full)
+    resumed = train_loader(raw_out, **kw)
+    resumed.set_epoch(2, start_batch=5)
+    tail = run(resumed)
+    assert len(tail) == len(whole) - 5
+    for (x, y), (u, v) in zip(whole[5:], tail):
+        assert torch.equal(x, u) and torch.equal(y, v)
+    assert resumed.epoch == 3 and len(resumed) == len(whole)
+
+
+@pytest.mark.parametrize("backend, workers", [pytest.param("dali", 2, marks=[pytest.mark.dali, needs_dali]),
+                                             ("torch", 0), ("torch", 2)])
+def test_abandoned_epochs_and_jumps(backend, workers, raw_out):
+    """The backends prefetch on into the next epoch; breaking off an epoch, or jumping with
+    set_epoch, drops what was prepared and gives exactly the batches asked for."""
+    kw = dict(batch_size=4, device="cpu", seed=8, backend=backend, workers=workers)
+    reference_loader = train_loader(raw_out, **kw)
+    epochs = [run(reference_loader) for _ in range(3)]
+    loader = train_loader(raw_out, **kw)
+    first = iter(loader)
+    next(first)  # break off epoch 0 after one batch (more are prefetched)
+    got = {1: run(loader)}
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(first)
+    loader.set_epoch(0, start_batch=3)  # back to the middle of epoch 0
+    got[0] = run(loader)
+    got[(1, "again")] = run(loader)  # and on into epoch 1 (the stream's own continuation)
+    assert loader.epoch == 2
+    for key, start in ((1, 0), (0, 3), ((1, "again"), 0)):
+        expected = epochs[key if isinstance(key, int) else key[0]][start:]
+        assert len(got[key]) == len(expected)
+        for (x, y), (u, v) in zip(expected, got[key]):
+            assert torch.equal(x, u) and torch.equal(y, v)
+
+
+@BACKENDS
+def test_draws_do_not_depend_on_batch_size_or_ranks(backend, raw_out):
+    """A sample's tensor is the same whatever the batch size and the number of ranks, and
+    W ranks with batch B together see one process's batches of W * B."""
+    def by_sample(loader):
+        out = {}
+        for batch, (x, y) in zip(loader.plan(0), loader):
+            for i, s in enumerate(batch.index):
+                out[int(s)] = (x[i], int(y[i]))
+        return out
+
+    kw = dict(device="cpu", seed=5, backend=backend, workers=0)
+    single = train_loader(raw_out, batch_size=8, **kw)
+    ref = by_sample(single)
+    for b in (4, 16):
+        for s, (x, y) in by_sample(train_loader(raw_out, batch_size=b, **kw)).items():
+            assert torch.equal(x, ref[s][0]) and y == ref[s][1]
+    ranks = [train_loader(raw_out, batch_size=4, rank=r, world_size=2, **kw) for r in range(2)]
+    parts = [by_sample(r) for r in ranks]
+    assert not set(parts[0]) & set(parts[1])
+    assert len(parts[0]) == len(parts[1]) == 16
+    for part in parts:
+        for s, (x, _) in part.items():
+            assert torch.equal(x, ref[s][0])
+    for k, whole in enumerate(single.plan(0)):
+        assert set(whole.index) == set(ranks[0].plan(0)[k].index) | set(ranks[1].plan(0)[k].index)
+
+
+@needs_dali
+@pytest.mark.dali
+def test_roi_decoding_gives_the_same_pixels(jpeg_out, monkeypatch):
+    from alexprep.imagenet_prep import pipeline
+
+    batches = {}
+    for roi in (False, True):
+        monkeypatch.setattr(pipeline, "ROI_DECODE", roi)
+        batches[roi] = run(train_loader(jpeg_out, batch_size=8, device="cpu", seed=6))
+    for (a, _), (b, _) in zip(batches[False], batches[True]):
+        d = (a - b).abs()
+        assert d.max() <= 2 and d.mean() <= 0.01
+
+
+def test_quasi_order_epochs(raw_out):
+    images, _ = split_images(raw_out, "train")
+    stats = load_stats(raw_out)
+    loader = train_loader(raw_out, batch_size=8, device="cpu", seed=1, order="quasi", buffer_shards=2,
+                          backend="torch", workers=0)
+    index = read_split(raw_out, "train")
+    shard_of = np.repeat(np.arange(len(index.shards)), [s.rows for s in index.shards])
+    for epoch in range(2):
+        plan = loader.plan(epoch)
+        order = np.concatenate([b.index for b in plan])
+        assert sorted(order) == list(range(len(images)))  # 32 samples, 4 batches: all of them
+        assert len(set(shard_of[order[:10]])) == 2  # the first buffer: 2 shards of 5 or 6 rows
+    batch = loader.plan(0)[0]
+    x, _ = next(iter(loader))
+    d = batch.draws
+    for i, sample in enumerate(batch.index):
+        expected = reference(images[sample], stats, d.offset_x[i], d.offset_y[i], d.flip[i], d.alpha[i])
+        assert_close(x[i], expected, jpeg=False)
+
+
+def test_train_drops_per_rank_remainders(raw_out):
+    n = len(split_images(raw_out, "train")[1])  # 32
+    for world, batch in ((3, 4), (5, 2), (1, 5)):
+        loaders = [train_loader(raw_out, batch_size=batch, device="cpu", seed=0, rank=r, world_size=world,
+                                backend="torch", workers=0) for r in range(world)]
+        expected = (n // world) // batch
+        seen = []
+        for loader in loaders:
+            assert len(loader) == expected
+            plan = loader.plan(0)
+            assert len(plan) == expected and all(len(b) == batch for b in plan)
+            seen.extend(i for b in plan for i in b.index)
+        assert len(seen) == len(set(seen)) == expected * batch * world
+
+
+# ---------------------------------------------------------------------------- evaluation
+@BACKENDS
+@pytest.mark.parametrize("world", [1, 2])
+def test_eval_sees_every_image_once(backend, world, jpeg_out):
+    images, labels = split_images(jpeg_out, "val")
+    stats = load_stats(jpeg_out)
+    n = len(images)
+    assert n % 5 != 0
+    seen = []
+    for rank in range(world):
+        loader = eval_loader(jpeg_out, batch_size=5, device="cpu", rank=rank, world_size=world, backend=backend,
+                             workers=0)
+        batches = run(loader)
+        assert len(batches) == len(loader)
+        for batch, (x, y) in zip(loader.plan(), batches):
+            assert x.shape == (len(batch), 3, CROP, CROP) and 1 <= len(batch) <= 5
+            np.testing.assert_array_equal(y.numpy(), labels[batch.index])
+            for i, sample in enumerate(batch.index):
+                assert_close(x[i], reference(images[sample], stats, 16, 16, False), jpeg=True)
+            seen.extend(int(s) for s in batch.index)
+        assert run(loader)[0][0].shape == batches[0][0].shape  # evaluation repeats identically
+    assert sorted(seen) == list(range(n))
+
+
+@BACKENDS
+def test_ten_crops_positions_and_order(backend, raw_out):
+    images, _ = split_images(raw_out, "val")
+    stats = load_stats(raw_out)
+    loader = eval_loader(raw_out, batch_size=4, device="cpu", crops=10, backend=backend, workers=0)
+    batch = loader.plan()[0]
+    x, _ = next(iter(loader))
+    centre = next(iter(eval_loader(raw_out, batch_size=4, device="cpu", backend=backend, workers=0)))[0]
+    assert x.shape == (4, 10, 3, CROP, CROP)
+    # top-left, top-right, bottom-left, bottom-right, centre; then each of those mirrored
+    windows = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]
+    for i, sample in enumerate(batch.index):
+        for k in range(10):
+            ox, oy = windows[k % 5]
+            expected = reference(images[sample], stats, ox, oy, flip=k >= 5)
+            np.testing.assert_allclose(x[i, k].numpy(), expected, atol=1e-3)
+        for k in range(5):  # the mean image's window is mirrored with the image
+            assert torch.equal(x[i, k + 5], x[i, k].flip(-1))
+        assert torch.equal(centre[i], x[i, 4])
+
+
+# ---------------------------------------------------------------------------- misuse
+def test_clear_errors(raw_out, jpeg_out, monkeypatch, tmp_path):
+    kw = dict(batch_size=4, seed=0, backend="torch", workers=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(DataError, match="CUDA is not available"):
+            train_loader(raw_out, device="cuda:0", **kw)
+    with pytest.raises(DataError, match="'cpu' or 'cuda:N'"):
+        train_loader(raw_out, device="gpu", **kw)
+    with pytest.raises(DataError, match="crops"):
+        eval_loader(raw_out, batch_size=4, device="cpu", crops=5, backend="torch")
+    with pytest.raises(DataError, match="batch_size"):
+        train_loader(raw_out, device="cpu", **(kw | {"batch_size": 0}))
+    with pytest.raises(DataError, match="fewer than one batch"):
+        train_loader(raw_out, device="cpu", **(kw | {"batch_size": 33}))
+    with pytest.raises(DataError, match="normalize"):
+        train_loader(raw_out, device="cpu", normalize="imagenet", **kw)
+    with pytest.raises(DataError, match="rank"):
+        train_loader(raw_out, device="cpu", rank=2, world_size=2, **kw)
+    with pytest.raises(DataError, match="backend"):
+        train_loader(raw_out, device="cpu", **(kw | {"backend": "ffcv"}))
+    # statistics of another build: both build ids named
+    with pytest.raises(DataError) as err:
+        train_loader(raw_out, device="cpu", stats=jpeg_out / "stats.npz", **kw)
+    assert read_split(raw_out, "train").build_id in str(err.value)
+    assert load_stats(jpeg_out).build_id in str(err.value)
+    bare = tmp_path / "out"
+    shutil.copytree(raw_out, bare)
+    (bare / "stats.npz").unlink()
+    with pytest.raises(DataError, match="alexprep stats"):
+        train_loader(bare, device="cpu", **kw)
+    # explicit statistics are used as given
+    assert len(train_loader(bare, device="cpu", stats=load_stats(raw_out), **kw)) == 8
+    # without DALI, backend="dali" says what to use instead
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(DataError, match="backend='torch'"):
+        train_loader(raw_out, device="cpu", **(kw | {"backend": "dali"}))
+
+
+# ---------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@needs_cuda
+@BACKENDS
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_gpu_batches_equal_cpu_batches(backend, encoding, raw_out, jpeg_out):
+    out = raw_out if encoding == "raw" else jpeg_out
+    cpu = run(train_loader(out, batch_size=8, device="cpu", seed=1, backend=backend, workers=0))
+    gpu = run(train_loader(out, batch_size=8, device="cuda:0", seed=1, backend=backend, workers=0))
+    for (a, la), (b, lb) in zip(cpu, gpu):
+        assert b.device.type == "cuda" and lb.device.type == "cuda"
+        assert torch.equal(la, lb.cpu())
+        d = (a - b.cpu()).abs()
+        # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a level or two
+        assert d.max() <= (1e-3 if encoding == "raw" else 8) and d.mean() <= (1e-4 if encoding == "raw" else 0.5)
+    ten = next(iter(eval_loader(out, batch_size=4, device="cuda:0", crops=10, backend=backend, workers=0)))[0]
+    ten_cpu = next(iter(eval_loader(out, batch_size=4, device="cpu", crops=10, backend=backend, workers=0)))[0]
+    assert (ten.cpu() - ten_cpu).abs().mean() <= (1e-4 if encoding == "raw" else 0.5)
+
+
+@pytest.mark.parametrize("normalize", ["mean-image", "channel"])
+@pytest.mark.parametrize("crops", [0, 10])  # 0: a training batch
+def test_batched_gpu_render_equals_the_per_image_cpu_render(normalize, crops, raw_out):
+    """The twin's two arithmetic paths, `render` (batched, what runs on a GPU) and
+    `render_one` (per image, in CPU workers), run here on the CPU: bit for bit the same."""
+    from alexprep.imagenet_prep.torch_pipeline import ShardBatches, norm_tensors, render
+
+    if crops:
+        loader = eval_loader(raw_out, batch_size=4, device="cpu", crops=crops, normalize=normalize,
+                             backend="torch", workers=0)
+    else:
+        loader = train_loader(raw_out, batch_size=8, device="cpu", seed=2, normalize=normalize, backend="torch",
+                              workers=0)
+    batch = loader.plan(0)[1]
+    finished, labels, _, _, which = ShardBatches(loader.samples, CROP, norm=loader.norm)[batch]
+    crops_u8, labels_u8, windows, cmn, _ = ShardBatches(loader.samples, CROP, norm=None)[batch]
+    assert which == (0, 1)
+    assert crops_u8.dtype == torch.uint8 and torch.equal(labels, labels_u8)
+    assert torch.equal(render(crops_u8, windows, cmn, *norm_tensors(loader.norm, torch.device("cpu"))), finished)

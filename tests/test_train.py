@@ -1,0 +1,223 @@
+"""The trainer: the paper's update rule, its schedule, exact resume, DDP, checkpoints, and
+the train/evaluate commands' errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from alexprep.cli.main import cli
+from alexprep.imagenet_prep.errors import DataError
+from alexprep.model.alexnet import AlexNet
+from alexprep.model.checkpoint import list_checkpoints, load_checkpoint
+from alexprep.model.config import TrainConfig
+from alexprep.model.optim import LrSchedule, PaperSGD, param_groups
+from alexprep.model.train import Ranks, TrainingDiverged, make_loaders, train
+
+# Small and fast on 2 cores: 32 training images in batches of 8, 4 steps an epoch.
+FAST = TrainConfig(batch_size=8, epochs=2, backend="torch", final_crops=0, log_every=1, bias_init="caffe",
+                   loader_workers=1)
+
+
+# ---------------------------------------------------------------------------- the update rule
+def _paper_reference(w0, grads, lrs, momentum=0.9, wd=5e-4):
+    """v <- m v - wd lr w - lr g; w <- w + v, written out."""
+    w, v = w0.clone(), torch.zeros_like(w0)
+    for g, lr in zip(grads, lrs):
+        v = momentum * v - wd * lr * w - lr * g
+        w = w + v
+    return w
+
+
+def test_paper_sgd_is_the_papers_formula_and_differs_from_pytorch_at_an_lr_drop():
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 3, dtype=torch.float64)
+    grads = [torch.randn(5, 3, dtype=torch.float64) for _ in range(8)]
+    lrs = [0.1] * 4 + [0.01] * 4  # a drop by 10 after step 4
+
+    def run(optimizer_class, **kw):
+        p = torch.nn.Parameter(w0.clone())
+        opt = optimizer_class([p], lr=lrs[0], momentum=0.9, weight_decay=5e-4, **kw)
+        trail = []
+        for g, lr in zip(grads, lrs):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            p.grad = g.clone()
+            opt.step()
+            trail.append(p.detach().clone())
+        return trail
+
+    ours, pytorch = run(PaperSGD), run(torch.optim.SGD)
+    torch.testing.assert_close(ours[-1], _paper_reference(w0, grads, lrs), rtol=0, atol=1e-12)
+    # With a constant lr the two rules are one trajectory ...
+    for a, b in zip(ours[:4], pytorch[:4]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # ... at the drop PyTorch rescales its accumulated momentum by the new lr at once, the
+    # paper's keeps the old steps and lets them decay: the first step after differs ~10x.
+    step_ours, step_torch = ours[4] - ours[3], pytorch[4] - pytorch[3]
+    assert step_ours.norm() > 5 * step_torch.norm()
+
+
+def test_weight_decay_skips_biases_unless_asked():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    groups = param_groups(model, 5e-4)
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+    assert all(p.ndim == 2 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = PaperSGD([{"params": [p], "weight_decay": 0.0}], lr=0.1, weight_decay=5e-4)
+    p.grad = torch.zeros(3)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))  # a bias with zero gradient stays put
+    assert len(param_groups(model, 5e-4, decay_biases=True)) == 1
+
+
+def test_plateau_schedule_divides_by_ten_at_most_three_times():
+    s = LrSchedule(0.01, patience=2, max_drops=3)
+    errors = [0.9, 0.8, 0.8, 0.8] + [0.8] * 10
+    drops = [s.end_of_epoch(e, err) for e, err in enumerate(errors)]
+    assert drops[:4] == [False, False, False, True]  # two epochs without a new best
+    assert sum(drops) == 3 and s.lr == pytest.approx(1e-5)  # the paper's final lr
+    fixed = LrSchedule(0.01, milestones=(2, 4))
+    assert [fixed.end_of_epoch(e, 0.5) for e in range(5)] == [False, True, False, True, False]
+    restored = LrSchedule(1.0)
+    restored.load_state_dict(s.state_dict())
+    assert restored.state_dict() == s.state_dict()
+
+
+# ---------------------------------------------------------------------------- runs
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir)["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(stats_build, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run") / "whole"
+    result = train(stats_build, run_dir, FAST, progress=False, log=lambda *a: None)
+    assert result["epochs"] == 2 and result["step"] == 8
+    return run_dir
+
+
+def test_run_dir_contents_and_checkpoint(uninterrupted, stats_build):
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and len([r for r in rows if r["kind"] == "step"]) == 8
+    for key in ("train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr", "images_per_s",
+                "data_wait_fraction"):
+        assert key in epochs[0]
+    assert 0 <= epochs[0]["data_wait_fraction"] <= 1
+    assert (uninterrupted / "curves.png").stat().st_size > 1000
+    assert len(list_checkpoints(uninterrupted / "checkpoints")) == FAST.keep_last == 2
+    ckpt = torch.load(list_checkpoints(uninterrupted / "checkpoints")[-1], weights_only=True)
+    classes = json.loads((stats_build / "classes.json").read_text())["classes"]
+    assert ckpt["classes"]["wnids"] == [c["wnid"] for c in classes]
+    assert ckpt["stats"]["mean_image"].shape == (256, 256, 3) and ckpt["stats"]["eigvecs"].shape == (3, 3)
+    assert ckpt["epoch"] == 2 and ckpt["batch"] == 0 and ckpt["step"] == 8
+    assert ckpt["config"]["batch_size"] == 8 and ckpt["build_id"]
+
+
+def test_interrupted_and_resumed_run_gives_the_same_weights(uninterrupted, stats_build, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    quiet = {"progress": False, "log": lambda *a: None}
+    # Stop mid-epoch (step 3 of 4 in epoch 0), then again in the next epoch, then finish.
+    stopped = train(stats_build, run_dir, TrainConfig(**{**FAST.to_json(), "max_steps": 3, "milestones": ()}), **quiet)
+    assert stopped["stopped"] == "max_steps=3"
+    ckpt = load_checkpoint(run_dir)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (0, 3, 3)
+    train(stats_build, run_dir, TrainConfig(max_steps=6), resume=True, **quiet)
+    train(stats_build, run_dir, TrainConfig(), resume=True, **quiet)
+    ours, reference = _weights(run_dir), _weights(uninterrupted)
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(ours[name], reference[name]), name
+    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    whole = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    pick = lambda rows: [(r["train_loss"], r["val_top1_error"]) for r in rows if r["kind"] == "epoch"]  # noqa: E731
+    assert pick(metrics) == pick(whole)
+
+
+def test_two_processes_match_one_on_the_same_global_batch(stats_build, tmp_path):
+    # Dropout off: its masks come from each process's own RNG, so they cannot match.
+    config = {**FAST.to_json(), "dropout": 0.0, "epochs": 1, "max_steps": 2, "loader_workers": 1}
+    script = tmp_path / "run.py"
+    script.write_text("import json, sys\nfrom alexprep.model.config import TrainConfig\n"
+                      "from alexprep.model.train import train\n"
+                      "train(sys.argv[1], sys.argv[2], TrainConfig.from_json(json.loads(sys.argv[3])), progress=False)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, double = tmp_path / "single", tmp_path / "double"
+    subprocess.run([sys.executable, str(script), str(stats_build), str(single), json.dumps(config)], check=True,
+                   capture_output=True, env=env)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), str(stats_build), str(double), json.dumps(config)], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _weights(single), _weights(double)
+    assert load_checkpoint(double)["step"] == 2 == load_checkpoint(single)["step"]
+    torch.manual_seed(FAST.seed)
+    initial = AlexNet(FAST.model_config(4)).state_dict()
+    assert not torch.equal(a["fc8.weight"], initial["fc8.weight"])  # two steps moved the weights
+    for name in a:
+        # Each rank averaged half the global batch and DDP averaged the two: the same
+        # gradient up to float summation order.
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_message(stats_build, tmp_path):
+    config = TrainConfig(**{**FAST.to_json(), "lr": 1e8, "epochs": 3})
+    with pytest.raises(TrainingDiverged, match="NaN or infinite at step"):
+        train(stats_build, tmp_path / "nan", config, progress=False, log=lambda *a: None)
+
+
+# ---------------------------------------------------------------------------- the commands
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_evaluate_reports_both_crop_settings(uninterrupted, stats_build):
+    result = run("evaluate", uninterrupted, stats_build, "--backend", "torch", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert [p["crops"] for p in payload] == [1, 10] and all(p["count"] == 12 for p in payload)
+    last_epoch = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()
+                  if '"epoch"' in l][-1]
+    assert payload[0]["top1_error"] == pytest.approx(last_epoch["val_top1_error"])
+    table = run("evaluate", uninterrupted, stats_build, "--backend", "torch", "--crops", "1").output
+    assert "top-1 error" in table and "1 crop" in table
+
+
+def _bad(result, fragment):
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_train_bad_input(uninterrupted, stats_build, photo_build, tmp_path):
+    _bad(run("train", photo_build, "--run-dir", tmp_path / "r1", "--backend", "torch"), "stats")
+    _bad(run("train", stats_build, "--run-dir", uninterrupted, "--backend", "torch"), "holds another run")
+    _bad(run("train", stats_build, "--run-dir", tmp_path / "r2", "--device", "tpu:0"), "device")
+    _bad(run("train", stats_build, "--run-dir", tmp_path / "r3", "--device", "cuda:0"), "CUDA")
+    _bad(run("train", stats_build, "--run-dir", tmp_path / "r4", "--resume"), "no checkpoint")
+    with pytest.raises(DataError, match="not divisible by the 3 ranks"):
+        make_loaders(stats_build, TrainConfig(batch_size=8, backend="torch"), Ranks(0, 3), torch.device("cpu"))
+
+
+def test_stats_of_another_build_are_refused(stats_build, photo_build_raw, tmp_path):
+    out = tmp_path / "raw"
+    shutil.copytree(photo_build_raw, out)
+    shutil.copy(stats_build / "stats.npz", out / "stats.npz")
+    _bad(run("train", out, "--run-dir", tmp_path / "r", "--backend", "torch"), "build")
+
+
+def test_evaluate_refuses_another_class_list(uninterrupted, tmp_path):
+    from alexprep.imagenet_prep.build import BuildConfig, build_shards
+    from alexprep.imagenet_prep.sample_data import write_photo_tree
+
+    src = tmp_path / "src"
+    write_photo_tree(src, classes=2, train_per_class=2, val_per_class=1)
+    build_shards(src, tmp_path / "out", BuildConfig(workers=1))
+    _bad(run("evaluate", uninterrupted, tmp_path / "out", "--backend", "torch"), "knows 4 classes")
