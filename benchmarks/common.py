@@ -11,7 +11,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    """CPU model, cores, GPU if any, and the versions that decide the numbers."""
+    """CPU model, cores, GPU if any, and the versions that decide the numbers (the same
+    report as `alexprep info`)."""
+    from alexprep.cli.info import environment_report
+
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -20,29 +23,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "python": platform.python_version()}
-    from alexprep.imagenet_prep.transform import pil_flavour
-
-    info["pil"] = pil_flavour()
-    for name, module in (("numpy", "numpy"), ("pyarrow", "pyarrow"), ("opencv", "cv2"), ("torch", "torch")):
-        try:
-            info[name] = __import__(module).__version__
-        except ImportError:
-            info[name] = None
-    try:
-        from nvidia import dali
-
-        info["dali"] = dali.__version__
-    except ImportError:
-        info["dali"] = None
-    try:
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        info["gpu"] = None
-    return info
+    report = environment_report()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, **report, "gpu": (report["cuda_devices"] or [None])[0]}
 
 
 def summary(values: list[float]) -> dict:

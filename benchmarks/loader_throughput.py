@@ -337,26 +337,13 @@ def time_run(stream, batches: int, sync, skip: int = 0) -> tuple[float, int]:
 
 
 def machine(device: str) -> dict:
-    import torch
+    """benchmarks/common.py's machine report, plus the device and webdataset's version."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine as common_machine
 
-    from alexprep.imagenet_prep.loaders import available_cpus
-    from alexprep.imagenet_prep.transform import pil_flavour
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name, module in (("pyarrow", "pyarrow"), ("dali", "nvidia.dali"), ("webdataset", "webdataset")):
-        mod = sys.modules.get(module) or _optional(module)
-        versions[name] = getattr(mod, "__version__", None) if mod else None
-    return {"cpu": cpu, "cores": available_cpus(), "platform": platform.platform(), "pil": pil_flavour(),
-            "versions": versions, "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+    wds = sys.modules.get("webdataset") or _optional("webdataset")
+    return {**common_machine(), "device": device, "platform": platform.platform(),
+            "webdataset": getattr(wds, "__version__", None) if wds else None}
 
 
 def plot(results: dict, path: Path, title: str) -> None:

@@ -85,6 +85,8 @@ def main() -> None:
     try:
         if runnable:
             write_corpus(work / "src", images, seed=0)
+            write_corpus(work / "valsrc", 64, seed=1)  # the trainer validates every epoch
+            shutil.move(str(work / "valsrc" / "train"), str(work / "src" / "val"))
             from alexprep.imagenet_prep.transform import ImageSpec
 
             build_shards(work / "src", work / "out", BuildConfig(spec=ImageSpec(encoding=args.encoding), shard_size=64))

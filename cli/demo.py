@@ -32,7 +32,7 @@ def demo_command(work: Path, epochs: int, batch_size: int, backend: str) -> None
     """Run the whole pipeline on scikit-learn's handwritten digits, on the CPU.
 
     Builds shards, computes the statistics, trains AlexNet for a few minutes and prints
-    the paper's error table. Takes about 8 minutes on 2 cores.
+    the paper's error table. Takes about 5 minutes on 2 cores.
 
     \b
     Example:

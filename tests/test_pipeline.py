@@ -23,7 +23,7 @@ from alexprep.imagenet_prep import augment
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.loaders import eval_loader, train_loader
 from alexprep.imagenet_prep.shards import read_split
-from alexprep.imagenet_prep.stats import DatasetStats, PartialStats
+from alexprep.imagenet_prep.stats import DatasetStats, compute_stats
 
 try:
     import nvidia.dali  # noqa: F401
@@ -41,16 +41,10 @@ CROP, SIZE, POS = 224, 256, 33
 
 # ---------------------------------------------------------------------------- fixtures
 def _with_stats(tmp_path_factory, build: Path, name: str) -> Path:
-    """A copy of a session build with OUT/stats.npz: the merged shard partials."""
+    """A copy of a session build with OUT/stats.npz (the merged shard partials)."""
     out = tmp_path_factory.mktemp(name) / "out"
     shutil.copytree(build, out)
-    index = read_split(out, "train")
-    merged = None
-    for shard in index.shards:
-        with np.load(index.partial_path(shard)) as z:
-            partial = PartialStats.from_arrays(z)
-        merged = partial if merged is None else merged.merge(partial)
-    DatasetStats.from_partial(merged, build_id=index.build_id).save(out / "stats.npz")
+    compute_stats(out).save(out / "stats.npz")
     return out
 
 
