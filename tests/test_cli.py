@@ -74,7 +74,7 @@ def test_on_error_fail_lists_everything_then_exits_1(src, tmp_path):
     assert result.exit_code == 0 and "skipped 2 unreadable file(s)" in result.output
 
 
-def _bad(result, *fragments: str) -> None:
+def assert_usage_error(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     for fragment in fragments:
@@ -82,26 +82,26 @@ def _bad(result, *fragments: str) -> None:
 
 
 def test_bad_use_is_one_line_and_exit_2(src, tmp_path):
-    _bad(run("build-shards", tmp_path / "nope", tmp_path / "out"), "does not exist")
+    assert_usage_error(run("build-shards", tmp_path / "nope", tmp_path / "out"), "does not exist")
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    _bad(run("build-shards", a_file, tmp_path / "out"), "is not a folder")
-    _bad(run("build-shards", src, a_file), "is a file, not a folder")
+    assert_usage_error(run("build-shards", a_file, tmp_path / "out"), "is not a folder")
+    assert_usage_error(run("build-shards", src, a_file), "is a file, not a folder")
     empty = tmp_path / "empty"
     (empty / "train" / "n01").mkdir(parents=True)
     (empty / "train" / "n01" / "README.txt").write_text("no images here")
-    _bad(run("build-shards", empty, tmp_path / "out"), "no image files found")
-    _bad(run("build-shards", src, tmp_path / "out", "--part", "3/3"), "0 <= i < N")
-    _bad(run("build-shards", src, tmp_path / "out", "--part", "x"), "is not i/N")
-    _bad(run("build-shards", src, tmp_path / "out", "--quality", "0"), "--quality")
-    _bad(run("build-shards", src, tmp_path / "out", "--frobnicate"), "No such option")
-    _bad(run("verify", tmp_path / "nothing"), "not a build folder")
+    assert_usage_error(run("build-shards", empty, tmp_path / "out"), "no image files found")
+    assert_usage_error(run("build-shards", src, tmp_path / "out", "--part", "3/3"), "0 <= i < N")
+    assert_usage_error(run("build-shards", src, tmp_path / "out", "--part", "x"), "is not i/N")
+    assert_usage_error(run("build-shards", src, tmp_path / "out", "--quality", "0"), "--quality")
+    assert_usage_error(run("build-shards", src, tmp_path / "out", "--frobnicate"), "No such option")
+    assert_usage_error(run("verify", tmp_path / "nothing"), "not a build folder")
 
 
 def test_out_holding_another_build_offers_overwrite(src, tmp_path):
     out = tmp_path / "out"
     assert run("build-shards", src, out, "--workers", "1").exit_code == 0
-    _bad(run("build-shards", src, out, "--workers", "1", "--quality", "80"), "holds a different build", "--overwrite")
+    assert_usage_error(run("build-shards", src, out, "--workers", "1", "--quality", "80"), "holds a different build", "--overwrite")
     assert run("build-shards", src, out, "--workers", "1", "--quality", "80", "--overwrite").exit_code == 0
 
 
@@ -109,4 +109,4 @@ def test_out_holding_another_build_offers_overwrite(src, tmp_path):
 def test_out_not_writable(src, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    _bad(run("build-shards", src, locked, "--workers", "1"), "not writable")
+    assert_usage_error(run("build-shards", src, locked, "--workers", "1"), "not writable")

@@ -191,17 +191,17 @@ def test_evaluate_reports_both_crop_settings(uninterrupted, stats_build):
     assert "top-1 error" in table and "1 crop" in table
 
 
-def _bad(result, fragment):
+def assert_usage_error(result, fragment):
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
 
 
 def test_train_bad_input(uninterrupted, stats_build, photo_build, tmp_path):
-    _bad(run("train", photo_build, "--run-dir", tmp_path / "r1", "--backend", "torch"), "stats")
-    _bad(run("train", stats_build, "--run-dir", uninterrupted, "--backend", "torch"), "holds another run")
-    _bad(run("train", stats_build, "--run-dir", tmp_path / "r2", "--device", "tpu:0"), "device")
-    _bad(run("train", stats_build, "--run-dir", tmp_path / "r3", "--device", "cuda:0"), "CUDA")
-    _bad(run("train", stats_build, "--run-dir", tmp_path / "r4", "--resume"), "no checkpoint")
+    assert_usage_error(run("train", photo_build, "--run-dir", tmp_path / "r1", "--backend", "torch"), "stats")
+    assert_usage_error(run("train", stats_build, "--run-dir", uninterrupted, "--backend", "torch"), "holds another run")
+    assert_usage_error(run("train", stats_build, "--run-dir", tmp_path / "r2", "--device", "tpu:0"), "device")
+    assert_usage_error(run("train", stats_build, "--run-dir", tmp_path / "r3", "--device", "cuda:0"), "CUDA")
+    assert_usage_error(run("train", stats_build, "--run-dir", tmp_path / "r4", "--resume"), "no checkpoint")
     with pytest.raises(DataError, match="not divisible by the 3 ranks"):
         make_loaders(stats_build, TrainConfig(batch_size=8, backend="torch"), Ranks(0, 3), torch.device("cpu"))
 
@@ -210,7 +210,7 @@ def test_stats_of_another_build_are_refused(stats_build, photo_build_raw, tmp_pa
     out = tmp_path / "raw"
     shutil.copytree(photo_build_raw, out)
     shutil.copy(stats_build / "stats.npz", out / "stats.npz")
-    _bad(run("train", out, "--run-dir", tmp_path / "r", "--backend", "torch"), "build")
+    assert_usage_error(run("train", out, "--run-dir", tmp_path / "r", "--backend", "torch"), "build")
 
 
 def test_evaluate_refuses_another_class_list(uninterrupted, tmp_path):
@@ -220,4 +220,4 @@ def test_evaluate_refuses_another_class_list(uninterrupted, tmp_path):
     src = tmp_path / "src"
     write_photo_tree(src, classes=2, train_per_class=2, val_per_class=1)
     build_shards(src, tmp_path / "out", BuildConfig(workers=1))
-    _bad(run("evaluate", uninterrupted, tmp_path / "out", "--backend", "torch"), "knows 4 classes")
+    assert_usage_error(run("evaluate", uninterrupted, tmp_path / "out", "--backend", "torch"), "knows 4 classes")
