@@ -168,7 +168,6 @@ def to_device(batches, device):
 
 
 def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -> dict:
-    import torch
     from torch.utils.data import DataLoader
 
     from alexprep.imagenet_prep import loaders

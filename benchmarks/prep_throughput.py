@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -1,12 +1,11 @@
 """`alexprep build-shards` and `alexprep verify`."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from alexprep.cli.common import BadInput, format_bytes, user_errors
+from alexprep.cli.common import format_bytes, progress_bars, user_errors
 from alexprep.imagenet_prep.build import DEFAULT_SHARD_SIZE, BuildConfig, build_shards, default_workers
 from alexprep.imagenet_prep.transform import ENCODINGS, RESAMPLE_FILTERS, ImageSpec
 
@@ -72,27 +71,14 @@ def build_shards_command(src, out, split, encoding, quality, resample, shard_siz
         alexprep build-shards ~/kaggle-imagenet out/ --split val
         alexprep build-shards ~/imagenet out/ --part 3/16   # on machine 3 of 16
     """
-    from tqdm import tqdm
-
     config = BuildConfig(
         spec=ImageSpec(encoding=encoding, quality=quality, resample=resample),
         shard_size=shard_size, seed=seed, workers=workers, part=part[0], parts=part[1],
         splits=("train", "val") if split == "all" else (split,), on_error=on_error, overwrite=overwrite,
         accumulate_stats=not no_stats, val_labels=val_labels, devkit=devkit, classes_file=classes_file,
     )
-    bar = None
-
-    def progress(done, total):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="img", desc="build-shards", dynamic_ncols=True, file=sys.stderr)
-        bar.update(done - bar.n)
-
-    try:
+    with progress_bars("build-shards") as progress:
         report = build_shards(src, out, config, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     written = sum(r.written for r in report.splits)
     rate = written / report.seconds if report.seconds else 0.0
     click.echo(f"built {out} (build id {report.build_id}, part {part[0]}/{part[1]}) in {report.seconds:.1f} s, "

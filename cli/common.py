@@ -1,7 +1,9 @@
 """What every command shares: bad input becomes one line and exit code 2, no traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 
 import click
 
@@ -25,6 +27,27 @@ def user_errors(func):
             raise BadInput(str(exc)) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def progress_bars(desc: str):
+    """Yields a `progress(done, total, name="")` callback for the library's long jobs: one
+    tqdm bar on stderr per name (images/s and time left), all closed at the end."""
+    from tqdm import tqdm
+
+    bars = {}
+
+    def progress(done: int, total: int, name: str = "") -> None:
+        if name not in bars:
+            label = f"{desc} {name}".strip()
+            bars[name] = tqdm(total=total, unit="img", desc=label, dynamic_ncols=True, file=sys.stderr)
+        bars[name].update(done - bars[name].n)
+
+    try:
+        yield progress
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def format_bytes(n: float) -> str:

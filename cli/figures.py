@@ -1,12 +1,11 @@
 """`alexprep inspect kernels | predict | neighbors`: the paper's Figures 3 and 4."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from alexprep.cli.common import user_errors
+from alexprep.cli.common import progress_bars, user_errors
 
 _checkpoint_arg = click.argument("checkpoint", type=click.Path(path_type=Path))
 _shards_arg = click.argument("shards", type=click.Path(path_type=Path))
@@ -111,25 +110,13 @@ def neighbors_command(checkpoint, shards, output, queries, k, query_split, split
         alexprep inspect neighbors runs/alexnet out/ -o neighbors.png --queries 5 --k 6
         alexprep inspect neighbors runs/alexnet out/ --query-split train --cache /scratch/features
     """
-    from tqdm import tqdm
-
     from alexprep.model.neighbors import neighbours
 
-    bars = {}
-
-    def progress(name, done, total):
-        if name not in bars:
-            bars[name] = tqdm(total=total, unit="img", desc=f"fc7 features of {name}", dynamic_ncols=True,
-                              file=sys.stderr)
-        bars[name].update(done - bars[name].n)
-
-    try:
+    with progress_bars("fc7 features of") as progress:
         path, found = neighbours(checkpoint, shards, output, queries=queries, k=k, query_split=query_split,
                                  split=split, seed=seed, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                 backend=backend, workers=workers, dpi=dpi, progress=progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
+                                 backend=backend, workers=workers, dpi=dpi,
+                                 progress=lambda name, done, total: progress(done, total, name))
     click.echo(f"wrote {path}")
     for q, row, dist in zip(found.queries, found.indices, found.distances):
         pairs = ", ".join(f"#{i} ({d:.1f})" for i, d in zip(row, dist))

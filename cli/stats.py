@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from alexprep.cli.common import user_errors
+from alexprep.cli.common import progress_bars, user_errors
 
 
 @click.command("stats")
@@ -37,21 +36,8 @@ def stats_command(out, as_json, recompute, workers):
     """
     from alexprep.imagenet_prep.stats import check_against_partials, compute_stats, stats_json, write_stats
 
-    bar = None
-
-    def progress(done, total):
-        nonlocal bar
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="img", desc="stats --recompute", dynamic_ncols=True, file=sys.stderr)
-        bar.update(done - bar.n)
-
-    try:
+    with progress_bars("stats --recompute") as progress:
         stats = compute_stats(out, recompute=recompute, progress=progress if recompute else None, workers=workers)
-    finally:
-        if bar is not None:
-            bar.close()
     source = "recompute" if recompute else "partials"
     check = check_against_partials(out, stats) if recompute else None
     paths = write_stats(out, stats, source=source)

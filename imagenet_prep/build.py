@@ -198,7 +198,7 @@ def read_shard_record(folder: Path, name: str) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- checks
-def _check_out(out: Path, overwrite: bool, build: str, classes: ClassList) -> None:
+def _check_out(out: Path, overwrite: bool, build: str) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"OUT {out} is a file, not a folder")
     try:
@@ -287,11 +287,9 @@ def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), prog
     listings = {s: layout.list_split(s, f, src, labels) for s, f in wanted.items()}
     if not any(l.samples for l in listings.values()):
         raise DataError(f"SRC {src}: no image files found in {', '.join(str(f) for f in wanted.values())}")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"OUT {out} is a file, not a folder")
     classes = fix_class_list(out, src, config, folders, listings)
     build = build_id(config.spec, config.shard_size, config.seed, classes)
-    _check_out(out, config.overwrite, build, classes)
+    _check_out(out, config.overwrite, build)
     if config.overwrite:
         _clear_build(out)
     plans = {s: plan_shards(listings[s], classes, config.shard_size, config.seed) for s in listings}

@@ -37,13 +37,10 @@ ROI_DECODE = False
 def require_dali():
     """Import DALI, or say why not and what to use instead."""
     try:
-        import nvidia.dali  # noqa: F401
-        from nvidia.dali import fn, types  # noqa: F401
+        import nvidia.dali
     except ImportError as exc:
         raise DataError(f"backend='dali' needs NVIDIA DALI (pip install nvidia-dali-cuda120; Linux only), which "
                         f"does not import here ({exc}): use backend='torch'") from None
-    import nvidia.dali
-
     return nvidia.dali
 
 

@@ -105,10 +105,10 @@ class PartialStats:
             self.add(pixels)
 
     def merge(self, other: "PartialStats") -> "PartialStats":
-        if self._pixel_sum.shape != other._pixel_sum.shape:
-            raise ValueError(f"cannot merge statistics of {self._pixel_sum.shape} and {other._pixel_sum.shape} images")
-        return PartialStats(self.pixel_sum + other.pixel_sum, self.rgb_outer_sum + other.rgb_outer_sum,
-                            self.image_count + other.image_count)
+        """A new PartialStats holding both; `+=` adds in place."""
+        merged = PartialStats(self.pixel_sum.copy(), self.rgb_outer_sum.copy(), self.image_count)
+        merged += other
+        return merged
 
     def __iadd__(self, other: "PartialStats") -> "PartialStats":
         if self._pixel_sum.shape != other._pixel_sum.shape:

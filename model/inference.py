@@ -4,14 +4,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.shards import read_split
 from alexprep.model.alexnet import AlexNet, AlexNetConfig
-from alexprep.model.checkpoint import classes_from_checkpoint, load_checkpoint, stats_from_checkpoint
+from alexprep.model.checkpoint import load_checkpoint, stats_from_checkpoint
 from alexprep.model.evaluate import EvalResult, evaluate
-from alexprep.model.train import pick_backend, resolve_devices, Ranks
+from alexprep.model.train import Ranks, pick_backend, resolve_devices
 
 
 def model_from_checkpoint(ckpt: dict, devices=("cpu",)) -> AlexNet:

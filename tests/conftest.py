@@ -39,14 +39,24 @@ def photo_build_raw(tmp_path_factory, photo_tree) -> Path:
     return _build(tmp_path_factory, photo_tree, "photo_build_raw", encoding="raw")
 
 
-@pytest.fixture(scope="session")
-def stats_build(tmp_path_factory, photo_build) -> Path:
-    """A copy of photo_build with OUT/stats.npz: what the loaders and the trainer need."""
+def _with_stats(tmp_path_factory, build: Path, name: str) -> Path:
     import shutil
 
     from alexprep.imagenet_prep.stats import compute_stats, write_stats
 
-    out = tmp_path_factory.mktemp("stats_build") / "out"
-    shutil.copytree(photo_build, out)
+    out = tmp_path_factory.mktemp(name) / "out"
+    shutil.copytree(build, out)
     write_stats(out, compute_stats(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def stats_build(tmp_path_factory, photo_build) -> Path:
+    """A copy of photo_build with OUT/stats.npz: what the loaders and the trainer need."""
+    return _with_stats(tmp_path_factory, photo_build, "stats_build")
+
+
+@pytest.fixture(scope="session")
+def stats_build_raw(tmp_path_factory, photo_build_raw) -> Path:
+    """A copy of photo_build_raw with OUT/stats.npz."""
+    return _with_stats(tmp_path_factory, photo_build_raw, "stats_build_raw")

@@ -4,14 +4,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image

@@ -23,7 +23,7 @@ from alexprep.imagenet_prep import augment
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.loaders import eval_loader, train_loader
 from alexprep.imagenet_prep.shards import read_split
-from alexprep.imagenet_prep.stats import DatasetStats, compute_stats
+from alexprep.imagenet_prep.stats import DatasetStats
 
 try:
     import nvidia.dali  # noqa: F401
@@ -40,22 +40,16 @@ CROP, SIZE, POS = 224, 256, 33
 
 
 # ---------------------------------------------------------------------------- fixtures
-def _with_stats(tmp_path_factory, build: Path, name: str) -> Path:
-    """A copy of a session build with OUT/stats.npz (the merged shard partials)."""
-    out = tmp_path_factory.mktemp(name) / "out"
-    shutil.copytree(build, out)
-    compute_stats(out).save(out / "stats.npz")
-    return out
+@pytest.fixture(scope="module")
+def raw_out(stats_build_raw) -> Path:
+    """Raw shards with stats (read-only: a test that changes it copies it first)."""
+    return stats_build_raw
 
 
 @pytest.fixture(scope="module")
-def raw_out(tmp_path_factory, photo_build_raw) -> Path:
-    return _with_stats(tmp_path_factory, photo_build_raw, "pipe_raw")
-
-
-@pytest.fixture(scope="module")
-def jpeg_out(tmp_path_factory, photo_build) -> Path:
-    return _with_stats(tmp_path_factory, photo_build, "pipe_jpeg")
+def jpeg_out(stats_build) -> Path:
+    """JPEG q95 shards with stats (read-only)."""
+    return stats_build
 
 
 _IMAGES: dict = {}
