@@ -182,13 +182,13 @@ def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -
         made[name] = forever(lambda: iter(loader))
 
     if have_dali:
-        from alexprep.imagenet_prep import pipeline
+        from alexprep.imagenet_prep import dali_backend
 
         ours("dali-arrow", data["builds"]["jpeg"], "dali")
-        default = pipeline.ROI_DECODE
-        pipeline.ROI_DECODE = not default  # read when the pipeline is built
+        default = dali_backend.ROI_DECODE
+        dali_backend.ROI_DECODE = not default  # read when the pipeline is built
         ours("dali-arrow-full-decode" if default else "dali-arrow-roi-decode", data["builds"]["jpeg"], "dali")
-        pipeline.ROI_DECODE = default
+        dali_backend.ROI_DECODE = default
         ours("dali-arrow-raw", data["builds"]["raw"], "dali")
         made["dali-files"] = dali_files(data, torch_device, batch, workers)
     else:
@@ -220,13 +220,13 @@ def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -
 
 def dali_files(data: dict, torch_device: str, batch: int, workers: int):
     """DALI's file reader over the 256x256 JPEGs, the same operators as our pipeline
-    (`pipeline.image_graph`), the draws fed per iteration from augment.draw."""
+    (`dali_backend.image_graph`), the draws fed per iteration from augment.draw."""
     import torch
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    from alexprep.imagenet_prep import augment, pipeline
+    from alexprep.imagenet_prep import augment, dali_backend
 
     stats = data["stats"]
     mean = np.asarray(stats.mean_image, np.float32)
@@ -247,9 +247,9 @@ def dali_files(data: dict, torch_device: str, batch: int, workers: int):
                                         name="reader")
         pos_x, pos_y, mirror, cmn = fn.external_source(source=draws, num_outputs=4, batch=True,
                                                        dtype=[types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
-        images = pipeline.image_graph(jpegs, encoding="jpeg", size=256, crop=224, gpu=gpu, mean_image=mean,
+        images = dali_backend.image_graph(jpegs, encoding="jpeg", size=256, crop=224, gpu=gpu, mean_image=mean,
                                       windows=[(pos_x, pos_y, mirror)], cmn_mean=cmn, std=[1.0, 1.0, 1.0],
-                                      roi=pipeline.ROI_DECODE)
+                                      roi=dali_backend.ROI_DECODE)
         pipe.set_outputs(images, labels)
     pipe.build()
 
@@ -383,7 +383,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from alexprep.imagenet_prep.loaders import available_cpus
+    from alexprep.imagenet_prep.devices import available_cpus
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")

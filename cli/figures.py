@@ -86,7 +86,7 @@ def predict_command(checkpoint, shards, output, count, split, seed, crops, devic
 @click.option("--k", type=click.IntRange(min=1, max=32), default=6, show_default=True,
               help="Nearest images shown per query.")
 @click.option("--query-split", default="val", show_default=True, help="Split the queries come from.")
-@click.option("--split", default="train", show_default=True, help="Split searched for neighbours.")
+@click.option("--split", default="train", show_default=True, help="Split searched for neighbors.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of queries.")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
               help="Feature cache folder [default: SHARDS/features].")
@@ -110,10 +110,10 @@ def neighbors_command(checkpoint, shards, output, queries, k, query_split, split
         alexprep inspect neighbors runs/alexnet out/ -o neighbors.png --queries 5 --k 6
         alexprep inspect neighbors runs/alexnet out/ --query-split train --cache /scratch/features
     """
-    from alexprep.model.neighbors import neighbours
+    from alexprep.model.neighbors import neighbors
 
     with progress_bars("fc7 features of") as progress:
-        path, found = neighbours(checkpoint, shards, output, queries=queries, k=k, query_split=query_split,
+        path, found = neighbors(checkpoint, shards, output, queries=queries, k=k, query_split=query_split,
                                  split=split, seed=seed, cache_dir=cache_dir, batch_size=batch_size, device=device,
                                  backend=backend, workers=workers, dpi=dpi,
                                  progress=lambda name, done, total: progress(done, total, name))

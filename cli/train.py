@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from alexprep.cli.common import user_errors
-from alexprep.model.config import TrainConfig
+from alexprep.model.config import PRECISIONS, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -31,9 +31,15 @@ def _devices(device: str | None, devices: str | None) -> tuple[str, ...]:
 @click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True)
 @click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True)
 @click.option("--decay-biases", is_flag=True, help="Apply weight decay to biases too (cuda-convnet did not).")
+@click.option("--bias-lr-mult", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.bias_lr_mult,
+              show_default=True, help="Biases learn at this multiple of the lr (the paper: 1; cuda-convnet2 and "
+              "Caffe's AlexNet: 2).")
 @click.option("--patience", type=click.IntRange(min=1), default=DEFAULTS.patience, show_default=True,
               help="Epochs without a better val top-1 error before the lr is divided by 10.")
 @click.option("--max-drops", type=click.IntRange(min=0), default=DEFAULTS.max_drops, show_default=True)
+@click.option("--plateau-threshold", type=click.FloatRange(min=0, max=1, max_open=True),
+              default=DEFAULTS.plateau_threshold, show_default=True,
+              help="An epoch counts as better only if its val error is below the best by this fraction of it.")
 @click.option("--milestones", default="", help="A fixed step schedule instead: divide at these epochs, e.g. 30,60,80.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
 @click.option("--lighting-std", type=float, default=DEFAULTS.lighting_std, show_default=True,
@@ -41,8 +47,9 @@ def _devices(device: str | None, devices: str | None) -> tuple[str, ...]:
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
 @click.option("--device", default=None, help="Both towers on this device: cpu, cuda:N [default: cpu].")
 @click.option("--devices", default=None, help="One tower per device, e.g. cuda:0,cuda:1; 'auto' under torchrun.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=DEFAULTS.precision, show_default=True,
-              help="fp32 is exact; bf16 autocast is a documented deviation.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS.precision, show_default=True,
+              help="fp32 (TF32 off on GPUs); tf32 (TF32 matmuls and convolutions, Ampere and later); "
+              "bf16 autocast. Only fp32 is the paper's arithmetic.")
 @click.option("--channels-last", is_flag=True, help="NHWC memory format.")
 @click.option("--bias-init", type=click.Choice(["paper", "caffe"]), default=DEFAULTS.bias_init, show_default=True,
               help="paper: biases 1 in conv2/4/5, fc6/7; caffe: 0.1 (learns sooner).")
@@ -56,11 +63,13 @@ def _devices(device: str | None, devices: str | None) -> tuple[str, ...]:
 @click.option("--max-steps", type=click.IntRange(min=0), default=0, help="Stop with a checkpoint after N steps.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Loader worker processes (0: default).")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events.")
+@click.option("--verify-shards", is_flag=True,
+              help="Check every shard's SHA-256 against its manifest before training (sizes are always checked).")
 @user_errors
-def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, weight_decay, decay_biases, patience,
-                  max_drops, milestones, seed, lighting_std, backend, device, devices, precision, channels_last,
-                  bias_init, lrn, final_crops, checkpoint_minutes, keep_last, log_every, max_steps, workers,
-                  tensorboard):
+def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, weight_decay, decay_biases,
+                  bias_lr_mult, patience, max_drops, plateau_threshold, milestones, seed, lighting_std, backend,
+                  device, devices, precision, channels_last, bias_init, lrn, final_crops, checkpoint_minutes,
+                  keep_last, log_every, max_steps, workers, tensorboard, verify_shards):
     """Train the paper's AlexNet on a build folder, with the paper's recipe.
 
     SHARDS is the build folder OUT of build-shards (with OUT/stats.npz from `alexprep
@@ -79,11 +88,12 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
         raise click.BadParameter(f"{milestones!r} is not a comma-separated list of epochs", param_hint="--milestones")
     config = TrainConfig(
         batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        decay_biases=decay_biases, patience=patience, max_drops=max_drops, milestones=steps, seed=seed,
+        decay_biases=decay_biases, bias_lr_mult=bias_lr_mult, patience=patience, max_drops=max_drops,
+        plateau_threshold=plateau_threshold, milestones=steps, seed=seed,
         lighting_std=lighting_std, backend=backend, devices=_devices(device, devices), precision=precision,
         channels_last=channels_last, bias_init=bias_init, lrn=lrn, final_crops=int(final_crops),
         checkpoint_minutes=checkpoint_minutes, keep_last=keep_last, log_every=log_every, max_steps=max_steps,
-        loader_workers=workers, tensorboard=tensorboard,
+        loader_workers=workers, tensorboard=tensorboard, verify_shards=verify_shards,
     )
     from alexprep.model.train import TrainingDiverged, train
 
@@ -103,7 +113,7 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: top1_error, top5_error, count, crops.")
 @user_errors
 def evaluate_command(checkpoint, shards, crops, split, batch_size, device, backend, precision, as_json):

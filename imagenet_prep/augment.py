@@ -211,7 +211,14 @@ def ten_crop_windows(positions: int = SIZE - CROP + 1) -> np.ndarray:
     return np.array([(x, y, 0) for x, y in five] + [(x, y, 1) for x, y in five], np.int64)
 
 
-def centre_window(positions: int = SIZE - CROP + 1) -> np.ndarray:
+def center_window(positions: int = SIZE - CROP + 1) -> np.ndarray:
     """(1, 3): the centre crop, offset 16 for 224 in 256."""
     mid = (positions - 1) // 2
     return np.array([(mid, mid, 0)], np.int64)
+
+
+def eval_windows(crops: int, positions: int = SIZE - CROP + 1) -> np.ndarray:
+    """(crops, 3): the centre crop (crops=1) or the paper's 10 crops (crops=10)."""
+    if crops not in (1, 10):
+        raise ValueError(f"crops must be 1 (centre) or 10 (corners, centre and their mirrors), not {crops}")
+    return ten_crop_windows(positions) if crops == 10 else center_window(positions)

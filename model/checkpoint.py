@@ -40,6 +40,11 @@ def classes_from_checkpoint(ckpt: dict) -> ClassList:
     return ClassList(tuple(ckpt["classes"]["wnids"]), tuple(ckpt["classes"]["names"]))
 
 
+def normalize_of(ckpt: dict) -> str:
+    """The normalization the run trained with ("mean-image", the paper's, or "channel")."""
+    return ckpt.get("config", {}).get("normalize", "mean-image")
+
+
 def save_checkpoint(folder: Path, ckpt: dict, keep_last: int) -> Path:
     """Write `ckpt` under its epoch/step name (temporary name, then rename), then delete all
     but the newest `keep_last` checkpoints."""

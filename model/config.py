@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 
 from alexprep.imagenet_prep.errors import DataError
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -19,9 +21,11 @@ class TrainConfig:
     momentum: float = 0.9  # §5
     weight_decay: float = 5e-4  # §5, inside the momentum (optim.PaperSGD)
     decay_biases: bool = False  # cuda-convnet gave biases no weight decay
+    bias_lr_mult: float = 1.0  # the paper's one lr; cuda-convnet2's configs and Caffe's use 2
     lr_factor: float = 0.1  # §5: divide by 10 ...
     patience: int = 3  # ... when val top-1 error has not improved for this many epochs ...
     max_drops: int = 3  # ... three times in all (0.01 -> 1e-5)
+    plateau_threshold: float = 0.01  # "improved": below the best error by this fraction of it
     milestones: tuple[int, ...] = ()  # or drop at these epochs (a fixed step schedule)
     seed: int = 0  # weights, augmentation draws, epoch orders, dropout
     lighting_std: float = 0.1  # §4.1: alpha ~ N(0, 0.1)
@@ -29,7 +33,7 @@ class TrainConfig:
     order: str = "random"  # or "quasi" for datasets larger than RAM
     backend: str = "auto"  # "dali", "torch", or "auto" (DALI where installed)
     devices: tuple[str, ...] = ("cpu",)  # one device (grouped towers) or two (one tower each); "auto"
-    precision: str = "fp32"  # "fp32" (exact semantics) or "bf16" autocast (a documented deviation)
+    precision: str = "fp32"  # "fp32" (true fp32, TF32 off), "tf32" (TF32 matmuls on Ampere+), "bf16" autocast
     channels_last: bool = False  # NHWC memory format, faster on some GPUs
     bias_init: str = "paper"  # "paper" (1) or "caffe" (0.1, learns sooner)
     lrn: str = "cuda-convnet"  # LRN semantics (alexnet.AlexNetConfig)
@@ -43,6 +47,7 @@ class TrainConfig:
     max_steps: int = 0  # stop with a checkpoint after this many steps in all (0: no limit)
     loader_workers: int = 0  # worker processes of the loaders (0: their default)
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
+    verify_shards: bool = False  # check every shard's SHA-256 against its manifest before training
 
     def __post_init__(self) -> None:
         checks = [
@@ -51,7 +56,9 @@ class TrainConfig:
             (self.lr > 0, f"learning rate must be > 0, not {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), not {self.momentum}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, not {self.weight_decay}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, not {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"),
+            (self.bias_lr_mult > 0, f"bias lr multiplier must be > 0, not {self.bias_lr_mult}"),
+            (0 <= self.plateau_threshold < 1, f"plateau threshold must be in [0, 1), not {self.plateau_threshold}"),
             (self.backend in ("auto", "dali", "torch"), f"backend must be auto, dali or torch, not {self.backend!r}"),
             (1 <= len(self.devices) <= 2, f"devices: one or two (one per tower), not {len(self.devices)}"),
             (self.final_crops in (0, 1, 10), f"final crops must be 0, 1 or 10, not {self.final_crops}"),

@@ -10,8 +10,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from alexprep.model.distributed import all_reduce
 from alexprep.model.metrics import topk_correct
 
 
@@ -27,7 +27,7 @@ class EvalResult:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA when asked; fp32 (exact semantics) otherwise."""
+    """bf16 autocast when asked; fp32 (or TF32, configured per run) otherwise."""
     if precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if precision == "bf16" and device.type == "cpu":
@@ -59,10 +59,7 @@ def evaluate(model: torch.nn.Module, loader, precision: str = "fp32", progress=N
                 progress(len(labels))
     finally:
         model.train(was_training)
-    totals = torch.tensor([correct1, correct5, count], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    correct1, correct5, count = (int(v) for v in totals.tolist())
+    correct1, correct5, count = (int(v) for v in all_reduce([correct1, correct5, count]))
     if count == 0:
         raise ValueError("the evaluation split is empty")
     return EvalResult(1 - correct1 / count, 1 - correct5 / count, count, crops)

@@ -8,7 +8,7 @@
   to the full 0-1 range on its own (all three channels together, so its colour survives).
 - Figure 4, left: validation images with their true label and a bar chart of the five
   most probable classes, the true class's bar in red (as in the paper) when it is there.
-- Figure 4, right (nearest neighbours in fc7 space) is in `alexprep.model.neighbors`.
+- Figure 4, right (nearest neighbors in fc7 space) is in `alexprep.model.neighbors`.
 
 Figures are drawn with matplotlib's object API (Agg, no pyplot) at a fixed size: the PNG is exactly
 figsize x dpi pixels (`*_figsize` give the inches).
@@ -21,16 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from alexprep.imagenet_prep.atomic import temporary_name
-from alexprep.imagenet_prep.loaders import SplitSamples
+from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import read_split
 from alexprep.model.checkpoint import load_checkpoint
-from alexprep.model.predict import Predictor, centre_crops, class_label, require_same_classes, split_images
+from alexprep.model.inference import model_from_checkpoint
+from alexprep.model.predict import Predictor, center_crops, class_label, require_same_classes, split_images
 
 KERNEL_COLUMNS = 16  # 48 kernels a tower in 3 rows of 16, as the paper's Figure 3
 KERNELS_FIGSIZE = (10.0, 4.6)  # inches: the two towers' mosaics with their titles
 PREDICTION_COLUMNS = 4  # images a row in the predictions figure
 PREDICTION_CELL = (2.6, 3.9)  # inches per image: the picture, its label and five bars
-NEIGHBOUR_CELL = 1.6  # inches per image in the neighbours figure (square)
+NEIGHBOR_CELL = 1.6  # inches per image in the neighbors figure (square)
 
 
 def _checkpoint(ckpt) -> dict:
@@ -82,7 +83,6 @@ def kernel_mosaic(kernels: np.ndarray, columns: int = KERNEL_COLUMNS, gap: int =
 def kernels_figure(checkpoint, out, *, dpi: int = 100) -> Path:
     """The paper's Figure 3 from a checkpoint (file, run dir or loaded dict): conv1's 96
     kernels, tower 1 above tower 2. Returns the PNG's path."""
-    from alexprep.model.inference import model_from_checkpoint
 
     ckpt = _checkpoint(checkpoint)
     kernels = model_from_checkpoint(ckpt).conv1_kernels().numpy()  # (2, 48, 3, 11, 11)
@@ -130,7 +130,7 @@ def predictions_figure(checkpoint, root, out, *, n: int = 8, split: str = "val",
     probs = predictor.probabilities(images, crops)  # (n, classes)
     labels = samples.labels[rows]
     classes = index.classes
-    shown = centre_crops(images)
+    shown = center_crops(images)
 
     count = len(rows)
     columns = min(count, PREDICTION_COLUMNS)

@@ -5,11 +5,12 @@ import dataclasses
 from pathlib import Path
 
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
 from alexprep.imagenet_prep.shards import read_split
 from alexprep.model.alexnet import AlexNet, AlexNetConfig
-from alexprep.model.checkpoint import load_checkpoint, stats_from_checkpoint
+from alexprep.model.checkpoint import load_checkpoint, normalize_of, stats_from_checkpoint
+from alexprep.model.distributed import resolve_devices
 from alexprep.model.evaluate import EvalResult, evaluate
-from alexprep.model.train import Ranks, pick_backend, resolve_devices
 
 
 def model_from_checkpoint(ckpt: dict, devices=("cpu",)) -> AlexNet:
@@ -22,8 +23,6 @@ def model_from_checkpoint(ckpt: dict, devices=("cpu",)) -> AlexNet:
 def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", batch_size: int = 64,
                         device: str = "cpu", backend: str = "auto", precision: str = "fp32") -> list[EvalResult]:
     """Errors of a checkpoint over `split` of build folder `root`, for each crop setting."""
-    from alexprep.imagenet_prep.loaders import eval_loader
-
     ckpt = load_checkpoint(Path(checkpoint))
     index = read_split(Path(root), split)
     wnids = list(ckpt["classes"]["wnids"])
@@ -31,15 +30,19 @@ def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", 
         raise DataError(f"the checkpoint knows {len(wnids)} classes, {root} has {len(index.classes)}"
                         + ("" if len(wnids) != len(index.classes) else " with other wnids")
                         + ": evaluate on a build with the training run's class list")
-    devices = resolve_devices((device,), Ranks())
+    devices = resolve_devices((device,))
     model = model_from_checkpoint(ckpt, devices)
-    # The training set's statistics normalise, whatever build the evaluation shards are
-    # from; the class list check above guarantees the labels mean the same.
+    # The training set's statistics and the run's normalization apply, whatever build the
+    # evaluation shards are from; the class list check above guarantees the labels agree.
     stats = stats_from_checkpoint(ckpt)
     stats = dataclasses.replace(stats, build_id=index.build_id)
     results = []
     for n in crops:
         loader = eval_loader(root, batch_size=max(1, batch_size // (10 if n == 10 else 1)), device=device,
-                             stats=stats, split=split, crops=n, backend=pick_backend(backend))
-        results.append(evaluate(model, loader, precision))
+                             stats=stats, split=split, crops=n, normalize=normalize_of(ckpt),
+                             backend=pick_backend(backend))
+        try:
+            results.append(evaluate(model, loader, precision))
+        finally:
+            loader.close()
     return results

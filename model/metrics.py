@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from alexprep.imagenet_prep.atomic import temporary_name
+
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
     """How many rows have their label among the k highest scores, for each k."""
@@ -58,7 +60,6 @@ def plot_curves(log: MetricsLog, path: Path) -> None:
     ax_err.set_ylabel("error (%)")
     ax_err.legend()
     fig.tight_layout()
-    from alexprep.imagenet_prep.atomic import temporary_name
 
     tmp = temporary_name(Path(path)).with_suffix(".png")
     fig.savefig(tmp, dpi=90)

@@ -1,8 +1,8 @@
-"""Nearest neighbours in fc7 space: the paper's Figure 4 (right).
+"""Nearest neighbors in fc7 space: the paper's Figure 4 (right).
 
-    from alexprep.model.neighbors import find_neighbours, neighbours_figure
-    found = find_neighbours("runs/alexnet", "out/", queries=5, k=6)   # val queries, train images
-    neighbours_figure(found, "out/", "neighbors.png")
+    from alexprep.model.neighbors import find_neighbors, neighbors_figure
+    found = find_neighbors("runs/alexnet", "out/", queries=5, k=6)   # val queries, train images
+    neighbors_figure(found, "out/", "neighbors.png")
 
 Section 6.1: "If two images produce feature activation vectors with a small Euclidean
 separation, we can say that the higher levels of the neural network consider them to be
@@ -37,18 +37,21 @@ import torch
 
 from alexprep.imagenet_prep.atomic import temporary_name, write_text_atomic
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.loaders import SplitSamples
+from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
+from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import SplitIndex, read_split
-from alexprep.model.checkpoint import load_checkpoint
-from alexprep.model.figures import NEIGHBOUR_CELL, clip_text, new_figure, pick_rows, save_figure
-from alexprep.model.predict import centre_crops, class_label, eval_stats, normalize_of, split_images
+from alexprep.model.checkpoint import load_checkpoint, normalize_of
+from alexprep.model.distributed import resolve_devices
+from alexprep.model.inference import model_from_checkpoint
+from alexprep.model.figures import NEIGHBOR_CELL, clip_text, new_figure, pick_rows, save_figure
+from alexprep.model.predict import center_crops, class_label, eval_stats, split_images
 
 FEATURES_FORMAT = "alexprep-features"
 FEATURE_DTYPE = np.float16  # halves the cache; fc7 values are O(1-10), far inside its range
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 CHUNK_ROWS = 8192  # rows of base features searched at once: 8192 x 4096 x 4 B = 128 MB
 HEADER = 0.6  # inches above the first row: the figure's title and the first row's captions
-REFINE_EXTRA = 8  # candidates kept beyond k, so that rounding in the fast search cannot drop a true neighbour
+REFINE_EXTRA = 8  # candidates kept beyond k, so that rounding in the fast search cannot drop a true neighbor
 
 
 # ---------------------------------------------------------------------------- features
@@ -106,9 +109,6 @@ def split_features(checkpoint, root, split: str, *, cache_dir=None, batch_size: 
     `weights_digest` already computed (each saves a second or so at ImageNet scale).
     progress(done, total) is called after each batch while computing.
     """
-    from alexprep.imagenet_prep.loaders import eval_loader
-    from alexprep.model.inference import model_from_checkpoint
-    from alexprep.model.train import Ranks, pick_backend, resolve_devices
 
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(Path(checkpoint))
     root = Path(root)
@@ -127,7 +127,7 @@ def split_features(checkpoint, root, split: str, *, cache_dir=None, batch_size: 
     if not os.access(cache_dir, os.W_OK):
         raise DataError(f"the feature cache {cache_dir} is not writable: choose another folder (--cache DIR)")
     if model is None:
-        model = model_from_checkpoint(ckpt, resolve_devices((device,), Ranks()))
+        model = model_from_checkpoint(ckpt, resolve_devices((device,)))
     dev = model.input_device
     loader_device = "cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}"
     loader = eval_loader(root, batch_size=batch_size, device=loader_device, stats=eval_stats(ckpt, index),
@@ -210,11 +210,11 @@ def nearest(queries: np.ndarray, base: np.ndarray, k: int, *, chunk_rows: int = 
 
 
 @dataclass(frozen=True)
-class Neighbours:
+class Neighbors:
     """Query images and their nearest images, as sample indices of their splits."""
 
     query_split: str
-    split: str  # where the neighbours come from
+    split: str  # where the neighbors come from
     queries: np.ndarray  # (Q,) int64 sample indices in query_split
     indices: np.ndarray  # (Q, k) int64 sample indices in split, nearest first
     distances: np.ndarray  # (Q, k) float64 Euclidean distances of the fc7 vectors
@@ -224,16 +224,14 @@ class Neighbours:
                 "indices": self.indices.tolist(), "distances": self.distances.tolist()}
 
 
-def find_neighbours(checkpoint, root, *, queries: int = 5, k: int = 6, query_split: str = "val",
+def find_neighbors(checkpoint, root, *, queries: int = 5, k: int = 6, query_split: str = "val",
                     split: str = "train", rows=None, seed: int = 0, cache_dir=None, batch_size: int = 64,
                     device: str = "cpu", backend: str = "auto", workers: int | None = None,
                     chunk_rows: int = CHUNK_ROWS, progress: Callable[[str, int, int], None] | None = None
-                    ) -> Neighbours:
+                    ) -> Neighbors:
     """For `queries` images of `query_split` (a seeded choice, or the sample indices `rows`),
     the `k` images of `split` whose fc7 features are nearest. Features of both splits are
     computed once and cached (see the module docstring). progress(split, done, total)."""
-    from alexprep.model.inference import model_from_checkpoint
-    from alexprep.model.train import Ranks, resolve_devices
 
     if k < 1 or queries < 1:
         raise DataError(f"--k and --queries must be at least 1 (got k={k}, queries={queries})")
@@ -246,7 +244,7 @@ def find_neighbours(checkpoint, root, *, queries: int = 5, k: int = 6, query_spl
         feats[name] = cached_features(ckpt, read_split(Path(root), name), cache, digest)
         if feats[name] is None:
             if model is None:  # built only when some split's features are missing
-                model = model_from_checkpoint(ckpt, resolve_devices((device,), Ranks()))
+                model = model_from_checkpoint(ckpt, resolve_devices((device,)))
             report = (lambda done, total, s=name: progress(s, done, total)) if progress else None
             feats[name] = split_features(ckpt, root, name, cache_dir=cache, batch_size=batch_size, device=device,
                                          backend=backend, workers=workers, model=model, digest=digest,
@@ -260,16 +258,16 @@ def find_neighbours(checkpoint, root, *, queries: int = 5, k: int = 6, query_spl
             raise DataError(f"query rows must be in 0..{total - 1} ({query_split} has {total} images)")
     query_feats = np.asarray(feats[query_split][chosen], np.float32)
     indices, distances = nearest(query_feats, feats[split], k, chunk_rows=chunk_rows)
-    return Neighbours(query_split, split, chosen, indices, distances)
+    return Neighbors(query_split, split, chosen, indices, distances)
 
 
 # ---------------------------------------------------------------------------- the figure
-def neighbours_figsize(queries: int, k: int) -> tuple[float, float]:
-    """Inches of the neighbours figure: a row per query, the query and its k neighbours."""
-    return (k + 1) * NEIGHBOUR_CELL, queries * NEIGHBOUR_CELL + HEADER
+def neighbors_figsize(queries: int, k: int) -> tuple[float, float]:
+    """Inches of the neighbors figure: a row per query, the query and its k neighbors."""
+    return (k + 1) * NEIGHBOR_CELL, queries * NEIGHBOR_CELL + HEADER
 
 
-def neighbours_figure(found: Neighbours, root, out, *, dpi: int = 100) -> Path:
+def neighbors_figure(found: Neighbors, root, out, *, dpi: int = 100) -> Path:
     """The paper's Figure 4 (right): each query image (first column, its label) and its
     nearest images of `found.split` (label and distance). Returns the PNG's path."""
     root = Path(root)
@@ -277,7 +275,7 @@ def neighbours_figure(found: Neighbours, root, out, *, dpi: int = 100) -> Path:
     q_samples = SplitSamples(q_index)
     b_samples = q_samples if found.split == found.query_split else SplitSamples(b_index)
     rows, k = found.indices.shape
-    fig = new_figure(neighbours_figsize(rows, k))
+    fig = new_figure(neighbors_figsize(rows, k))
     height = fig.get_figheight()
     axes = fig.subplots(rows, k + 1, squeeze=False,
                         gridspec_kw={"left": 0.01, "right": 0.99, "top": 1 - HEADER / height, "bottom": 0.01, "wspace": 0.06,
@@ -286,7 +284,7 @@ def neighbours_figure(found: Neighbours, root, out, *, dpi: int = 100) -> Path:
                  fontsize=9, y=1 - 0.08 / height, va="top")
 
     def show(ax, samples, index, row, caption, bold=False):
-        ax.imshow(centre_crops(split_images(index, [row], samples))[0])
+        ax.imshow(center_crops(split_images(index, [row], samples))[0])
         ax.set_xticks([])
         ax.set_yticks([])
         label = int(samples.labels[row])
@@ -301,7 +299,7 @@ def neighbours_figure(found: Neighbours, root, out, *, dpi: int = 100) -> Path:
     return save_figure(fig, out, dpi)
 
 
-def neighbours(checkpoint, root, out, *, dpi: int = 100, **options) -> tuple[Path, Neighbours]:
-    """`find_neighbours(checkpoint, root, **options)` drawn to `out`: (PNG path, neighbours)."""
-    found = find_neighbours(checkpoint, root, **options)
-    return neighbours_figure(found, root, out, dpi=dpi), found
+def neighbors(checkpoint, root, out, *, dpi: int = 100, **options) -> tuple[Path, Neighbors]:
+    """`find_neighbors(checkpoint, root, **options)` drawn to `out`: (PNG path, neighbors)."""
+    found = find_neighbors(checkpoint, root, **options)
+    return neighbors_figure(found, root, out, dpi=dpi), found

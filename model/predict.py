@@ -10,7 +10,7 @@ validation image: the shorter side rescaled to 256 and the central 256x256 cut
 (`transform.load_center_crop`), then the centre 224x224 crop, or the paper's 10 crops
 (4 corners, centre and their mirrors, softmax outputs averaged), minus the same window of
 the training set's mean image. The tensors come from the torch loader's own per-image
-renderer (`torch_pipeline.render_one`), so they are bit-identical to what the loaders
+renderer (`render.render_one`), so they are bit-identical to what the loaders
 feed evaluation from raw shards.
 
 Everything comes from the checkpoint (mean image, class list, normalisation), so no build
@@ -29,13 +29,15 @@ import torch
 
 from alexprep.imagenet_prep import augment
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.loaders import Normalisation, SplitSamples
+from alexprep.imagenet_prep.normalization import Normalization
+from alexprep.imagenet_prep.render import cpu_norm_arrays, render_one
+from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import SplitIndex
 from alexprep.imagenet_prep.stats import DatasetStats
 from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, decode, load_center_crop
-from alexprep.model.checkpoint import classes_from_checkpoint, load_checkpoint, stats_from_checkpoint
+from alexprep.model.checkpoint import classes_from_checkpoint, load_checkpoint, normalize_of, stats_from_checkpoint
+from alexprep.model.distributed import resolve_devices
 from alexprep.model.inference import model_from_checkpoint
-from alexprep.model.train import Ranks, resolve_devices
 
 
 @dataclass(frozen=True)
@@ -71,17 +73,15 @@ class Prediction:
 
 # ---------------------------------------------------------------------------- the tensors
 def crop_windows(crops: int, size: int = augment.SIZE, crop: int = augment.CROP) -> np.ndarray:
-    """(K, 3) rows (offset_x, offset_y, flip): the centre crop (K=1) or the paper's 10 crops,
-    in the evaluation loaders' order."""
-    positions = size - crop + 1
-    if crops == 1:
-        return augment.centre_window(positions)
-    if crops == 10:
-        return augment.ten_crop_windows(positions)
-    raise DataError(f"crops must be 1 (centre) or 10 (corners, centre and their mirrors), not {crops}")
+    """(K, 3) rows (offset_x, offset_y, flip): augment.eval_windows, a DataError for a bad
+    `crops`."""
+    try:
+        return augment.eval_windows(crops, size - crop + 1)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
-def normalised_crops(images: np.ndarray, norm: Normalisation, crops: int = 1,
+def normalized_crops(images: np.ndarray, norm: Normalization, crops: int = 1,
                      crop: int = augment.CROP) -> torch.Tensor:
     """(N, S, S, 3) uint8 images -> (N, K, 3, crop, crop) float32 network inputs.
 
@@ -89,16 +89,11 @@ def normalised_crops(images: np.ndarray, norm: Normalisation, crops: int = 1,
     mean image, minus the channel base, times 1/std (the last two are 0 and 1 for the
     paper's mean-image normalisation).
     """
-    from alexprep.imagenet_prep.torch_pipeline import render_one
-
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
         raise ValueError(f"images must be (N, S, S, 3) uint8, not {images.shape} {images.dtype}")
     windows = crop_windows(crops, images.shape[1], crop)
-    # What the torch loader's workers hold (torch_pipeline.ShardBatches): the mean image as
-    # (3, S, S), and no 1/std multiplication when it is all ones (exact either way).
-    mean_chw = None if norm.mean_image is None else np.ascontiguousarray(norm.mean_image.transpose(2, 0, 1))
-    inv_std = None if bool((norm.inv_std == 1).all()) else norm.inv_std
+    mean_chw, inv_std = cpu_norm_arrays(norm)  # as the torch loader's workers hold them
     base = np.asarray(norm.base, np.float32)
     out = np.empty((len(images), len(windows), 3, crop, crop), np.float32)
     for i, image in enumerate(images):
@@ -106,7 +101,7 @@ def normalised_crops(images: np.ndarray, norm: Normalisation, crops: int = 1,
     return torch.from_numpy(out)
 
 
-def centre_crops(images: np.ndarray, crop: int = augment.CROP) -> np.ndarray:
+def center_crops(images: np.ndarray, crop: int = augment.CROP) -> np.ndarray:
     """(N, S, S, 3) uint8 -> their centre (N, crop, crop, 3) windows: what the network sees."""
     ox, oy, _ = crop_windows(1, images.shape[1], crop)[0]
     return images[:, oy:oy + crop, ox:ox + crop]
@@ -137,11 +132,6 @@ def eval_stats(ckpt: dict, index: SplitIndex) -> DatasetStats:
     return dataclasses.replace(stats_from_checkpoint(ckpt), build_id=index.build_id)
 
 
-def normalize_of(ckpt: dict) -> str:
-    """The normalisation the run trained with ("mean-image", the paper's, or "channel")."""
-    return ckpt.get("config", {}).get("normalize", "mean-image")
-
-
 def class_label(wnid: str, name: str, short: bool = True) -> str:
     """'n01440764 tench' (the first of the names when short), or the wnid alone."""
     if short:
@@ -154,14 +144,14 @@ class Predictor:
     """A checkpoint's network with its mean image and class list, ready to classify."""
 
     def __init__(self, ckpt: dict, device: str = "cpu"):
-        devices = resolve_devices((device,), Ranks())
+        devices = resolve_devices((device,))
         self.model = model_from_checkpoint(ckpt, devices)
         self.stats = stats_from_checkpoint(ckpt)
         self.classes = classes_from_checkpoint(ckpt)
         self.size = int(self.stats.mean_image.shape[0])  # the shards' 256
         # Files are prepared as the training build prepared its images (its resize filter).
         self.spec = ImageSpec(**ckpt["image"]) if "image" in ckpt else ImageSpec(size=self.size)
-        self.norm = Normalisation.from_stats(self.stats, normalize_of(ckpt), self.size)
+        self.norm = Normalization.from_stats(self.stats, normalize_of(ckpt), self.size)
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu") -> "Predictor":
@@ -172,7 +162,7 @@ class Predictor:
     def probabilities(self, images: np.ndarray, crops: int = 1) -> torch.Tensor:
         """Softmax outputs (N, classes) on the CPU for (N, S, S, 3) uint8 images, averaged over
         the crops as the paper's 10-crop evaluation does."""
-        x = normalised_crops(images, self.norm, crops)  # (N, K, 3, 224, 224)
+        x = normalized_crops(images, self.norm, crops)  # (N, K, 3, 224, 224)
         n, k = x.shape[:2]
         logits = self.model(x.reshape(n * k, *x.shape[2:]).to(self.model.input_device))
         return logits.float().softmax(dim=1).reshape(n, k, -1).mean(dim=1).cpu()

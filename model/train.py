@@ -1,168 +1,227 @@
-"""The paper's training recipe (section 5) as plain functions around one loop.
+"""The paper's training recipe (section 5): `train` sets a run up, `train_one_epoch` runs the
+steps of one epoch, `end_of_epoch` validates, logs and checkpoints.
 
     from alexprep.model.train import TrainConfig, train
     train("OUT", "runs/alexnet", TrainConfig())            # the paper's recipe
     train("OUT", "runs/alexnet", TrainConfig(), resume=True)
 
-Defaults are the paper's: batch 128, the paper's momentum rule (optim.PaperSGD) with
-momentum 0.9 and weight decay 5e-4 on weights, lr 0.01 divided by 10 when the validation
-error stops improving (at most 3 times), 90 epochs, biases 1 in conv2/4/5 and fc6/7.
-
-A run dir holds config.json, metrics.jsonl, curves.png, checkpoints/ and final.json.
-Checkpoints are written every epoch, every `checkpoint_minutes`, on SIGTERM/SIGINT and at
-`max_steps`; `resume=True` continues exactly where the newest one stopped, mid-epoch
-included (the loaders' draws are keyed by (seed, epoch, sample), and the dropout RNG
-state travels in the checkpoint).
-
-Under `torchrun`, each process owns one tower pair, the loaders give each rank its part of
-every global batch, and DDP averages gradients (NCCL on GPUs, gloo on CPUs).
+Defaults, the run dir and what a checkpoint holds: docs/design.md, "Training". A resumed
+run continues exactly where the newest checkpoint stopped, mid-epoch included: the loaders'
+draws are keyed by (seed, epoch, sample), and each rank's dropout RNG state travels in the
+checkpoint. Under `torchrun`, each process owns one tower pair, the loaders give each
+rank its part of every global batch, DDP averages gradients, and the ranks agree every
+step on whether to stop (distributed.any_rank).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from alexprep.imagenet_prep import augment
 from alexprep.imagenet_prep.atomic import write_text_atomic
+from alexprep.imagenet_prep.devices import device_name
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.loaders import Loader, eval_loader, pick_backend, train_loader
+from alexprep.imagenet_prep.verify import verify_build
 from alexprep.model.alexnet import AlexNet
+from alexprep.model.checkpoint import FORMAT, list_checkpoints, load_checkpoint, save_checkpoint, stats_to_tensors
 from alexprep.model.config import TrainConfig
-from alexprep.model.checkpoint import (
-    FORMAT, list_checkpoints, load_checkpoint, save_checkpoint, stats_to_tensors,
+from alexprep.model.distributed import (
+    Ranks, all_reduce, any_rank, gather_objects, init_distributed, resolve_devices, use_devices,
 )
 from alexprep.model.evaluate import EvalResult, autocast, error_table, evaluate
 from alexprep.model.metrics import MetricsLog, plot_curves
 from alexprep.model.optim import LrSchedule, PaperSGD, param_groups
+
+_DOMAIN_DROPOUT = 0x64726F70  # "drop": the counter-based generator's domain for dropout seeds
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-# ---------------------------------------------------------------------------- set-up
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
+# ---------------------------------------------------------------------------- run state
+@dataclass
+class EpochSums:
+    """The epoch in progress, summed so far; saved with a mid-epoch checkpoint so that a
+    resumed epoch's metrics are those of the uninterrupted one."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0  # on this rank
+    steps: int = 0
+    wait: float = 0.0  # seconds waiting for the loader
+    busy: float = 0.0  # seconds in the step itself
 
     @property
-    def main(self) -> bool:
-        return self.rank == 0
+    def wall(self) -> float:
+        return self.wait + self.busy
 
 
-def init_distributed(devices: tuple[str, ...]) -> Ranks:
-    """torch.distributed from torchrun's environment, or a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    if not dist.is_initialized():
-        backend = "nccl" if any(str(d).startswith("cuda") or d == "auto" for d in devices) and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+@dataclass
+class RunState:
+    """Where a run stands: the position in the epoch stream and the epoch's sums."""
+
+    epoch: int = 0  # the epoch in progress ...
+    batch: int = 0  # ... and its next batch (0 at an epoch boundary)
+    step: int = 0
+    sums: EpochSums = field(default_factory=EpochSums)
+    last_eval: dict = field(default_factory=dict)
+    decode_failures: int = 0  # images that did not decode, over the whole run
 
 
-def resolve_devices(devices: tuple[str, ...], ranks: Ranks) -> tuple[torch.device, ...]:
-    """The tower devices of this process; "auto": two GPUs per process where there are
-    enough, one GPU otherwise, else the CPU."""
-    if tuple(devices) == ("auto",):
-        n = torch.cuda.device_count()
-        if n >= 2 * ranks.local_world_size:
-            return (torch.device(f"cuda:{2 * ranks.local_rank}"), torch.device(f"cuda:{2 * ranks.local_rank + 1}"))
-        if n >= 1:
-            return (torch.device(f"cuda:{ranks.local_rank % n}"),)
-        return (torch.device("cpu"),)
-    out = []
-    for d in devices:
-        try:
-            device = torch.device(d)
-        except (RuntimeError, TypeError):
-            raise DataError(f"unknown device {d!r}: use cpu, cuda:N or auto") from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise DataError(f"device {d}: CUDA is not available on this machine (use --device cpu)")
-            if (device.index or 0) >= torch.cuda.device_count():
-                raise DataError(f"device {d}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        elif device.type != "cpu":
-            raise DataError(f"unsupported device {d!r}: use cpu or cuda:N")
-        out.append(device)
-    return tuple(out)
+@dataclass
+class Run:
+    """What a training run holds for its whole length."""
+
+    root: Path
+    run_dir: Path
+    config: TrainConfig
+    ranks: Ranks
+    devices: tuple[torch.device, ...]
+    model: torch.nn.Module  # DDP-wrapped under torchrun
+    optimizer: PaperSGD
+    schedule: LrSchedule
+    train_loader: Loader
+    val_loader: Loader
+    metrics: MetricsLog
+    log: object = print
+    progress: bool = True
+    tensorboard: object = None
+
+    @property
+    def module(self) -> AlexNet:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
 
 
-def pick_backend(backend: str) -> str:
-    if backend != "auto":
-        return backend
-    try:
-        import nvidia.dali  # noqa: F401
-
-        return "dali"
-    except ImportError:
-        return "torch"
-
-
-def _loader_device(device: torch.device) -> str:
-    return "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
-
-
-def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device):
-    from alexprep.imagenet_prep.loaders import eval_loader, train_loader
-
+# ---------------------------------------------------------------------------- set-up
+def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device) -> tuple[Loader, Loader]:
     if config.batch_size % ranks.world_size:
         raise DataError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} ranks")
-    backend = pick_backend(config.backend)
-    extra = {"workers": config.loader_workers} if config.loader_workers else {}
-    train = train_loader(root, batch_size=config.batch_size // ranks.world_size, device=_loader_device(device),
-                         seed=config.seed, rank=ranks.rank, world_size=ranks.world_size,
-                         lighting_std=config.lighting_std, normalize=config.normalize, order=config.order,
-                         backend=backend, **extra)
-    eval_batch = config.eval_batch_size or config.batch_size
-    val = eval_loader(root, batch_size=eval_batch, device=_loader_device(device), stats=train.stats, crops=1,
-                      rank=ranks.rank, world_size=ranks.world_size, normalize=config.normalize, backend=backend, **extra)
+    common = dict(device=device_name(device), rank=ranks.rank, world_size=ranks.world_size,
+                  normalize=config.normalize, backend=pick_backend(config.backend),
+                  workers=config.loader_workers or None)
+    train = train_loader(root, batch_size=config.batch_size // ranks.world_size, seed=config.seed,
+                         lighting_std=config.lighting_std, order=config.order, **common)
+    try:
+        val = make_eval_loader(root, config, common, train.stats, crops=1)
+    except BaseException:
+        train.close()
+        raise
     return train, val
 
 
+def make_eval_loader(root, config: TrainConfig, common: dict, stats, crops: int) -> Loader:
+    batch = config.eval_batch_size or max(1, config.batch_size // (10 if crops == 10 else 1))
+    return eval_loader(root, batch_size=batch, stats=stats, crops=crops, **common)
+
+
+def configure_cuda(precision: str, devices) -> None:
+    """fp32 means fp32: cuDNN convolutions and matmuls default to TF32 on Ampere and later,
+    which `--precision tf32` asks for by name. cuDNN picks its fastest algorithms for the
+    fixed input shapes (benchmark mode)."""
+    if not any(d.type == "cuda" for d in devices):
+        return
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+
+
+def dropout_seed(seed: int, rank: int) -> int:
+    """Each rank's dropout RNG seed: distinct per rank (the same seed would give the i-th
+    sample of every rank the same mask), a pure function of (seed, rank)."""
+    return int(augment.counter_words(seed, 0, [rank], 1, _DOMAIN_DROPOUT)[0, 0] >> 1)
+
+
+def verify_shards(root: Path, log) -> None:
+    log(f"checking every shard of {root} against its manifest's SHA-256 ...")
+    report = verify_build(root)
+    if not report.ok:
+        raise DataError(f"{len(report.bad)} shard(s) differ from their manifests: {'; '.join(report.bad[:3])}. "
+                        f"Rebuild them (the same build-shards command) or copy them again")
+    log(f"{report.shards} shards, {report.rows} images: all match their manifests")
+
+
 # ---------------------------------------------------------------------------- checkpoints
-def run_checkpoint(model, optimizer, schedule, config, train_loader, epoch, batch, step, running, last_eval) -> dict:
-    """The whole state of a run as one dict of tensors and plain values."""
-    module = model.module if hasattr(model, "module") else model
-    index = train_loader.index
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
+def rng_state(devices) -> dict:
+    """This process's dropout RNG: the CPU generator and the model's GPUs' (in tower
+    order, so that a resume on other GPU indices restores them in place)."""
+    state = {"torch": torch.get_rng_state()}
+    cuda = [d for d in dict.fromkeys(devices) if d.type == "cuda"]
+    if cuda:
+        state["cuda"] = [torch.cuda.get_rng_state(d) for d in cuda]
+    return state
+
+
+def restore_rng(states: list[dict], run: Run, state: RunState) -> None:
+    """Restore this rank's RNG state; at another world size, reseed from (seed, rank, step)."""
+    ranks = run.ranks
+    if len(states) != ranks.world_size:
+        torch.manual_seed(dropout_seed(run.config.seed ^ state.step, ranks.rank))
+        run.log(f"resumed on {ranks.world_size} rank(s) from a run of {len(states)}: dropout masks reseeded")
+        return
+    mine = states[ranks.rank]
+    torch.set_rng_state(mine["torch"])
+    cuda = [d for d in dict.fromkeys(run.devices) if d.type == "cuda"]
+    for device, saved in zip(cuda, mine.get("cuda", [])):
+        torch.cuda.set_rng_state(saved, device)
+
+
+def save_run_checkpoint(run: Run, state: RunState) -> Path | None:
+    """The whole state of a run as one dict, written by rank 0 (every rank sends its RNG)."""
+    rngs = gather_objects(rng_state(run.devices))
+    if not run.ranks.main:
+        return None
+    index = run.train_loader.index
+    ckpt = {
         "format": FORMAT,
-        "version": 1,
-        "model": module.state_dict(),
-        "model_config": asdict(module.config),
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "epoch": epoch,  # the epoch in progress ...
-        "batch": batch,  # ... and its next batch (0 at an epoch boundary)
-        "step": step,
-        "running": running,  # this epoch's sums so far, so that a resumed epoch's metrics are exact
-        "last_eval": last_eval,
-        "rng": rng,
-        "config": config.to_json(),
+        "version": 2,
+        "model": run.module.state_dict(),
+        "model_config": asdict(run.module.config),
+        "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(),
+        "epoch": state.epoch,
+        "batch": state.batch,
+        "step": state.step,
+        "running": asdict(state.sums),
+        "last_eval": state.last_eval,
+        "decode_failures": state.decode_failures,
+        "rng": rngs,  # one per rank
+        "config": run.config.to_json(),
         "classes": {"wnids": list(index.classes.wnids), "names": list(index.classes.names)},
-        "stats": stats_to_tensors(train_loader.stats),
+        "stats": stats_to_tensors(run.train_loader.stats),
         "build_id": index.build_id,
         "image": asdict(index.spec),  # how the build made its 256x256 images, for predict on files
     }
+    return save_checkpoint(run.ckpt_dir, ckpt, run.config.keep_last)
 
 
-class _StopSignal:
-    """SIGTERM / SIGINT set a flag: the loop checkpoints at the next step and stops."""
+def resume_from(ckpt: dict, run: Run) -> RunState:
+    run.module.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.schedule.load_state_dict(ckpt["schedule"])
+    state = RunState(ckpt["epoch"], ckpt["batch"], ckpt["step"], EpochSums(**ckpt["running"]),
+                     dict(ckpt["last_eval"]), int(ckpt.get("decode_failures", 0)))
+    rng = ckpt["rng"]
+    restore_rng(rng if isinstance(rng, list) else [rng], run, state)  # version 1 kept one state
+    return state
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag: the ranks agree to checkpoint at the next step and stop."""
 
     def __init__(self):
         self.received = None
@@ -190,191 +249,263 @@ def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = 
     """Train AlexNet on build folder `root`, writing to `run_dir`; returns the final results
     (or the state at a stop: {"stopped": reason, "step": …})."""
     root, run_dir = Path(root), Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     ckpt = None
     if resume:
-        if not list_checkpoints(ckpt_dir):
+        if not list_checkpoints(run_dir / "checkpoints"):
             raise DataError(f"--resume: {run_dir} holds no checkpoint to resume from")
         ckpt = load_checkpoint(run_dir)
         config = dataclasses.replace(TrainConfig.from_json(ckpt["config"]), max_steps=config.max_steps)
-    elif (run_dir / "config.json").exists() or list_checkpoints(ckpt_dir):
+    elif (run_dir / "config.json").exists() or list_checkpoints(run_dir / "checkpoints"):
         raise DataError(f"{run_dir} holds another run: pass --resume to continue it, or choose a new --run-dir")
 
     ranks = init_distributed(config.devices)
     devices = resolve_devices(config.devices, ranks)
-    train_loader, val_loader = make_loaders(root, config, ranks, devices[0])
+    use_devices(devices)
+    configure_cuda(config.precision, devices)
+    if config.verify_shards and ranks.main:
+        verify_shards(root, log)
+    train_data, val_data = make_loaders(root, config, ranks, devices[0])
     try:
-        return _train(root, run_dir, config, ckpt, ranks, devices, train_loader, val_loader, progress, log)
+        run = setup_run(root, run_dir, config, ckpt, ranks, devices, train_data, val_data, progress, log)
+        state = resume_from(ckpt, run) if ckpt is not None else RunState()
+        return run_epochs(run, state)
     finally:
-        train_loader.close()
-        val_loader.close()
+        train_data.close()
+        val_data.close()
 
 
-def _train(root, run_dir, config, ckpt, ranks, devices, train_loader, val_loader, progress, log) -> dict:
-    ckpt_dir = run_dir / "checkpoints"
-    classes = train_loader.index.classes
+def setup_run(root, run_dir, config, ckpt, ranks, devices, train_data, val_data, progress, log) -> Run:
+    """The model (the same initial weights in every process and placement), its optimizer
+    and schedule, the metrics log; each rank's dropout RNG seeded apart."""
+    classes = train_data.index.classes
     if ckpt is not None and list(classes.wnids) != list(ckpt["classes"]["wnids"]):
         raise DataError(f"{run_dir}'s checkpoint has {len(ckpt['classes']['wnids'])} classes, "
                         f"{root} has {len(classes)}: resume on the build it was trained on")
-
-    torch.manual_seed(config.seed)  # the same initial weights in every process and placement
+    torch.manual_seed(config.seed)
     model = AlexNet(config.model_config(len(classes)), devices=devices)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = PaperSGD(param_groups(model, config.weight_decay, config.decay_biases), lr=config.lr,
-                         momentum=config.momentum, weight_decay=config.weight_decay)
-    schedule = LrSchedule(config.lr, config.lr_factor, config.patience, config.max_drops, tuple(config.milestones))
-    epoch, batch, step = 0, 0, 0
-    running = {"loss_sum": 0.0, "correct": 0, "seen": 0, "steps": 0, "wait": 0.0, "busy": 0.0}
-    last_eval: dict = {}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        epoch, batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        running, last_eval = dict(ckpt["running"]), dict(ckpt["last_eval"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    if ranks.world_size > 1:
+    torch.manual_seed(dropout_seed(config.seed, ranks.rank))
+    optimizer = PaperSGD(param_groups(model, config.weight_decay, config.decay_biases, config.bias_lr_mult),
+                         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    schedule = LrSchedule(config.lr, config.lr_factor, config.patience, config.max_drops, tuple(config.milestones),
+                          threshold=config.plateau_threshold)
+    if ranks.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[devices[0]] if len(devices) == 1 and devices[0].type == "cuda" else None)
-
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=ranks.main)
+        one_gpu = len(devices) == 1 and devices[0].type == "cuda"
+        model = DistributedDataParallel(model, device_ids=[devices[0]] if one_gpu else None)
     if ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", json.dumps(config.to_json(), indent=1) + "\n")
-    tb = _tensorboard(run_dir, config.tensorboard and ranks.main)
+    return Run(root, run_dir, config, ranks, devices, model, optimizer, schedule, train_data, val_data,
+               MetricsLog(run_dir / "metrics.jsonl", enabled=ranks.main), log, progress,
+               _tensorboard(run_dir, config.tensorboard and ranks.main))
 
-    def checkpoint(at_epoch, at_batch) -> Path | None:
-        if not math.isfinite(running["loss_sum"]):
-            raise TrainingDiverged(_diverged_message(step, ckpt_dir))
-        if not ranks.main:
-            return None
-        return save_checkpoint(ckpt_dir, run_checkpoint(model, optimizer, schedule, config, train_loader, at_epoch,
-                                                        at_batch, step, running, last_eval), config.keep_last)
 
-    device = devices[0]
-    last_ckpt_time = time.monotonic()
-    with _StopSignal() as stop:
-        while epoch < config.epochs:
-            schedule.apply(optimizer)
-            model.train()
-            train_loader.set_epoch(epoch, start_batch=batch)
-            with torch.random.fork_rng(devices=[]):  # loaders must not consume the dropout RNG
-                batches = iter(train_loader)
-            bar = _bar(progress and ranks.main, len(train_loader), batch, f"epoch {epoch + 1}/{config.epochs}")
-            t_ready = time.perf_counter()
-            for images, labels in batches:
-                t_data = time.perf_counter()
-                if config.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device, config.precision):
-                    logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels.to(logits.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step, batch = step + 1, batch + 1
-                loss_value = float(loss.detach())  # one sync per step: the clock below needs it anyway
-                running["loss_sum"] += loss_value
-                running["correct"] += int((logits.detach().argmax(1) == labels.to(logits.device)).sum())
-                running["seen"] += len(labels)
-                running["steps"] += 1
-                t_done = time.perf_counter()
-                running["wait"] += t_data - t_ready
-                running["busy"] += t_done - t_data
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(_diverged_message(step, ckpt_dir))
-                if bar:
-                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{schedule.lr:g}")
-                    bar.update(1)
-                if step % config.log_every == 0:
-                    metrics.write("step", epoch=epoch, step=step, loss=loss_value, lr=schedule.lr,
-                                  images_per_s=len(labels) * ranks.world_size / max(t_done - t_ready, 1e-9),
-                                  data_wait_s=t_data - t_ready, compute_s=t_done - t_data,
-                                  data_wait_fraction=running["wait"] / max(running["wait"] + running["busy"], 1e-9))
-                    if tb:
-                        tb.add_scalar("train/loss", loss_value, step)
-                t_ready = time.perf_counter()
-                reason = None
-                if config.max_steps and step >= config.max_steps:
-                    reason = f"max_steps={config.max_steps}"
-                elif stop.received:
-                    reason = stop.received
-                if reason or time.monotonic() - last_ckpt_time > 60 * config.checkpoint_minutes:
-                    at_end = batch == len(train_loader)
-                    path = checkpoint(epoch + 1 if at_end and reason else epoch, 0 if at_end and reason else batch) \
-                        if not (at_end and reason) else None
-                    last_ckpt_time = time.monotonic()
-                    if reason and not at_end:
-                        if bar:
-                            bar.close()
-                        log(f"stopped at step {step} ({reason}); checkpoint {path}; continue with --resume")
-                        return {"stopped": reason, "step": step, "checkpoint": str(path)}
-                    if reason:
-                        break  # finish this epoch's validation and checkpoint first
+def run_epochs(run: Run, state: RunState) -> dict:
+    """Epochs until the config's last, a stop signal or max_steps; then the final evaluation."""
+    config = run.config
+    with StopSignal() as stop:
+        while state.epoch < config.epochs:
+            reason = train_one_epoch(run, state, stop)
+            if reason and state.batch < len(run.train_loader):  # stopped mid-epoch, checkpointed
+                return {"stopped": reason, "step": state.step}
+            end_of_epoch(run, state)
+            reason = reason or _stop_reason(run, state, stop)
+            if reason and state.epoch < config.epochs:
+                run.log(f"stopped after epoch {state.epoch} ({reason}); continue with --resume")
+                return {"stopped": reason, "step": state.step}
+    return final_evaluation(run, state)
+
+
+def train_one_epoch(run: Run, state: RunState, stop: StopSignal) -> str | None:
+    """The steps of epoch `state.epoch` from batch `state.batch`. Returns why it stopped
+    early (a signal or max_steps, checkpointed), or None at the epoch's end.
+
+    Loss and correct counts are summed on the device and read every `log_every` steps, so
+    the host queues the next step without waiting for this one (one sync per step would
+    idle the GPU while Python catches up). `wait` is the time spent in the loader's
+    `next()`, with the device's work still queued: on the torch backend that includes
+    launching the GPU decoding and rendering, which is data work.
+    """
+    config, loader, sums = run.config, run.train_loader, state.sums
+    run.schedule.apply(run.optimizer)
+    run.model.train()
+    loader.set_epoch(state.epoch, start_batch=state.batch)
+    with torch.random.fork_rng(devices=[]):  # the loaders must not consume the dropout RNG
+        batches = iter(loader)
+    bar = _bar(run.progress and run.ranks.main, len(loader), state.batch, f"epoch {state.epoch + 1}/{config.epochs}")
+    pending = DeviceSums()
+    last_checkpoint = time.monotonic()
+    t_ready = time.perf_counter()
+    try:
+        for images, labels in batches:
+            t_data = time.perf_counter()
+            loss, correct = train_step(run, images, labels)
+            pending.add(loss, correct)
+            state.step, state.batch = state.step + 1, state.batch + 1
+            sums.seen, sums.steps = sums.seen + len(labels), sums.steps + 1
+            t_done = time.perf_counter()
+            sums.wait, sums.busy = sums.wait + t_data - t_ready, sums.busy + t_done - t_data
             if bar:
-                bar.close()
-            with torch.random.fork_rng(devices=[]):
-                val = evaluate(model, val_loader, config.precision)
-            dropped = schedule.end_of_epoch(epoch, val.top1_error)
-            wall = running["wait"] + running["busy"]
-            last_eval = val.to_json()
-            metrics.write("epoch", epoch=epoch, step=step, lr=schedule.lr if not dropped else schedule.lr / config.lr_factor,
-                          train_loss=running["loss_sum"] / max(running["steps"], 1),
-                          train_top1_error=1 - running["correct"] / max(running["seen"], 1),
-                          val_top1_error=val.top1_error, val_top5_error=val.top5_error,
-                          images_per_s=running["seen"] * ranks.world_size / max(wall, 1e-9),
-                          data_wait_fraction=running["wait"] / max(wall, 1e-9), lr_dropped=dropped)
-            if tb:
-                tb.add_scalar("val/top1_error", val.top1_error, epoch)
-                tb.add_scalar("val/top5_error", val.top5_error, epoch)
-            log(f"epoch {epoch + 1}: loss {running['loss_sum'] / max(running['steps'], 1):.4f}, "
-                f"val top-1 {100 * val.top1_error:.1f}%, top-5 {100 * val.top5_error:.1f}%"
-                + (f"; lr divided by {1 / config.lr_factor:g} to {schedule.lr:g}" if dropped else ""))
-            epoch, batch = epoch + 1, 0
-            running = {"loss_sum": 0.0, "correct": 0, "seen": 0, "steps": 0, "wait": 0.0, "busy": 0.0}
-            checkpoint(epoch, 0)
-            last_ckpt_time = time.monotonic()
-            if ranks.main:
-                plot_curves(metrics, run_dir / "curves.png")
-            reason = (f"max_steps={config.max_steps}" if config.max_steps and step >= config.max_steps
-                      else stop.received)
-            if reason and epoch < config.epochs:
-                log(f"stopped after epoch {epoch} ({reason}); continue with --resume")
-                return {"stopped": reason, "step": step}
+                bar.update(1)
+            if state.step % config.log_every == 0:
+                loss_mean = _collect(run, state, pending, since=config.log_every)
+                _log_step(run, state, loss_mean, t_data - t_ready, t_done - t_data, len(labels))
+                if bar:
+                    bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{run.schedule.lr:g}")
+            due = time.monotonic() - last_checkpoint > 60 * config.checkpoint_minutes
+            reason, due = _agree(run, state, stop, due)
+            if reason or due:  # agreed: every rank checkpoints (and stops) at this step
+                if state.batch == len(loader):
+                    _collect(run, state, pending)
+                    return reason  # the epoch's end checkpoints after validation
+                _collect(run, state, pending)
+                path = save_run_checkpoint(run, state)
+                last_checkpoint = time.monotonic()
+                if reason:
+                    run.log(f"stopped at step {state.step} ({reason}); checkpoint {path}; continue with --resume")
+                    return reason
+            t_ready = time.perf_counter()
+        _collect(run, state, pending)
+        return None
+    finally:
+        if bar:
+            bar.close()
 
-    results = [EvalResult(**last_eval)] if last_eval else []
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step; returns the loss and the number of correct top-1 guesses, on the device."""
+    if run.config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(run.devices[0], run.config.precision):
+        logits = run.model(images)
+    labels = labels.to(logits.device, non_blocking=True)
+    loss = F.cross_entropy(logits.float(), labels)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return loss, (logits.detach().argmax(1) == labels).sum()
+
+
+class DeviceSums:
+    """Loss and correct counts summed where the loss is, read only when asked (a read is
+    a host sync)."""
+
+    def __init__(self):
+        self.sums: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        step = torch.stack([loss.detach().double(), correct.double()])
+        self.sums = step if self.sums is None else self.sums + step
+
+    def take(self) -> tuple[float, float]:
+        if self.sums is None:
+            return 0.0, 0.0
+        loss_sum, correct = self.sums.tolist()
+        self.sums = None
+        return loss_sum, correct
+
+
+def _collect(run: Run, state: RunState, pending: DeviceSums, since: int | None = None) -> float:
+    """Move the device sums into the epoch's (one host sync); stop every rank if any saw a
+    NaN or infinite loss. Returns the mean loss of the last `since` steps."""
+    loss_sum, correct = pending.take()
+    state.sums.loss_sum += loss_sum
+    state.sums.correct += int(correct)
+    if any_rank(not math.isfinite(loss_sum)):
+        raise TrainingDiverged(_diverged_message(state.step, run.ckpt_dir))
+    return loss_sum / max(since or 1, 1)
+
+
+def _agree(run: Run, state: RunState, stop: StopSignal, due: bool) -> tuple[str | None, bool]:
+    """(why to stop, whether to checkpoint), the same on every rank: max_steps is the same
+    step everywhere; a signal or a checkpoint time on any rank counts for all, in one
+    small all-reduce per step (ranks that saw a signal a step apart would otherwise leave
+    the others blocked in DDP's next all-reduce, and a late rank 0 would never save)."""
+    signal_seen, due = all_reduce([stop.received is not None, due], op="max")
+    if run.config.max_steps and state.step >= run.config.max_steps:
+        return f"max_steps={run.config.max_steps}", bool(due)
+    if signal_seen:
+        return stop.received or "a signal received by another rank", bool(due)
+    return None, bool(due)
+
+
+def _stop_reason(run: Run, state: RunState, stop: StopSignal) -> str | None:
+    return _agree(run, state, stop, False)[0]
+
+
+def _log_step(run: Run, state: RunState, loss: float, wait: float, busy: float, batch: int) -> None:
+    sums = state.sums
+    run.metrics.write("step", epoch=state.epoch, step=state.step, loss=loss, lr=run.schedule.lr,
+                      images_per_s=batch * run.ranks.world_size / max(wait + busy, 1e-9),
+                      data_wait_s=wait, compute_s=busy, data_wait_fraction=sums.wait / max(sums.wall, 1e-9))
+    if run.tensorboard:
+        run.tensorboard.add_scalar("train/loss", loss, state.step)
+
+
+def end_of_epoch(run: Run, state: RunState) -> None:
+    """Validate, maybe divide the lr, log the epoch, checkpoint at the next epoch's start."""
+    config, sums = run.config, state.sums
+    with torch.random.fork_rng(devices=[]):
+        val = evaluate(run.model, run.val_loader, config.precision)
+    dropped = run.schedule.end_of_epoch(state.epoch, val.top1_error)
+    failures = run.train_loader.decode_failure_count - state.decode_failures
+    state.decode_failures = run.train_loader.decode_failure_count
+    state.last_eval = val.to_json()
+    run.metrics.write("epoch", epoch=state.epoch, step=state.step,
+                      lr=run.schedule.lr if not dropped else run.schedule.lr / config.lr_factor,
+                      train_loss=sums.loss_sum / max(sums.steps, 1),
+                      train_top1_error=1 - sums.correct / max(sums.seen, 1),
+                      val_top1_error=val.top1_error, val_top5_error=val.top5_error,
+                      images_per_s=sums.seen * run.ranks.world_size / max(sums.wall, 1e-9),
+                      data_wait_fraction=sums.wait / max(sums.wall, 1e-9), lr_dropped=dropped,
+                      decode_failures=failures)
+    if run.tensorboard:
+        run.tensorboard.add_scalar("val/top1_error", val.top1_error, state.epoch)
+        run.tensorboard.add_scalar("val/top5_error", val.top5_error, state.epoch)
+    run.log(f"epoch {state.epoch + 1}: loss {sums.loss_sum / max(sums.steps, 1):.4f}, "
+            f"val top-1 {100 * val.top1_error:.1f}%, top-5 {100 * val.top5_error:.1f}%"
+            + (f"; lr divided by {1 / config.lr_factor:g} to {run.schedule.lr:g}" if dropped else ""))
+    if failures:
+        run.log(f"warning: {failures} training image(s) did not decode this epoch and were fed as grey: "
+                + "; ".join(run.train_loader.decode_failures[:3]) + f". Run `alexprep verify {run.root}`")
+    state.epoch, state.batch, state.sums = state.epoch + 1, 0, EpochSums()
+    save_run_checkpoint(run, state)
+    if run.ranks.main:
+        plot_curves(run.metrics, run.run_dir / "curves.png")
+
+
+def final_evaluation(run: Run, state: RunState) -> dict:
+    """The last validation, and the paper's 10-crop evaluation when asked; final.json."""
+    config = run.config
+    results = [EvalResult(**state.last_eval)] if state.last_eval else []
     if config.final_crops == 10:
-        ten = eval_loader_like(val_loader, root, config, ranks, devices[0], crops=10)
+        common = dict(device=device_name(run.devices[0]), rank=run.ranks.rank, world_size=run.ranks.world_size,
+                      normalize=config.normalize, backend=pick_backend(config.backend),
+                      workers=config.loader_workers or None)
+        ten = make_eval_loader(run.root, config, common, run.val_loader.stats, crops=10)
         try:
-            results.append(evaluate(model, ten, config.precision))
+            results.append(evaluate(run.model, ten, config.precision))
         finally:
             ten.close()
-    final = {"step": step, "epochs": epoch, "results": [r.to_json() for r in results]}
-    if ranks.main:
-        metrics.write("final", **final)
-        write_text_atomic(run_dir / "final.json", json.dumps(final, indent=1) + "\n")
-        log(error_table(results))
+    final = {"step": state.step, "epochs": state.epoch, "results": [r.to_json() for r in results],
+             "decode_failures": state.decode_failures}
+    if run.ranks.main:
+        run.metrics.write("final", **final)
+        write_text_atomic(run.run_dir / "final.json", json.dumps(final, indent=1) + "\n")
+        run.log(error_table(results))
+        if state.decode_failures:
+            run.log(f"warning: {state.decode_failures} training image(s) did not decode during this run "
+                    f"(metrics.jsonl has them per epoch)")
     return final
-
-
-def eval_loader_like(val_loader, root, config: TrainConfig, ranks: Ranks, device: torch.device, crops: int):
-    from alexprep.imagenet_prep.loaders import eval_loader
-
-    batch = config.eval_batch_size or max(1, config.batch_size // (10 if crops == 10 else 1))
-    extra = {"workers": config.loader_workers} if config.loader_workers else {}
-    return eval_loader(root, batch_size=batch, device=_loader_device(device), stats=val_loader.stats, crops=crops,
-                       rank=ranks.rank, world_size=ranks.world_size, normalize=config.normalize,
-                       backend=pick_backend(config.backend), **extra)
 
 
 def _diverged_message(step: int, ckpt_dir: Path) -> str:
     found = list_checkpoints(ckpt_dir)
     kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-    return (f"the loss became NaN or infinite at step {step}; {kept}. Lower --lr, or try --bias-init caffe")
+    return (f"the loss became NaN or infinite by step {step}; {kept}. Lower --lr, or try --bias-init caffe")
 
 
 def _bar(enabled: bool, total: int, start: int, desc: str):

@@ -1,4 +1,4 @@
-"""Seeing what a network learned: kernels (Figure 3), predictions and nearest neighbours
+"""Seeing what a network learned: kernels (Figure 3), predictions and nearest neighbors
 (Figure 4), and `alexprep predict` on image files, all on one tiny trained checkpoint."""
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from alexprep.model.alexnet import AlexNet
 from alexprep.model.checkpoint import load_checkpoint
 from alexprep.model.config import TrainConfig
 from alexprep.model.figures import KERNELS_FIGSIZE, contrast_stretch, kernel_mosaic, predictions_figsize
-from alexprep.model.neighbors import cache_paths, find_neighbours, nearest, neighbours_figsize, weights_digest
-from alexprep.model.predict import Predictor, eval_stats, normalised_crops, split_images
+from alexprep.model.neighbors import cache_paths, find_neighbors, nearest, neighbors_figsize, weights_digest
+from alexprep.model.predict import Predictor, eval_stats, normalized_crops, split_images
 from alexprep.model.train import train
 
 # One epoch of 4 steps on the 32 training photos: enough for weights that are not the
@@ -86,7 +86,7 @@ def test_predictor_inputs_are_the_evaluation_loaders(ckpt, stats_build, crops):
     loader = eval_loader(stats_build, batch_size=5, device="cpu", stats=eval_stats(ckpt, index), crops=crops,
                          backend="torch", workers=0)
     theirs = torch.cat([images.reshape(len(images), crops, 3, 224, 224) for images, _ in loader])
-    ours = normalised_crops(split_images(index, range(index.rows)), Predictor(ckpt).norm, crops)
+    ours = normalized_crops(split_images(index, range(index.rows)), Predictor(ckpt).norm, crops)
     assert ours.shape == theirs.shape == (index.rows, crops, 3, 224, 224)
     assert torch.equal(ours, theirs)
 
@@ -176,11 +176,11 @@ def test_nearest_matches_brute_force_in_any_chunking():
     assert indices[0, :2].tolist() == [7, 40] and distances[0, 0] == 0 and distances[1, 0] == 0
 
 
-def test_neighbours_of_training_images_include_themselves_and_the_cache_is_reused(ckpt, run_dir, stats_build,
+def test_neighbors_of_training_images_include_themselves_and_the_cache_is_reused(ckpt, run_dir, stats_build,
                                                                                   tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     rows = [0, 5, 17, 31]
-    found = find_neighbours(run_dir, stats_build, rows=rows, k=4, query_split="train", split="train",
+    found = find_neighbors(run_dir, stats_build, rows=rows, k=4, query_split="train", split="train",
                             cache_dir=cache, backend="torch", workers=1, batch_size=7)
     assert found.indices.shape == found.distances.shape == (4, 4)
     for q, row, dist in zip(rows, found.indices, found.distances):
@@ -196,7 +196,7 @@ def test_neighbours_of_training_images_include_themselves_and_the_cache_is_reuse
     predictor = Predictor(ckpt)
     index = read_split(stats_build, "train")
     with torch.no_grad():
-        direct = predictor.model.features(normalised_crops(split_images(index, [3, 30]), predictor.norm)[:, 0])
+        direct = predictor.model.features(normalized_crops(split_images(index, [3, 30]), predictor.norm)[:, 0])
     np.testing.assert_allclose(stored[[3, 30]].astype(np.float32), direct.numpy(), rtol=2e-3, atol=1e-3)
     assert float(direct.abs().max()) > 0
 
@@ -206,14 +206,14 @@ def test_neighbours_of_training_images_include_themselves_and_the_cache_is_reuse
 
     monkeypatch.setattr(AlexNet, "features", refuse)
     monkeypatch.setattr(AlexNet, "forward", refuse)
-    again = find_neighbours(run_dir, stats_build, rows=rows, k=4, query_split="train", split="train",
+    again = find_neighbors(run_dir, stats_build, rows=rows, k=4, query_split="train", split="train",
                             cache_dir=cache, backend="torch", workers=1)
     assert np.array_equal(again.indices, found.indices) and np.array_equal(again.distances, found.distances)
 
     # A cache without its record (a killed run) is not trusted.
     meta.unlink()
     with pytest.raises(AssertionError, match="network ran"):
-        find_neighbours(run_dir, stats_build, rows=rows, k=4, query_split="train", cache_dir=cache, backend="torch",
+        find_neighbors(run_dir, stats_build, rows=rows, k=4, query_split="train", cache_dir=cache, backend="torch",
                         workers=1)
 
 
@@ -222,7 +222,7 @@ def test_inspect_neighbors_writes_a_png_of_the_set_size(run_dir, stats_build, tm
     result = run("inspect", "neighbors", run_dir, stats_build, "-o", out, "--queries", 2, "--k", 3, "--dpi", 40,
                  "--backend", "torch", "--workers", 1, "--cache", tmp_path / "cache")
     assert result.exit_code == 0, result.output
-    assert png_size(out) == inches_to_pixels(neighbours_figsize(2, 3), 40)
+    assert png_size(out) == inches_to_pixels(neighbors_figsize(2, 3), 40)
     lines = [l for l in result.stdout.splitlines() if l.strip().startswith("val #")]
     assert len(lines) == 2 and all(l.count("#") == 4 for l in lines)
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".json", ".npy", ".npy"]

@@ -1,4 +1,4 @@
-"""Tests for the augmentation pipelines (augment.py, loaders.py, pipeline.py, torch_pipeline.py).
+"""Tests for the loaders (augment.py, loaders.py, batches.py, dali_backend.py, torch_backend.py, render.py).
 
 Outputs are checked against an independent numpy reference written here (`reference`):
 the shards' images decoded with pyarrow and PIL directly, windowed, mirrored and lit in
@@ -196,7 +196,7 @@ def test_ten_crop_windows_order():
     assert [tuple(r[:2]) for r in w[:5]] == corners_then_centre
     assert [tuple(r[:2]) for r in w[5:]] == corners_then_centre
     assert list(w[:, 2]) == [0] * 5 + [1] * 5
-    assert tuple(augment.centre_window(POS)[0]) == (16, 16, 0)
+    assert tuple(augment.center_window(POS)[0]) == (16, 16, 0)
     np.testing.assert_array_equal(augment.crop_position(np.arange(POS), POS) * 32, np.arange(POS))
 
 
@@ -425,11 +425,11 @@ def test_draws_do_not_depend_on_batch_size_or_ranks(backend, raw_out):
 @needs_dali
 @pytest.mark.dali
 def test_roi_decoding_gives_the_same_pixels(jpeg_out, monkeypatch):
-    from alexprep.imagenet_prep import pipeline
+    from alexprep.imagenet_prep import dali_backend
 
     batches = {}
     for roi in (False, True):
-        monkeypatch.setattr(pipeline, "ROI_DECODE", roi)
+        monkeypatch.setattr(dali_backend, "ROI_DECODE", roi)
         batches[roi] = run(train_loader(jpeg_out, batch_size=8, device="cpu", seed=6))
     for (a, _), (b, _) in zip(batches[False], batches[True]):
         d = (a - b).abs()
@@ -579,7 +579,8 @@ def test_gpu_batches_equal_cpu_batches(backend, encoding, raw_out, jpeg_out):
 def test_batched_gpu_render_equals_the_per_image_cpu_render(normalize, crops, raw_out):
     """The twin's two arithmetic paths, `render` (batched, what runs on a GPU) and
     `render_one` (per image, in CPU workers), run here on the CPU: bit for bit the same."""
-    from alexprep.imagenet_prep.torch_pipeline import ShardBatches, norm_tensors, render
+    from alexprep.imagenet_prep.render import norm_tensors, render
+    from alexprep.imagenet_prep.torch_backend import ShardBatches
 
     if crops:
         loader = eval_loader(raw_out, batch_size=4, device="cpu", crops=crops, normalize=normalize,
@@ -588,8 +589,8 @@ def test_batched_gpu_render_equals_the_per_image_cpu_render(normalize, crops, ra
         loader = train_loader(raw_out, batch_size=8, device="cpu", seed=2, normalize=normalize, backend="torch",
                               workers=0)
     batch = loader.plan(0)[1]
-    finished, labels, _, _, which = ShardBatches(loader.samples, CROP, norm=loader.norm)[batch]
-    crops_u8, labels_u8, windows, cmn, _ = ShardBatches(loader.samples, CROP, norm=None)[batch]
-    assert which == (0, 1)
+    finished, labels, _, _, _, which, _ = ShardBatches(loader.samples, CROP, "render", norm=loader.norm)[batch]
+    crops_u8, labels_u8, windows, cmn, _, _, _ = ShardBatches(loader.samples, CROP, "windows")[batch]
+    assert tuple(which) == (0, 1)
     assert crops_u8.dtype == torch.uint8 and torch.equal(labels, labels_u8)
     assert torch.equal(render(crops_u8, windows, cmn, *norm_tensors(loader.norm, torch.device("cpu"))), finished)

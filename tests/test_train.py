@@ -75,7 +75,46 @@ def test_weight_decay_skips_biases_unless_asked():
     p.grad = torch.zeros(3)
     opt.step()
     assert torch.equal(p.detach(), torch.ones(3))  # a bias with zero gradient stays put
-    assert len(param_groups(model, 5e-4, decay_biases=True)) == 1
+    decayed = param_groups(model, 5e-4, decay_biases=True)
+    assert [g["weight_decay"] for g in decayed] == [5e-4, 5e-4]
+
+
+def test_bias_lr_multiplier_moves_biases_that_much_faster():
+    model = torch.nn.Linear(4, 3)
+    opt = PaperSGD(param_groups(model, 0.0, bias_lr_mult=2.0), lr=0.1, weight_decay=0.0)
+    LrSchedule(0.1).apply(opt)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
+    before = [p.detach().clone() for p in (model.weight, model.bias)]
+    model.weight.grad, model.bias.grad = torch.ones(3, 4), torch.ones(3)
+    opt.step()
+    assert torch.allclose(model.weight - before[0], torch.full((3, 4), -0.1))
+    assert torch.allclose(model.bias - before[1], torch.full((3,), -0.2))  # epsB = 2 epsW, as cuda-convnet2
+
+
+def _creeping_curve() -> list[float]:
+    """Top-1 error over 50,000 images after each of 90 epochs: a fast fall, then a new best
+    by 1 to 10 images every epoch, as long runs show once the lr is too high to settle."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    wrong = [int(50000 * (0.42 + 0.48 * np.exp(-e / 6))) for e in range(30)]
+    for _ in range(30, 90):
+        wrong.append(wrong[-1] - int(rng.integers(1, 11)))
+    return [w / 50000 for w in wrong]
+
+
+def test_plateau_threshold_lets_the_drops_happen_on_a_creeping_curve():
+    curve = _creeping_curve()
+    assert all(b < a for a, b in zip(curve[29:], curve[30:]))  # every epoch a new best, by a hair
+    plain = LrSchedule(0.01, patience=3)
+    assert not any(plain.end_of_epoch(e, err) for e, err in enumerate(curve))  # no drop in 90 epochs
+    s = LrSchedule(0.01, patience=3, threshold=0.01)
+    drops = [e for e, err in enumerate(curve) if s.end_of_epoch(e, err)]
+    assert drops == [27, 32, 35] and s.lr == pytest.approx(1e-5)
+    # each drop follows 3 epochs none of which beat the best by 1% of it
+    for d in drops:
+        best = min(curve[:d - 2])
+        assert all(err >= 0.99 * best for err in curve[d - 2:d + 1])
 
 
 def test_plateau_schedule_divides_by_ten_at_most_three_times():
@@ -170,7 +209,7 @@ def test_two_processes_match_one_on_the_same_global_batch(stats_build, tmp_path)
 
 def test_nan_loss_stops_with_a_clear_message(stats_build, tmp_path):
     config = TrainConfig(**{**FAST.to_json(), "lr": 1e8, "epochs": 3})
-    with pytest.raises(TrainingDiverged, match="NaN or infinite at step"):
+    with pytest.raises(TrainingDiverged, match="NaN or infinite by step"):
         train(stats_build, tmp_path / "nan", config, progress=False, log=lambda *a: None)
 
 
@@ -221,3 +260,18 @@ def test_evaluate_refuses_another_class_list(uninterrupted, tmp_path):
     write_photo_tree(src, classes=2, train_per_class=2, val_per_class=1)
     build_shards(src, tmp_path / "out", BuildConfig(workers=1))
     assert_usage_error(run("evaluate", uninterrupted, tmp_path / "out", "--backend", "torch"), "knows 4 classes")
+
+
+def test_evaluate_normalizes_as_the_run_did(uninterrupted, stats_build, tmp_path, monkeypatch):
+    """A run trained with normalize="channel" is evaluated on channel-normalized inputs."""
+    from alexprep.model import inference
+
+    ckpt = load_checkpoint(uninterrupted)
+    ckpt["config"]["normalize"] = "channel"
+    path = tmp_path / "checkpoint-e002-s0000008.pt"
+    torch.save(ckpt, path)
+    asked = []
+    real = inference.eval_loader
+    monkeypatch.setattr(inference, "eval_loader", lambda *a, **k: asked.append(k["normalize"]) or real(*a, **k))
+    inference.evaluate_checkpoint(path, stats_build, crops=(1,), backend="torch")
+    assert asked == ["channel"]

@@ -1,30 +1,28 @@
-"""The DALI pipeline: shards in memory, batches of augmented images out, on CPU or GPU.
+"""The loaders' DALI backend: shards in memory, batches of augmented images out, on the
+CPU or the GPU.
 
-The pipeline is written once (`image_graph`); the device is a parameter:
+The per-image graph is written once (`image_graph`); the device is a parameter:
 - "cpu": `device_id=None`, DALI's CPU operators only (libjpeg-turbo decoding), so it runs
   on machines without a GPU;
 - "cuda:N": `device_id=N`, nvJPEG decoding (`device="mixed"`) and GPU operators.
 
 DALI has no Arrow reader, so `fn.external_source` feeds it: each batch is a list of numpy
 views of the memory-mapped shards' binary buffers (`no_copy=True`: DALI reads the page
-cache directly), plus the per-sample crop positions, flips and lighting, all drawn on the
-host (augment.py) so that DALI's own random operators play no part.
-
-Per training image: decode, subtract the mean image (float32), then crop_mirror_normalize
-cuts the window, mirrors it, subtracts `base - lighting shift` and divides by `std` (1
-for the mean image), into CHW float32. Crop positions are `offset / 32` for integer
-offsets 0..32, exact in float32, so DALI's `pos * (256 - 224)` is the integer: a
-continuous position with rounding would give the end offsets 0 and 32 half weight.
+cache directly), plus the per-sample crop positions, flips and lighting drawn on the host
+(augment.py), so that DALI's own random operators play no part. How the crop positions
+are made exact is in augment.crop_position.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import numpy as np
+import torch
 
 from alexprep.imagenet_prep import augment
+from alexprep.imagenet_prep.batches import BatchStream
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.transform import decode
 
 # Decode only the crop window in training (DALI's decoders.image_crop: libjpeg-turbo's
 # partial decoding on CPU, nvJPEG ROI on GPU)? The same pixels (checked in the tests), but
@@ -85,23 +83,21 @@ def image_graph(data, *, encoding: str, size: int, crop: int, gpu: bool, mean_im
     return outs[0] if len(outs) == 1 else fn.stack(*outs, axis=0)
 
 
-class DaliBackend:
-    """Runs a Loader's epoch plans through one DALI pipeline, built once."""
+class DaliBackend(BatchStream):
+    """One DALI pipeline, built once, fed one endless stream of batch plans."""
 
     def __init__(self, loader):
+        super().__init__(loader)
         dali = require_dali()
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
-        self.loader = loader
         config = loader.config
         self.gpu = loader.device.type == "cuda"
-        self._feed = None  # endless Batch plans (loaders.endless_batches); None ends the stream
+        self._feed = None  # the stream of Batch plans; None ends it
         # What was fed and not yet consumed, in order: (batch, inputs). no_copy: DALI reads
         # the inputs' memory until that iteration's outputs are out, so they live here.
         self._inflight: collections.deque = collections.deque()
-        self._next = None  # (epoch, batch) the next output is; None when nothing is running
-        self._generation = 0
         self.pipe = Pipeline(batch_size=config.batch_size, num_threads=max(1, config.threads),
                              device_id=loader.device.index if self.gpu else None,
                              prefetch_queue_depth=config.prefetch, seed=0)
@@ -115,7 +111,7 @@ class DaliBackend:
             else:
                 (data,) = fn.external_source(source=self._source, num_outputs=1, batch=True, batch_info=True,
                                              no_copy=True, dtype=[types.UINT8])
-                fixed = loader._eval_windows  # the same windows for every image: constants
+                fixed = loader.eval_windows  # the same windows for every image: constants
                 pos = augment.crop_position(fixed[:, :2], positions)
                 windows = [(float(x), float(y), int(flip)) for (x, y), flip in zip(pos, fixed[:, 2])]
                 cmn_mean = [float(v) for v in norm.base]
@@ -125,6 +121,9 @@ class DaliBackend:
             self.pipe.set_outputs(images)
         self.pipe.build()
         self.dali_version = dali.__version__
+        # DALI's dynamic executor (1.36 and later) hands out buffers it owns until they are
+        # released, which torch can share; older releases lack the attribute.
+        self._shares_buffers = bool(getattr(self.pipe, "exec_dynamic", False))
 
     # -- feeding
     def _source(self, info):
@@ -140,82 +139,72 @@ class DaliBackend:
         self._inflight.append((batch, inputs))
         return inputs
 
-    def _stop(self) -> None:
-        """End the stream in flight: the source stops, what DALI prefetched is consumed
-        and dropped, and the pipeline is reset for a new stream."""
-        if self._next is None:
-            return
-        self._feed = None
-        for _ in range(self.loader.config.prefetch + 2):
+    def _restart(self, feed) -> None:
+        """End the stream in flight (the source stops, what DALI prefetched is consumed and
+        dropped, the pipeline is reset), then start on `feed`."""
+        if self._next is not None:
+            self._feed = None
+            for _ in range(self.loader.config.prefetch + 2):
+                try:
+                    self.pipe.run()
+                except StopIteration:
+                    break
+            else:
+                raise RuntimeError("DALI pipeline did not stop when its source did")
+            self.pipe.reset()
+            self._inflight.clear()
+        self._feed = feed
+
+    def _produce(self):
+        try:
+            (out,) = self.pipe.run()
+        except StopIteration:
+            raise RuntimeError("DALI pipeline ended before its epoch did") from None
+        except RuntimeError as exc:  # DALI fails the whole batch when one image does not decode
+            raise self._decode_error(exc) from None
+        batch, _ = self._inflight.popleft()
+        labels = torch.from_numpy(np.ascontiguousarray(batch.labels))
+        if self.gpu:
+            labels = labels.to(self.loader.device, non_blocking=True)
+        return (batch.epoch, batch.number), self._to_torch(out), labels
+
+    def _decode_error(self, exc: Exception) -> Exception:
+        """A DataError naming the samples of the failed batch that do not decode (DALI does
+        not say which), or the original error if they all do."""
+        if not self._inflight:
+            return exc
+        batch, _ = self._inflight[0]
+        samples, spec = self.loader.samples, self.loader.index.spec
+        bad = []
+        for i in batch.index:
             try:
-                self.pipe.run()
-            except StopIteration:
-                break
-        else:
-            raise RuntimeError("DALI pipeline did not stop when its source did")
-        self.pipe.reset()
-        self._inflight.clear()
-        self._next = None
+                decode(samples.view(i), spec)
+            except Exception as why:
+                bad.append(f"{samples.where(int(i))} ({why})")
+        if not bad:
+            return exc
+        return DataError(f"{len(bad)} image(s) do not decode: {'; '.join(bad[:5])}. The shards changed after "
+                         f"their build: run `alexprep verify {self.loader.root}`, rebuild them, or use "
+                         f"backend='torch', which feeds such images as grey and counts them")
 
-    # -- iteration
-    def run(self, plan, start: int):
-        """Batches start.. of `plan`. The source runs on into the following epochs, so that
-        DALI's prefetching does not drain at every epoch's end; a run that does not follow
-        on from where the stream stands (set_epoch, an epoch broken off) restarts it."""
-        from alexprep.imagenet_prep.loaders import endless_batches, stream_position
-
-        position = stream_position(plan, start)
-        if self._next != position:
-            self._stop()
-            self._feed = endless_batches(self.loader, *position)
-            self._next = position
-        self._generation += 1
-        return self._iterate(self._generation, plan.epoch, range(start, len(plan)))
-
-    def _iterate(self, generation: int, epoch: int, numbers):
-        import torch
-
-        from alexprep.imagenet_prep.loaders import torch_dtype
-
-        dtype = self.loader.config.dtype
-        last = len(numbers) and numbers[-1]
-        for number in numbers:
-            if generation != self._generation:
-                raise RuntimeError("this iterator was superseded: the loader has started another epoch since")
-            try:
-                (out,) = self.pipe.run()
-            except StopIteration:
-                raise RuntimeError("DALI pipeline ended before its epoch did") from None
-            batch, _ = self._inflight.popleft()
-            if (batch.epoch, batch.number) != (epoch, number):  # a bug, never the user's doing
-                raise RuntimeError(f"DALI returned batch {batch.number} of epoch {batch.epoch}, "
-                                   f"expected {number} of {epoch}")
-            self._next = (epoch, number + 1) if number != last else (epoch + 1, 0)
-            images = self._to_torch(out)
-            labels = torch.from_numpy(np.ascontiguousarray(batch.labels))
-            if self.gpu:
-                labels = labels.to(self.loader.device, non_blocking=True)
-            if dtype != "float32":
-                images = images.to(torch_dtype(dtype))
-            yield images, labels
-
-    def _to_torch(self, tensor_list):
-        import torch
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        dense = tensor_list.as_tensor()
+        if not self.gpu and self._shares_buffers:
+            # Share DALI's host buffer (DLPack) rather than copy 38 MB per batch of 64, which
+            # here took longer than decoding it. run() returned after the batch was complete.
+            return torch.from_dlpack(dense)
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        dense = tensor_list.as_tensor()
-        if self.pipe.exec_dynamic:
-            # DALI's default executor hands out buffers it owns until they are released:
-            # share them (DLPack) rather than copy 38 MB per batch of 64, which here took
-            # longer than decoding it. The outputs are host-synchronous (run() without a stream).
-            with self.loader.device if self.gpu else contextlib.nullcontext():
-                return torch.from_dlpack(dense)
+        # On the GPU, DALI's documented hand-over: a device copy ordered on torch's current
+        # stream after DALI's work (feed_ndarray makes it wait for DALI's stream), so torch
+        # never reads a buffer DALI is still writing; the copy costs microseconds there.
         out = torch.empty(dense.shape(), dtype=torch.float32, device=self.loader.device)
         stream = torch.cuda.current_stream(self.loader.device) if self.gpu else None
         feed_ndarray(dense, out, cuda_stream=stream)
         return out
 
     def close(self) -> None:
+        super().close()
         self._feed = None
         self._inflight.clear()
         self.pipe = None

@@ -1,0 +1,116 @@
+"""Batches as decided on the host, before any pixel is touched, and the streaming logic
+both backends share: a backend is fed one endless stream of batch plans, so that its
+prefetching runs on across epoch boundaries, and is restarted when an iteration does not
+continue where the stream stands (docs/design.md, "Loaders")."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from alexprep.imagenet_prep import augment
+from alexprep.imagenet_prep.devices import torch_dtype
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch as decided on the host."""
+
+    epoch: int
+    number: int  # position in the epoch
+    index: np.ndarray  # (B,) int64 sample indices in the split
+    labels: np.ndarray  # (B,) int64
+    windows: np.ndarray  # (B, K, 3) int64 rows (offset_x, offset_y, flip), K = 1 or 10
+    cmn_mean: np.ndarray  # (B, 3) float32: base - lighting shift, subtracted after the mean image
+    draws: augment.Draws | None = None  # training: the draws these came from
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class EpochPlan(Sequence):
+    """The batches of one epoch on one rank, made on demand by `make_batch(epoch, number,
+    sample indices)` (draws are cheap, but a million samples' at once would be a needless
+    pause at every epoch start)."""
+
+    def __init__(self, make_batch: Callable[[int, int, np.ndarray], Batch], epoch: int, order: np.ndarray,
+                 batch_size: int):
+        self.make_batch, self.epoch, self.order, self.batch_size = make_batch, epoch, order, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"batch {k} of {len(self)}")
+        k %= len(self)
+        return self.make_batch(self.epoch, k, self.order[k * self.batch_size:(k + 1) * self.batch_size])
+
+
+def endless_batches(plan_of: Callable[[int], EpochPlan], epoch: int, start: int) -> Iterator[Batch]:
+    """Epoch `epoch` from batch `start`, then every following epoch: what a backend's
+    prefetching pipeline is fed, so that it does not drain at each epoch's end (over a
+    small split that idles the workers for a large share of the time). Feeding ahead is
+    speculative: a backend whose next iteration is not the continuation drops it."""
+    while True:
+        plan = plan_of(epoch)
+        for number in range(start, len(plan)):
+            yield plan[number]
+        epoch, start = epoch + 1, 0
+
+
+def stream_position(plan: EpochPlan, start: int) -> tuple[int, int]:
+    """(epoch, batch) of the first batch a run from `start` yields; past the end of an epoch
+    that is the next epoch's batch 0 (where an endless stream stands after it)."""
+    return (plan.epoch, start) if start < len(plan) else (plan.epoch + 1, 0)
+
+
+class BatchStream:
+    """What the DALI and torch backends share: one endless feed of batch plans, restarted
+    only when an iteration does not follow on, and batches checked against the plan.
+
+    A backend implements `_restart(feed)` (drop what was prefetched, start on `feed`) and
+    `_produce()` -> ((epoch, number), images, labels), the next batch of the stream.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader  # its plan(epoch) and config
+        self._next = None  # (epoch, batch) the stream's next output is; None: not started
+        self._generation = 0  # which iteration owns the stream (a new one supersedes the last)
+
+    def run(self, plan: EpochPlan, start: int) -> Iterator:
+        """Batches start.. of `plan`."""
+        position = stream_position(plan, start)
+        if self._next != position:
+            self._restart(endless_batches(self.loader.plan, *position))
+            self._next = position
+        self._generation += 1
+        return self._iterate(self._generation, plan.epoch, range(start, len(plan)))
+
+    def _iterate(self, generation: int, epoch: int, numbers: range):
+        dtype = torch_dtype(self.loader.config.dtype)
+        last = len(numbers) and numbers[-1]
+        for number in numbers:
+            if generation != self._generation:
+                raise RuntimeError("this iterator was superseded: the loader has started another epoch since")
+            which, images, labels = self._produce()
+            # By value: pin_memory turns tuples into lists in some torch releases.
+            if tuple(which) != (epoch, number):  # a bug, never the user's doing
+                raise RuntimeError(f"{type(self).__name__} returned batch {which[1]} of epoch {which[0]}, "
+                                   f"expected {number} of {epoch}")
+            self._next = (epoch, number + 1) if number != last else (epoch + 1, 0)
+            if images.dtype != dtype:
+                images = images.to(dtype)
+            yield images, labels
+
+    def _restart(self, feed: Iterator[Batch]) -> None:
+        raise NotImplementedError
+
+    def _produce(self):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._next = None

@@ -1,0 +1,222 @@
+"""The loaders' PyTorch backend: the DALI backend's batches without DALI.
+
+For users without DALI (macOS, CUDA versions DALI has no wheel for), and as the
+benchmarks' baseline. A DataLoader over the shards, whose sampler hands each worker a
+whole `Batch` plan (sample indices and the host's draws, exactly what DALI is fed). Where
+the pixels are decoded and rendered depends on the device (`decoder`):
+
+- CPU: workers decode with PIL (pillow-simd where installed) and render each image in
+  numpy (`render.render_one`), so the work runs in parallel, one thread per worker.
+- CUDA with torchvision (`decoder="torchvision"`, the default there for JPEG shards):
+  workers only copy each image's bytes; the main process decodes the whole batch in one
+  nvJPEG call (`torchvision.io.decode_jpeg(..., device="cuda")`) and cuts, flips and
+  normalises it with batched tensor operations on the GPU.
+- CUDA without torchvision (`decoder="pil"`): workers decode with PIL and cut the uint8
+  windows; the GPU renders them after a pinned, non-blocking copy.
+
+A sample that does not decode is fed as a mid-grey image and counted; the loader reports
+it with its shard and row (`Loader.decode_failures`).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from alexprep.imagenet_prep.batches import BatchStream
+from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.forking import frozen_gc
+from alexprep.imagenet_prep.render import (
+    cpu_norm_arrays, cut_windows, cut_windows_batched, norm_tensors, render, render_one,
+)
+from alexprep.imagenet_prep.samples import SplitSamples
+from alexprep.imagenet_prep.transform import decode
+
+DECODERS = ("auto", "pil", "torchvision")
+FAILED_PIXEL = 128  # what an image that does not decode is fed as: mid-grey
+
+
+def have_torchvision() -> bool:
+    try:
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick_decoder(decoder: str, device: torch.device, encoding: str) -> str:
+    """"pil" or "torchvision": torchvision's batched nvJPEG decoding on CUDA where it is
+    installed and the shards are JPEG; PIL in the workers otherwise."""
+    if encoding == "raw":
+        return "pil"  # nothing to decode: the workers cut the windows from the raw bytes
+    if decoder == "auto":
+        return "torchvision" if device.type == "cuda" and have_torchvision() else "pil"
+    if decoder == "torchvision" and not have_torchvision():
+        raise DataError("decoder='torchvision' needs torchvision (pip install 'alexprep[torchvision]'); "
+                        "or use decoder='pil'")
+    return decoder
+
+
+class WorkerBatch(NamedTuple):
+    """What a worker hands the main process for one batch."""
+
+    pixels: Any  # float32 (B, K, 3, c, c), uint8 windows (B, K, c, c, 3), or a list of encoded images
+    labels: torch.Tensor  # (B,) int64
+    windows: torch.Tensor  # (B, K, 3) int64
+    cmn_mean: torch.Tensor  # (B, 3) float32
+    index: np.ndarray  # (B,) the samples, to name those that fail to decode
+    which: tuple  # (epoch, number), checked against the plan
+    failures: list  # "shard row: reason" of the images that did not decode
+
+
+class ShardBatches(Dataset):
+    """dataset[batch] -> the batch's pixels in the form `mode` asks for; indexed by `Batch`
+    plans, not ints. Modes: "render" (finished float32 images), "windows" (uint8 windows,
+    cut and flipped) or "bytes" (each image's encoded bytes, for torchvision)."""
+
+    def __init__(self, samples: SplitSamples, crop: int, mode: str, norm=None):
+        self.samples = samples  # dropped when pickled, re-opened in the worker
+        self.index = samples.index
+        self.spec = samples.index.spec
+        self.crop = crop
+        self.mode = mode
+        self.norm = norm  # Normalization, for "render"
+        self._norm_arrays = None
+
+    def __getstate__(self):  # spawn/forkserver: ship paths, not memory maps
+        return dict(self.__dict__, samples=None, _norm_arrays=None)
+
+    def _samples(self) -> SplitSamples:
+        if self.samples is None:
+            self.samples = SplitSamples(self.index)
+        return self.samples
+
+    def __len__(self) -> int:
+        return len(self._samples())
+
+    def _decode(self, sample: int, failures: list) -> np.ndarray:
+        samples = self._samples()
+        try:
+            return decode(samples.view(sample), self.spec)
+        except Exception as exc:  # a shard changed after its build; verify names which
+            failures.append(f"{samples.where(sample)}: {type(exc).__name__}: {exc}")
+            return np.full((self.spec.size, self.spec.size, 3), FAILED_PIXEL, np.uint8)
+
+    def __getitem__(self, batch):
+        b, k, c = len(batch), batch.windows.shape[1], self.crop
+        labels = torch.from_numpy(np.array(batch.labels, np.int64))
+        windows = torch.from_numpy(np.array(batch.windows, np.int64))
+        cmn_mean = torch.from_numpy(np.array(batch.cmn_mean, np.float32))
+        failures: list[str] = []
+
+        def done(pixels) -> WorkerBatch:
+            return WorkerBatch(pixels, labels, windows, cmn_mean, batch.index, (batch.epoch, batch.number), failures)
+
+        if self.mode == "bytes":
+            return done([torch.from_numpy(np.array(self._samples().view(i))) for i in batch.index])
+        # Allocated in shared memory in a worker, so that handing the batch to the main
+        # process does not copy it once more.
+        shared = get_worker_info() is not None
+        if self.mode == "render":  # CPU device: finished here, in parallel across workers
+            if self._norm_arrays is None:
+                self._norm_arrays = cpu_norm_arrays(self.norm)
+            out = torch.empty((b, k, 3, c, c), dtype=torch.float32)
+            out = out.share_memory_() if shared else out
+            cmn = np.asarray(batch.cmn_mean, np.float32)
+            for i, sample in enumerate(batch.index):
+                render_one(out[i].numpy(), self._decode(sample, failures), batch.windows[i], cmn[i],
+                           *self._norm_arrays)
+            return done(out)
+        crops = torch.empty((b, k, c, c, 3), dtype=torch.uint8)
+        crops = crops.share_memory_() if shared else crops
+        for i, sample in enumerate(batch.index):
+            cut_windows(self._decode(sample, failures), batch.windows[i], c, crops[i].numpy())
+        return done(crops)
+
+
+class _FeedSampler(Sampler):
+    """Yields the Batch plans of the current feed: set before each `iter(DataLoader)`."""
+
+    def __init__(self):
+        self.feed = iter(())
+
+    def __iter__(self):
+        return self.feed
+
+
+def _as_is(item):
+    return item
+
+
+class TorchBackend(BatchStream):
+    """A DataLoader with persistent workers, fed one endless stream of batch plans."""
+
+    def __init__(self, loader):
+        super().__init__(loader)
+        config = loader.config
+        self.device = loader.device
+        gpu = self.device.type == "cuda"
+        self.decoder = pick_decoder(config.decoder, self.device, loader.index.spec.encoding)
+        mode = "bytes" if self.decoder == "torchvision" else "windows" if gpu else "render"
+        self.mode = mode
+        workers = config.threads
+        self.dataset = ShardBatches(loader.samples, config.crop, mode, norm=loader.norm)
+        self._sampler = _FeedSampler()
+        self._dl = DataLoader(self.dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
+                              collate_fn=_as_is, pin_memory=gpu, persistent_workers=workers > 0,
+                              prefetch_factor=config.prefetch if workers > 0 else None)
+        self._norm_tensors = norm_tensors(loader.norm, self.device) if mode != "render" else None
+        self._squeeze = config.train or config.crops == 1
+        self._iterator = None
+
+    def _restart(self, feed) -> None:
+        # With persistent workers, iter() resets them and drops what the previous stream
+        # had prefetched.
+        self._sampler.feed = feed
+        with frozen_gc():  # forks the workers: see forking.py
+            self._iterator = iter(self._dl)
+
+    def _produce(self):
+        item = next(self._iterator)
+        if item.failures:
+            self.loader.report_decode_failures(item.failures)
+        device, labels = self.device, item.labels
+        if self.mode == "render":
+            images = item.pixels
+        else:
+            labels = labels.to(device, non_blocking=True)
+            windows = item.windows.to(device, non_blocking=True)
+            if self.mode == "bytes":
+                decoded = self._decode_batch(item.pixels, item.index)
+                crops = cut_windows_batched(decoded, windows, self.loader.config.crop)
+            else:
+                crops = item.pixels.to(device, non_blocking=True)
+            images = render(crops, windows, item.cmn_mean.to(device, non_blocking=True), *self._norm_tensors)
+        if self._squeeze:
+            images = images[:, 0]  # (B, 3, c, c)
+        return item.which, images, labels
+
+    def _decode_batch(self, encoded: list[torch.Tensor], index: np.ndarray) -> torch.Tensor:
+        """(B, S, S, 3) uint8 on the device: the batch's JPEGs in one torchvision call."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        size = self.loader.size
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one bad image fails the call: decode one by one to find it
+            images, failures = [], []
+            for i, data in enumerate(encoded):
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError as exc:
+                    failures.append(f"{self.loader.samples.where(int(index[i]))}: {exc}")
+                    images.append(torch.full((3, size, size), FAILED_PIXEL, dtype=torch.uint8, device=self.device))
+            self.loader.report_decode_failures(failures)
+        return torch.stack(images).permute(0, 2, 3, 1)  # (B, S, S, 3), a view
+
+    def close(self) -> None:
+        super().close()
+        self._iterator = None
+        self._dl = None
