@@ -15,6 +15,13 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
+def replace_synced(tmp: Path, path: Path) -> None:
+    """Make the finished file `tmp` durable, then rename it to `path` (atomic)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = temporary_name(path)
     with open(tmp, "wb") as f:

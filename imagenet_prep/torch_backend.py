@@ -39,11 +39,22 @@ FAILED_PIXEL = 128  # what an image that does not decode is fed as: mid-grey
 
 
 def have_torchvision() -> bool:
+    """Whether torchvision's image decoding works here (a torchvision built for another
+    torch fails at import with a RuntimeError, not an ImportError)."""
     try:
-        import torchvision.io  # noqa: F401
-    except ImportError:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except Exception:
         return False
     return True
+
+
+def decode_jpeg_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Decode a batch of JPEGs (1-d uint8 CPU tensors) to (3, H, W) uint8 RGB tensors on
+    `device`: one nvJPEG call for the whole batch on CUDA. Raises RuntimeError if one does
+    not decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
 def pick_decoder(decoder: str, device: torch.device, encoding: str) -> str:
@@ -200,16 +211,14 @@ class TorchBackend(BatchStream):
 
     def _decode_batch(self, encoded: list[torch.Tensor], index: np.ndarray) -> torch.Tensor:
         """(B, S, S, 3) uint8 on the device: the batch's JPEGs in one torchvision call."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         size = self.loader.size
         try:
-            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            images = decode_jpeg_batch(encoded, self.device)
         except RuntimeError:  # one bad image fails the call: decode one by one to find it
             images, failures = [], []
             for i, data in enumerate(encoded):
                 try:
-                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                    images.extend(decode_jpeg_batch([data], self.device))
                 except RuntimeError as exc:
                     failures.append(f"{self.loader.samples.where(int(index[i]))}: {exc}")
                     images.append(torch.full((3, size, size), FAILED_PIXEL, dtype=torch.uint8, device=self.device))

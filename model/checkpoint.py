@@ -5,14 +5,13 @@ build id), so a checkpoint can classify images without the build folder.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from alexprep.imagenet_prep.atomic import temporary_name
+from alexprep.imagenet_prep.atomic import replace_synced, temporary_name
 from alexprep.imagenet_prep.classes import ClassList
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.stats import STATS_KEYS, DatasetStats
@@ -52,9 +51,7 @@ def save_checkpoint(folder: Path, ckpt: dict, keep_last: int) -> Path:
     path = folder / checkpoint_name(ckpt["epoch"], ckpt["step"])
     tmp = temporary_name(path)
     torch.save(ckpt, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_synced(tmp, path)
     for old in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
         old.unlink()
     return path

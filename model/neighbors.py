@@ -35,7 +35,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from alexprep.imagenet_prep.atomic import temporary_name, write_text_atomic
+from alexprep.imagenet_prep.atomic import replace_synced, temporary_name, write_text_atomic
+from alexprep.imagenet_prep.devices import device_name
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
 from alexprep.imagenet_prep.samples import SplitSamples
@@ -119,6 +120,26 @@ def split_features(checkpoint, root, split: str, *, cache_dir=None, batch_size: 
     if found is not None:
         return found
 
+    _check_writable(cache_dir)
+    if model is None:
+        model = model_from_checkpoint(ckpt, resolve_devices((device,)))
+    loader = eval_loader(root, batch_size=batch_size, device=device_name(model.input_device),
+                         stats=eval_stats(ckpt, index), split=split, crops=1, normalize=normalize_of(ckpt),
+                         backend=pick_backend(backend), workers=workers)
+    npy, meta = cache_paths(cache_dir, digest, split)
+    tmp = temporary_name(npy)
+    try:
+        dims = _write_features(model, loader, tmp, index, progress)
+        replace_synced(tmp, npy)
+    finally:
+        loader.close()
+        if tmp.exists():
+            tmp.unlink()
+    write_text_atomic(meta, json.dumps(_record(ckpt, digest, index, dims), indent=1) + "\n")
+    return np.load(npy, mmap_mode="r")
+
+
+def _check_writable(cache_dir: Path) -> None:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -126,46 +147,26 @@ def split_features(checkpoint, root, split: str, *, cache_dir=None, batch_size: 
                         "choose another folder (--cache DIR)") from None
     if not os.access(cache_dir, os.W_OK):
         raise DataError(f"the feature cache {cache_dir} is not writable: choose another folder (--cache DIR)")
-    if model is None:
-        model = model_from_checkpoint(ckpt, resolve_devices((device,)))
-    dev = model.input_device
-    loader_device = "cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}"
-    loader = eval_loader(root, batch_size=batch_size, device=loader_device, stats=eval_stats(ckpt, index),
-                         split=split, crops=1, normalize=normalize_of(ckpt), backend=pick_backend(backend),
-                         workers=workers)
-    npy, meta = cache_paths(cache_dir, digest, split)
-    tmp = temporary_name(npy)
-    n = index.rows
-    out = None
-    try:
-        row = 0
-        with torch.no_grad():
-            for images, _ in loader:  # rank 0 of 1: the whole split, in sample order
-                feats = model.features(images.to(dev))  # (B, 4096)
-                if out is None:
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=FEATURE_DTYPE, shape=(n, feats.shape[1]))
-                # Clamp rather than store inf: a pathological activation must not poison distances.
-                out[row:row + len(feats)] = feats.clamp(max=FLOAT16_MAX).to(torch.float16).cpu().numpy()
-                row += len(feats)
-                if progress:
-                    progress(row, n)
-        if out is None or row != n:
-            raise DataError(f"{index.folder}: the loader gave {row} images, the manifest lists {n}")
-        dims = out.shape[1]
-        out.flush()
-        del out
-        out = None
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, npy)
-    finally:
-        loader.close()
-        if out is not None:
-            del out
-        if tmp.exists():
-            tmp.unlink()
-    write_text_atomic(meta, json.dumps(_record(ckpt, digest, index, dims), indent=1) + "\n")
-    return np.load(npy, mmap_mode="r")
+
+
+def _write_features(model, loader, tmp: Path, index: SplitIndex, progress) -> int:
+    """Every image's fc7 features into the .npy file `tmp`, in sample order; returns their
+    dimension."""
+    n, row, out = index.rows, 0, None
+    with torch.no_grad():
+        for images, _ in loader:  # rank 0 of 1: the whole split, in sample order
+            feats = model.features(images.to(model.input_device))  # (B, 4096)
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=FEATURE_DTYPE, shape=(n, feats.shape[1]))
+            # Clamp rather than store inf: a pathological activation must not poison distances.
+            out[row:row + len(feats)] = feats.clamp(max=FLOAT16_MAX).to(torch.float16).cpu().numpy()
+            row += len(feats)
+            if progress:
+                progress(row, n)
+    if out is None or row != n:
+        raise DataError(f"{index.folder}: the loader gave {row} images, the manifest lists {n}")
+    out.flush()
+    return out.shape[1]
 
 
 # ---------------------------------------------------------------------------- the search

@@ -7,10 +7,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from alexprep.imagenet_prep.build import BuildConfig, build_shards
 from alexprep.imagenet_prep.sample_data import write_photo_tree
 from alexprep.imagenet_prep.transform import ImageSpec
+
+
+def _have_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests skip without CUDA, `@pytest.mark.dali` ones without DALI: the
+    marker alone says what a test needs (pyproject.toml declares them)."""
+    missing = {"gpu": None if torch.cuda.is_available() else "no CUDA device",
+               "dali": None if _have_dali() else "NVIDIA DALI is not installed"}
+    for item in items:
+        for marker, reason in missing.items():
+            if reason and item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

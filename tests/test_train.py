@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
@@ -275,3 +276,32 @@ def test_evaluate_normalizes_as_the_run_did(uninterrupted, stats_build, tmp_path
     monkeypatch.setattr(inference, "eval_loader", lambda *a, **k: asked.append(k["normalize"]) or real(*a, **k))
     inference.evaluate_checkpoint(path, stats_build, crops=(1,), backend="torch")
     assert asked == ["channel"]
+
+
+def test_damaged_shards_are_named_before_or_during_training(stats_build, tmp_path):
+    """A shard whose bytes changed after its build (size and Arrow structure intact):
+    --verify-shards refuses to start, naming it; without it the run goes on, and every
+    image that did not decode is counted in the epoch's metrics and the summary."""
+    from alexprep.imagenet_prep.shards import read_split
+
+    out = tmp_path / "out"
+    shutil.copytree(stats_build, out)
+    index = read_split(out, "train")
+    path = index.shard_path(index.shards[0])
+    table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    data = bytearray(path.read_bytes())
+    at = data.index(table.column("image")[0].as_py()["bytes"])
+    data[at:at + 2] = b"\x00\x00"  # row 0 loses its JPEG start marker
+    path.write_bytes(bytes(data))
+    del table
+    result = run("train", out, "--run-dir", tmp_path / "checked", "--backend", "torch", "--verify-shards")
+    assert_usage_error(result, path.name)
+    assert "checksum" in result.output
+    config = TrainConfig(**{**FAST.to_json(), "epochs": 1})
+    lines = []
+    final = train(out, tmp_path / "run", config, progress=False, log=lines.append)
+    epoch = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "epoch"' in l][0]
+    # the damaged image is in the epoch unless the order dropped it (32 images, 4 batches of 8: none dropped)
+    assert epoch["decode_failures"] == 1 and final["decode_failures"] == 1
+    assert any(f"{path.name} row 0" in line for line in lines)
