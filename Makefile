@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[test]" $(DALI)
+	$(PIP) install -q -e ".[test,demo]" $(DALI)
 	@# Last: anything depending on Pillow (matplotlib, scikit-image) pulls plain Pillow back.
 	$(PIP) uninstall -q -y pillow pillow-simd
 	CC="$(SIMD_CC)" $(PIP) install -q --no-cache-dir --no-binary :all: pillow-simd

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from alexprep.cli.common import format_bytes, progress_bars, user_errors
-from alexprep.imagenet_prep.build import DEFAULT_SHARD_SIZE, BuildConfig, build_shards, default_workers
+from alexprep.imagenet_prep.build import DEFAULT_SHARD_SIZE, BuildConfig, DiskFull, build_shards, default_workers
 from alexprep.imagenet_prep.transform import ENCODINGS, RESAMPLE_FILTERS, ImageSpec
 
 
@@ -77,8 +77,11 @@ def build_shards_command(src, out, split, encoding, quality, resample, shard_siz
         splits=("train", "val") if split == "all" else (split,), on_error=on_error, overwrite=overwrite,
         accumulate_stats=not no_stats, val_labels=val_labels, devkit=devkit, classes_file=classes_file,
     )
-    with progress_bars("build-shards") as progress:
-        report = build_shards(src, out, config, progress=progress)
+    try:
+        with progress_bars("build-shards") as progress:
+            report = build_shards(src, out, config, progress=progress)
+    except DiskFull as exc:  # not bad input (exit 2), a failure: one line, exit 1
+        raise click.ClickException(exc.strerror) from None
     written = sum(r.written for r in report.splits)
     rate = written / report.seconds if report.seconds else 0.0
     click.echo(f"built {out} (build id {report.build_id}, part {part[0]}/{part[1]}) in {report.seconds:.1f} s, "

@@ -1,6 +1,6 @@
 """`alexprep demo` (and `make demo`): the whole job on real images that ship in a package.
 
-scikit-learn's 1,797 handwritten digits (10 classes) become an ImageNet-layout tree with a
+scikit-learn's 1,797 handwritten digits (10 classes; `pip install 'alexprep[demo]'`) become an ImageNet-layout tree with a
 Kaggle-style flat val/ and LOC_val_solution.csv; then build-shards, stats, training on
 the CPU, and the paper's 1-crop and 10-crop evaluation.
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from alexprep.cli.common import user_errors
+from alexprep.imagenet_prep.errors import DataError
 
 
 @click.command("demo")
@@ -44,6 +45,11 @@ def demo_command(work: Path, epochs: int, batch_size: int, backend: str) -> None
     from alexprep.model.config import TrainConfig
     from alexprep.model.train import train
 
+    try:
+        import sklearn.datasets  # noqa: F401  the digits; an optional extra, not a dependency
+    except ImportError:
+        raise DataError("alexprep demo needs scikit-learn (its handwritten digits are the demo's images): "
+                        "pip install 'alexprep[demo]'") from None
     started = time.perf_counter()
     if work.exists():
         shutil.rmtree(work)

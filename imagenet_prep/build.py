@@ -12,6 +12,7 @@ How a build is laid out, so that it is deterministic, resumable and splittable:
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import multiprocessing as mp
@@ -25,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from alexprep.imagenet_prep import layout
-from alexprep.imagenet_prep.atomic import remove_leftovers, write_bytes_atomic, write_text_atomic
+from alexprep.imagenet_prep.atomic import (
+    build_lock, close_inherited_locks, remove_leftovers, write_bytes_atomic, write_text_atomic,
+)
 from alexprep.imagenet_prep.classes import ClassList, load_classes, read_class_file, save_classes
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.forking import frozen_gc
@@ -80,6 +83,15 @@ class BuildConfig:
         unknown = set(self.splits) - set(layout.SPLITS)
         if unknown or not self.splits:
             raise DataError(f"--split must be among {layout.SPLITS}, not {sorted(unknown) or 'nothing'}")
+
+
+class DiskFull(OSError):
+    """The disk filled during a build (after the free-space estimate passed). Finished
+    shards are kept and no temporary file is left: free space and rerun the same command."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -137,6 +149,11 @@ _progress = None  # a shared counter of images done, set in each worker
 def _init_worker(counter) -> None:
     global _progress
     _progress = counter
+
+
+def _init_pool_worker(counter) -> None:
+    close_inherited_locks()  # only the build process itself holds OUT's lock
+    _init_worker(counter)
 
 
 def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: ClassList, build: str,
@@ -198,7 +215,7 @@ def read_shard_record(folder: Path, name: str) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- checks
-def _check_out(out: Path, overwrite: bool, build: str) -> None:
+def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"OUT {out} is a file, not a folder")
     try:
@@ -207,6 +224,9 @@ def _check_out(out: Path, overwrite: bool, build: str) -> None:
         raise DataError(f"OUT {out} cannot be created ({exc.strerror})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise DataError(f"OUT {out} is not writable")
+
+
+def _check_out(out: Path, overwrite: bool, build: str) -> None:
     found = _existing_build_ids(out)
     other = sorted(found - {build})
     if other and not overwrite:
@@ -287,6 +307,14 @@ def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), prog
     listings = {s: layout.list_split(s, f, src, labels) for s, f in wanted.items()}
     if not any(l.samples for l in listings.values()):
         raise DataError(f"SRC {src}: no image files found in {', '.join(str(f) for f in wanted.values())}")
+    _prepare_out(out)
+    # Everything that reads or writes OUT happens under its lock: a second run refuses at once.
+    with build_lock(out, config.part, config.parts):
+        return _build_locked(src, out, config, folders, listings, progress, started)
+
+
+def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, listings: dict, progress,
+                  started: float) -> BuildReport:
     classes = fix_class_list(out, src, config, folders, listings)
     build = build_id(config.spec, config.shard_size, config.seed, classes)
     _check_out(out, config.overwrite, build)
@@ -299,10 +327,15 @@ def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), prog
                for s in listings}
     todo: list[ShardJob] = []
     records: dict[str, list[dict]] = {s: [] for s in listings}
+    own_names: dict[str, list[str]] = {}
     for split, jobs in mine.items():
         folder = out / split
         folder.mkdir(exist_ok=True)
-        remove_leftovers(folder)
+        names = [shard_name(split, j.index, j.count) for j in jobs]
+        own_names[split] = names + [partial_name(n) for n in names] + [manifest_name(config.part, config.parts)]
+        # A whole build holds OUT alone; a part removes only its own shards' leftovers, never
+        # the temporary files of another part writing into the same folder now.
+        remove_leftovers(folder, None if config.parts == 1 else own_names[split])
         for job in jobs:
             record = read_shard_record(folder, shard_name(split, job.index, job.count))
             if record is not None and record["build_id"] == build:
@@ -311,15 +344,36 @@ def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), prog
             else:
                 todo.append(job)
     _check_disk(out, config.spec, sum(len(j.samples) for j in todo))
-    if not (out / "classes.json").exists():
-        save_classes(classes, out / "classes.json")
 
     total = sum(len(j.samples) for j in todo)
     args = [(j, str(out / j.split), config.spec, classes, build, config.accumulate_stats) for j in todo]
-    for record, job in _run_all(args, config.workers, total, progress):
-        records[job.split].append(record)
-        reports[job.split].shards_built += 1
+    done = {"shards": 0, "bytes": 0}
+    try:
+        if not (out / "classes.json").exists():
+            save_classes(classes, out / "classes.json")
+        for record, job in _run_all(args, config.workers, total, progress):
+            records[job.split].append(record)
+            reports[job.split].shards_built += 1
+            done["shards"] += 1
+            done["bytes"] += record["shard"]["bytes"]
+        return _finish(src, out, config, classes, build, listings, reports, records, started)
+    except OSError as exc:
+        if not _is_disk_full(exc):
+            raise
+        # The pool is gone by now (its workers terminated and joined): remove what they left.
+        for split, names in own_names.items():
+            remove_leftovers(out / split, None if config.parts == 1 else names)
+        raise DiskFull(
+            errno.ENOSPC,
+            f"the disk filled while writing to {out} ({exc.strerror or exc}; "
+            f"{shutil.disk_usage(out).free / 1e6:.0f} MB free now): this run finished {done['shards']} of "
+            f"{len(todo)} shards ({done['bytes'] / 1e6:.1f} MB), which are kept, and left no temporary files; "
+            "free space and rerun the same command to finish the build",
+        ) from None
 
+
+def _finish(src: Path, out: Path, config: BuildConfig, classes: ClassList, build: str, listings: dict,
+            reports: dict, records: dict, started: float) -> BuildReport:
     for split, split_records in records.items():
         report = reports[split]
         split_records.sort(key=lambda r: r["shard"]["index"])
@@ -368,7 +422,7 @@ def _run_all(args: list, workers: int, total: int, progress):
         return
     context = mp.get_context("fork" if os.name == "posix" else "spawn")
     with frozen_gc():  # the workers must never collect a caller's DALI pipeline (forking.py)
-        pool = context.Pool(min(workers, len(args)), initializer=_init_worker, initargs=(counter,))
+        pool = context.Pool(min(workers, len(args)), initializer=_init_pool_worker, initargs=(counter,))
     with pool:
         # The reporter thread starts after the fork: forking with live threads risks deadlock.
         with _progress_reporter(counter, total, progress):

@@ -253,6 +253,10 @@ def eigen(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     eigvals, eigvecs = np.linalg.eigh(cov)
     order = np.argsort(eigvals, kind="stable")[::-1]
     eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+    # A covariance is positive semi-definite: an eigenvalue within the solver's rounding of 0
+    # is 0 (gray-only data has two), stored and printed as 0, never as -0.0 or -1e-13.
+    tol = 3 * 8 * np.finfo(np.float64).eps * float(np.abs(eigvals).max(initial=0.0))
+    eigvals = np.where(eigvals <= tol, 0.0, eigvals)
     signs = np.sign(eigvecs[np.argmax(np.abs(eigvecs), axis=0), np.arange(eigvecs.shape[1])])
     return eigvals, eigvecs * np.where(signs == 0, 1.0, signs)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,3 +180,167 @@ def test_raw_encoding_stores_the_exact_pixels(photo_build, photo_build_raw):
         for bj, br in zip(image_bytes_column(tj).to_pylist(), image_bytes_column(tr).to_pylist()):
             assert len(br) == 256 * 256 * 3
             assert psnr(decode(bj, jpeg.spec), decode(br, raw.spec)) > 36  # raw = the pixels q95 encoded
+
+
+# ---------------------------------------------------------------------------- two runs, one OUT
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "alexprep.cli.main", "build-shards", *map(str, args)]
+
+
+def _wait_for(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _temporaries(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def slow_tree(tmp_path_factory) -> tuple[Path, Path]:
+    """Large photos (a build of a few seconds, long enough to run a second one beside it),
+    and their reference build."""
+    src = tmp_path_factory.mktemp("slow") / "src"
+    write_photo_tree(src, classes=4, train_per_class=16, val_per_class=0, sizes=LARGE_SIZES, seed=5)
+    reference = src.parent / "reference"
+    build_shards(src, reference, BuildConfig(shard_size=2, workers=2))
+    return src, reference
+
+
+def test_a_second_build_into_the_same_out_is_refused_and_touches_nothing(slow_tree, tmp_path):
+    src, reference = slow_tree
+    out = tmp_path / "out"
+    first = subprocess.Popen(_cli(src, out, "--shard-size", "2", "--workers", "1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait until the first run holds OUT and is writing a shard under its temporary name.
+    _wait_for(lambda: _temporaries(out), "the first run's first temporary shard")
+    second = subprocess.run(_cli(src, out, "--shard-size", "2", "--workers", "1"), capture_output=True, text=True)
+    assert first.poll() is None, "the first build ended before the second started: make it longer"
+    assert second.returncode == 2, second.stderr
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"is being built by another build-shards (build-shards, whole build: pid {first.pid} on " in second.stderr
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert shard_bytes(out) == shard_bytes(reference) and not _temporaries(out)
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block(slow_tree, tmp_path):
+    src, reference = slow_tree
+    out = tmp_path / "out"
+    cmd = _cli(src, out, "--shard-size", "2", "--workers", "2")
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: len(list((out / "train").glob("*.arrow"))) >= 2, "two finished shards")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert f"pid {proc.pid} " in (out / ".lock").read_text()  # the file stays; its flock died with it
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert shard_bytes(out) == shard_bytes(reference) and not _temporaries(out)
+
+
+def test_parts_run_at_once_into_one_out(slow_tree, tmp_path):
+    src, reference = slow_tree
+    out = tmp_path / "out"
+    cmd = lambda part: _cli(src, out, "--shard-size", "2", "--workers", "1", "--part", part)  # noqa: E731
+    first = subprocess.Popen(cmd("0/2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The second part starts while the first is writing a shard: it must not remove that file.
+    _wait_for(lambda: _temporaries(out), "part 0's first temporary shard")
+    second = subprocess.Popen(cmd("1/2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = [(p, *p.communicate(timeout=120)) for p in (first, second)]
+    for proc, stdout, stderr in results:
+        assert proc.returncode == 0, stderr
+    assert shard_bytes(out) == shard_bytes(reference) and not _temporaries(out)
+    assert read_split(out, "train").rows == 64
+
+
+def test_who_holds_out_is_named(photo_tree, tmp_path):
+    from alexprep.imagenet_prep.atomic import build_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with build_lock(out, 0, 2):  # as if --part 0/2 were running (flock: another descriptor conflicts)
+        with pytest.raises(DataError, match=r"--part 0/2 is already being built into .*pid \d+ on "):
+            build_shards(photo_tree, out, BuildConfig(shard_size=6, workers=1, part=0, parts=2))
+        with pytest.raises(DataError, match=r"is being built by --part runs 0/2 \(build-shards --part 0/2: pid"):
+            build_shards(photo_tree, out, BuildConfig(shard_size=6, workers=1))
+        with pytest.raises(DataError, match=r"parts of one build share N, so --part 1/3 cannot run beside it"):
+            build_shards(photo_tree, out, BuildConfig(shard_size=6, workers=1, part=1, parts=3))
+        build_shards(photo_tree, out, BuildConfig(shard_size=6, workers=1, part=1, parts=2))  # another part: fine
+    assert {int(p.name.split("-")[1]) % 2 for p in out.rglob("*.arrow")} == {1}  # part 1's shards only
+    assert sorted(p.name for p in (out / "train").glob("manifest*")) == ["manifest-part-001-of-002.json"]
+
+
+# ---------------------------------------------------------------------------- a disk that fills
+def _full_disk_after(budget: int):
+    """A ShardWriter whose disk fills once this process has written `budget` image bytes."""
+    import errno
+
+    from alexprep.imagenet_prep.shards import ShardWriter
+
+    class FullDisk(ShardWriter):
+        written = 0
+
+        def add(self, image, label, wnid, key):
+            FullDisk.written += len(image)
+            if FullDisk.written > budget:
+                self._sink.write(image[:1000])  # something on disk under the temporary name
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().add(image, label, wnid, key)
+
+    return FullDisk
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_is_one_line_exit_1_and_the_rerun_finishes(photo_tree, photo_build, tmp_path, monkeypatch,
+                                                                workers):
+    from click.testing import CliRunner
+
+    from alexprep.cli.main import cli
+    from alexprep.imagenet_prep import build as build_module
+
+    out = tmp_path / "out"
+    args = ["build-shards", str(photo_tree), str(out), "--shard-size", "6", "--workers", str(workers)]
+    monkeypatch.setattr(build_module, "ShardWriter", _full_disk_after(400_000))  # ~2 shards per process
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.stderr.splitlines() if line.strip() and "img/s]" not in line]  # less the progress bar
+    assert "Traceback" not in result.stderr and len(error) == 1, result.stderr
+    assert error[0].startswith(f"Error: the disk filled while writing to {out} (No space left on device; ")
+    assert "free space and rerun the same command" in error[0]
+    finished = len(list(out.rglob("*.arrow")))
+    assert 1 <= finished < 8 and f"finished {finished} of 8 shards" in error[0]
+    assert not _temporaries(out)
+    assert not list(out.rglob("manifest*.json"))
+    monkeypatch.undo()
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert sum(int(k) for k in re.findall(r"(\d+) kept", result.output)) == finished
+    assert shard_bytes(out) == shard_bytes(photo_build) and not _temporaries(out)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_real_full_tmpfs(photo_tree, photo_build, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from alexprep.cli.main import cli
+    from alexprep.imagenet_prep import build as build_module
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        monkeypatch.setattr(build_module, "_check_disk", lambda *a: None)  # the estimate passed; then it filled
+        out = disk / "out"
+        args = ["build-shards", str(photo_tree), str(out), "--shard-size", "6", "--workers", "2"]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "free space and rerun the same command" in result.output, result.output
+        assert "Traceback" not in result.output and not _temporaries(out)
+        subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        assert shard_bytes(out) == shard_bytes(photo_build) and not _temporaries(out)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

@@ -110,3 +110,18 @@ def test_out_not_writable(src, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     assert_usage_error(run("build-shards", src, locked, "--workers", "1"), "not writable")
+
+
+def test_demo_without_scikit_learn_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("the demo must not clear its folder before it can run")
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn...` now fails as if not installed
+    result = run("demo", "--out", work)
+    assert_usage_error(result, "needs scikit-learn", "pip install 'alexprep[demo]'")
+    assert len(result.output.strip().splitlines()) == 1
+    assert (work / "keep.txt").exists()

@@ -429,3 +429,29 @@ def test_cli_bad_input_is_one_line(tmp_path):
     result = run(tmp_path / "nowhere")
     assert result.exit_code == 2
     assert "not a build folder" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_gray_only_data_has_eigenvalues_zero_not_minus_zero(tmp_path):
+    """Real photos converted to L and back to RGB: R = G = B, so the covariance has rank 1 and
+    two eigenvalues are exactly 0; rounding must not print or store them as -0.0."""
+    from alexprep.imagenet_prep.sample_data import jpeg_bytes, load_photo, photo_crop, wnid_for
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["astronaut", "coffee", "chelsea"]):
+        folder = tmp_path / "src" / "train" / wnid_for(c)
+        folder.mkdir(parents=True)
+        for i in range(3):
+            gray = photo_crop(load_photo(name), (500, 375), rng).convert("L").convert("RGB")
+            (folder / f"{i}.JPEG").write_bytes(jpeg_bytes(gray, 90))
+    out = tmp_path / "out"
+    build_shards(tmp_path / "src", out, BuildConfig(shard_size=4, workers=1))
+    result = CliRunner().invoke(cli, ["stats", str(out)])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if "eigenvalues" in l)
+    assert "-0.0" not in line and line.split()[2:4] == ["0.000", "0.000"], line
+    stats = load_stats(out)
+    assert stats.eigvals[0] > 100 and list(stats.eigvals[1:]) == [0.0, 0.0]
+    assert not np.signbit(stats.eigvals).any()
+    saved = json.loads((out / "stats.json").read_text())
+    assert saved["eigvals"][1:] == [0.0, 0.0] and "-0.0" not in (out / "stats.json").read_text()
+    assert np.allclose(stats.eigvecs[:, 0], np.full(3, 3 ** -0.5))  # luminance: the only direction
