@@ -51,22 +51,25 @@ class PartType(click.ParamType):
 @click.option("--val-labels", type=click.Path(path_type=Path),
               help="Labels of a flat val/ folder: LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt.")
 @click.option("--devkit", type=click.Path(path_type=Path),
-              help="The ILSVRC2012 devkit folder (holds data/meta.mat).")
+              help="The ILSVRC2012 devkit: its folder (holds data/meta.mat) or ILSVRC2012_devkit_t12.tar.gz.")
 @click.option("--classes", "classes_file", type=click.Path(path_type=Path),
               help="The class list: a classes.json, or one wnid per line.")
 @click.option("--no-stats", is_flag=True, help="Do not keep statistics partials (`stats --recompute` can still compute them).")
 @user_errors
 def build_shards_command(src, out, split, encoding, quality, resample, shard_size, seed, workers, part,
                          on_error, overwrite, val_labels, devkit, classes_file, no_stats):
-    """Convert an ImageNet (or any ImageFolder) tree into 256x256 Arrow shards.
+    """Convert ImageNet (archives as downloaded, or any ImageFolder tree) into 256x256 Arrow shards.
 
-    Finds train/ and val/ under SRC (or the Kaggle tree ILSVRC/Data/CLS-LOC/), rescales
+    Reads the archives in place (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and
+    ILSVRC2012_devkit_t12.tar.gz, or Kaggle's zip) in SRC or given as SRC, or finds
+    train/ and val/ under SRC (or the Kaggle tree ILSVRC/Data/CLS-LOC/); rescales
     each image's shorter side to 256, crops the central 256x256 and writes shards to OUT,
     with each shard's statistics partial beside it. Safe to kill and rerun: finished
     shards are kept. Unreadable files are reported, never fatal.
 
     \b
     Example:
+        alexprep build-shards ~/downloads/ out/   # the .tar files as downloaded
         alexprep build-shards ~/imagenet out/
         alexprep build-shards ~/kaggle-imagenet out/ --split val
         alexprep build-shards ~/imagenet out/ --part 3/16   # on machine 3 of 16
@@ -93,7 +96,7 @@ def build_shards_command(src, out, split, encoding, quality, resample, shard_siz
     if report.skipped:
         click.echo(f"skipped {len(report.skipped)} unreadable file(s) (also listed in the manifests):")
         for s in report.skipped:
-            click.echo(f"  {s['key']}: {s['reason']}")
+            click.echo(f"  {s['key']}: {s['reason']}" + (f" (in {s['archive']})" if s.get("archive") else ""))
         if on_error == "fail":
             raise SystemExit(1)
 

@@ -12,12 +12,14 @@ How a build is laid out, so that it is deterministic, resumable and splittable:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import multiprocessing as mp
 import os
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alexprep.imagenet_prep import layout
+from alexprep.imagenet_prep import archives, layout
 from alexprep.imagenet_prep.atomic import (
     build_lock, close_inherited_locks, remove_leftovers, write_bytes_atomic, write_text_atomic,
 )
@@ -125,7 +127,7 @@ class ShardJob:
     split: str
     index: int
     count: int
-    samples: tuple[tuple[str, str, int, str], ...]  # (key, path, label, wnid)
+    samples: tuple[tuple[str, object, int, str], ...]  # (key, source: a path or an archives.Member, label, wnid)
 
 
 def plan_shards(listing: layout.SplitListing, classes: ClassList, shard_size: int, seed: int) -> list[ShardJob]:
@@ -134,7 +136,7 @@ def plan_shards(listing: layout.SplitListing, classes: ClassList, shard_size: in
     count = max(1, math.ceil(n / shard_size)) if n else 0
     rng = np.random.Generator(np.random.PCG64([seed, layout.SPLITS.index(listing.split)]))
     order = rng.permutation(n)
-    rows = [(s.key, s.path, classes.index(s.wnid), s.wnid) for s in listing.samples]
+    rows = [(s.key, s.source, classes.index(s.wnid), s.wnid) for s in listing.samples]
     bounds = [j * n // count for j in range(count + 1)] if count else [0]
     return [
         ShardJob(listing.split, j, count, tuple(rows[i] for i in order[bounds[j]:bounds[j + 1]]))
@@ -153,6 +155,7 @@ def _init_worker(counter) -> None:
 
 def _init_pool_worker(counter) -> None:
     close_inherited_locks()  # only the build process itself holds OUT's lock
+    archives.close_handles()  # each worker opens the archives itself
     _init_worker(counter)
 
 
@@ -165,10 +168,9 @@ def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: Cla
     partial = PartialStats.empty(spec.size)
     skipped = []
     try:
-        for key, path, label, wnid in job.samples:
+        for key, source, label, wnid in job.samples:
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = archives.read_source(source)
                 pixels = load_center_crop(data, spec)
             except UnreadableImage as exc:
                 skipped.append({"key": key, "reason": str(exc)})
@@ -275,7 +277,8 @@ def _check_disk(out: Path, spec: ImageSpec, images: int) -> None:
         )
 
 
-def fix_class_list(out: Path, src: Path, config: BuildConfig, folders: dict, listings: dict) -> ClassList:
+def fix_class_list(out: Path, src: Path, config: BuildConfig, folders: dict, listings: dict,
+                   labels: layout.ValLabelSource | None = None) -> ClassList:
     """OUT/classes.json if present; else --classes FILE; else inferred from SRC."""
     existing = out / "classes.json"
     given = read_class_file(config.classes_file) if config.classes_file else None
@@ -287,7 +290,7 @@ def fix_class_list(out: Path, src: Path, config: BuildConfig, folders: dict, lis
         return classes
     if given is not None:
         return given
-    labels = layout.ValLabelSource(config.val_labels, config.devkit)
+    labels = labels or layout.ValLabelSource(config.val_labels, config.devkit)
     return layout.infer_class_list(src, folders, listings, labels)
 
 
@@ -299,23 +302,86 @@ def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), prog
     """
     started = time.perf_counter()
     src, out = Path(src), Path(out)
-    folders = layout.find_split_folders(src)
+    folders = layout.find_split_folders(src, config.workers)
     wanted = {s: f for s, f in folders.items() if s in config.splits}
     if not wanted:
         raise DataError(f"SRC {src} has no {' or '.join(config.splits)} split (found: {', '.join(folders) or 'none'})")
-    labels = layout.ValLabelSource(config.val_labels, config.devkit)
-    listings = {s: layout.list_split(s, f, src, labels) for s, f in wanted.items()}
-    if not any(l.samples for l in listings.values()):
-        raise DataError(f"SRC {src}: no image files found in {', '.join(str(f) for f in wanted.values())}")
-    _prepare_out(out)
-    # Everything that reads or writes OUT happens under its lock: a second run refuses at once.
-    with build_lock(out, config.part, config.parts):
-        return _build_locked(src, out, config, folders, listings, progress, started)
+    with tempfile.TemporaryDirectory(prefix="alexprep-labels-") as tmp, _archive_names(tmp) as shown:
+        labels = _label_source(src, config, wanted, Path(tmp), shown)
+        listings = {s: layout.list_split(s, f, src, labels) for s, f in wanted.items()}
+        if not any(l.samples for l in listings.values()):
+            raise DataError(f"SRC {src}: no image files found in {', '.join(str(f) for f in wanted.values())}")
+        _prepare_out(out)
+        try:
+            # Everything that reads or writes OUT happens under its lock: a second run refuses at once.
+            with build_lock(out, config.part, config.parts):
+                return _build_locked(src, out, config, folders, listings, labels, progress, started)
+        finally:
+            archives.close_handles()
 
 
-def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, listings: dict, progress,
-                  started: float) -> BuildReport:
-    classes = fix_class_list(out, src, config, folders, listings)
+@contextlib.contextmanager
+def _archive_names(tmp: str):
+    """Errors about label files read out of an archive name the archive, not a temporary copy."""
+    shown: dict[str, str] = {}
+    try:
+        yield shown
+    except DataError as exc:
+        message = str(exc)
+        for copy, original in shown.items():
+            message = message.replace(copy, original)
+        if message == str(exc):
+            raise
+        raise DataError(message.replace(tmp, "(archive)")) from None
+
+
+def _label_source(src: Path, config: BuildConfig, wanted: dict, tmp: Path, shown: dict) -> layout.ValLabelSource:
+    """The label files: given, lying in SRC, or read out of the devkit .tar.gz or Kaggle's zip."""
+    given = layout.ValLabelSource(config.val_labels, config.devkit)
+    root = layout.label_root(src)
+    in_archives = {s: f for s, f in wanted.items() if isinstance(f, archives.ArchiveSplit)}
+    devkit_tgz = config.devkit if config.devkit is not None and str(config.devkit).endswith((".tar.gz", ".tgz")) else None
+    if devkit_tgz is None and config.devkit is None and not (root / layout.DEVKIT_DIR).is_dir() \
+            and (root / archives.DEVKIT_TGZ).is_file():
+        devkit_tgz = root / archives.DEVKIT_TGZ
+    if not in_archives and devkit_tgz is None:
+        return given  # a tree with its label files as files: as always
+    found = archives.extract_label_files(root, in_archives, devkit_tgz, tmp)
+    for key, path in found.items():
+        origin = devkit_tgz if key == "devkit" or path.parent.name == "data" else next(
+            (f.archive for f in in_archives.values() if f.kind == "zip"), root)
+        shown[str(path)] = f"{origin}:{path.relative_to(tmp).as_posix()}"
+    loose = layout._auto_label_source(root, layout.ValLabelSource(config.val_labels,
+                                                                  None if devkit_tgz else config.devkit))
+    labels = layout.ValLabelSource(
+        loose.val_labels or found.get("val_labels"),
+        found.get("devkit") or loose.devkit,
+        found.get("synsets"),
+    )
+    val = wanted.get("val")
+    if isinstance(val, archives.ArchiveSplit) and val.kind in ("flat", "zip"):
+        _check_val_labels(val, labels, root)
+    return labels
+
+
+def _check_val_labels(val: archives.ArchiveSplit, labels: layout.ValLabelSource, root: Path) -> None:
+    """A flat val archive without its labels: one line naming the file to add."""
+    if val.kind == "zip":
+        if labels.val_labels is None and not val.class_names():
+            raise DataError(f"{val}: the val images are flat and {layout.KAGGLE_VAL_CSV} is neither in the zip nor "
+                            f"in {root}: add it (from Kaggle), or give --val-labels {layout.KAGGLE_VAL_CSV}")
+        return
+    if labels.val_labels is None:
+        raise DataError(f"{val.archive} holds the val images unlabelled: add {archives.DEVKIT_TGZ} (image-net.org) "
+                        f"to {root}, or give --devkit {archives.DEVKIT_TGZ} (or --val-labels {layout.KAGGLE_VAL_CSV})")
+    if labels.val_labels.suffix.lower() != ".csv" and labels.devkit is None:
+        raise DataError(f"{labels.val_labels} holds ILSVRC2012_IDs: add {archives.DEVKIT_TGZ} (image-net.org) "
+                        f"to {root}, or give --devkit {archives.DEVKIT_TGZ}, to map them to wnids")
+
+
+def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, listings: dict,
+                  labels: layout.ValLabelSource, progress, started: float) -> BuildReport:
+    classes = fix_class_list(out, src, config, folders, listings, labels)
     build = build_id(config.spec, config.shard_size, config.seed, classes)
     _check_out(out, config.overwrite, build)
     if config.overwrite:
@@ -382,6 +448,10 @@ def _finish(src: Path, out: Path, config: BuildConfig, classes: ClassList, build
             report.written += r["shard"]["rows"]
             report.skipped += r["skipped"]
             report.bytes += r["shard"]["bytes"]
+        _name_archives(report.skipped, listings[split])
+        if config.part == 0:  # damaged archives, found while listing: reported (and counted) once
+            report.inputs += len(listings[split].problems)
+            report.skipped += listings[split].problems
         manifest = {
             "format": "alexprep-shards",
             "version": 1,
@@ -404,6 +474,18 @@ def _finish(src: Path, out: Path, config: BuildConfig, classes: ClassList, build
         }
         write_text_atomic(out / split / manifest_name(config.part, config.parts), json.dumps(manifest, indent=1) + "\n")
     return BuildReport(out, build, list(reports.values()), time.perf_counter() - started)
+
+
+def _name_archives(skipped: list[dict], listing: layout.SplitListing) -> None:
+    """Beside a skipped member's key and reason (the same as for the extracted file), the
+    archive it lies in."""
+    if not skipped or not any(isinstance(s.source, archives.Member) for s in listing.samples[:1]):
+        return
+    source = {s.key: s.source for s in listing.samples}
+    for entry in skipped:
+        member = source.get(entry["key"])
+        if isinstance(member, archives.Member):
+            entry["archive"] = member.describe()
 
 
 def _run_all(args: list, workers: int, total: int, progress):

@@ -5,6 +5,9 @@ Layouts read (DESIGN.md):
 - the Kaggle tree `SRC/ILSVRC/Data/CLS-LOC/{train,val}`,
 - a flat `val/*.JPEG` labelled by Kaggle's `LOC_val_solution.csv` or by the devkit's
   `ILSVRC2012_validation_ground_truth.txt` + `data/meta.mat`,
+- the archives as downloaded (`ILSVRC2012_img_train.tar`, `ILSVRC2012_img_val.tar`,
+  `ILSVRC2012_devkit_t12.tar.gz`, Kaggle's zip), read in place (archives.py), in SRC or
+  given as SRC; their members list exactly as the same files extracted would,
 - SRC itself as an ImageFolder tree (taken as the train split) when it has no train/val.
 
 Files are judged by content later, not by extension here: hidden files and known
@@ -17,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alexprep.imagenet_prep import archives
+from alexprep.imagenet_prep.archives import ArchiveSplit
 from alexprep.imagenet_prep.classes import ClassList, read_devkit_meta, read_synset_mapping
 from alexprep.imagenet_prep.errors import DataError
 
@@ -33,10 +38,10 @@ DEVKIT_DIR = "ILSVRC2012_devkit_t12"
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
-    key: str  # path relative to SRC, '/'-separated: stable across machines
-    path: str  # where to read it
+    key: str  # path relative to SRC (as extracted, for an archive), '/'-separated: stable across machines
+    source: "str | archives.Member"  # where to read it: a file path, or a member of an archive
     wnid: str
 
 
@@ -48,6 +53,7 @@ class SplitListing:
     folder: Path
     samples: list[Sample] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    problems: list[dict] = field(default_factory=list)  # damaged archives: {"key", "reason", "archive"}
 
 
 @dataclass(frozen=True)
@@ -56,23 +62,43 @@ class ValLabelSource:
 
     val_labels: Path | None = None  # LOC_val_solution.csv or the devkit ground truth
     devkit: Path | None = None  # holds data/meta.mat (needed with the ground truth file)
+    synsets: Path | None = None  # LOC_synset_mapping.txt, where it is not in SRC (read from Kaggle's zip)
 
 
-def find_split_folders(src: Path) -> dict[str, Path]:
-    """The split folders under SRC. Raises DataError when SRC is not a readable tree."""
+def find_split_folders(src: Path, workers: int = 1) -> dict:
+    """The splits of SRC: folders (Path), or splits inside archives (ArchiveSplit). Raises
+    DataError when SRC is neither a readable tree nor archives as downloaded."""
     src = Path(src)
     if not src.exists():
         raise DataError(f"SRC {src} does not exist")
+    if src.is_file():
+        found = archives.splits_in_archive(src, workers)
+        if not found:
+            raise DataError(f"SRC {src} is not a folder, nor an archive of ImageNet as downloaded "
+                            f"({archives.TRAIN_TAR}, {archives.VAL_TAR} or a zip holding train/ or val/)")
+        return found
     if not src.is_dir():
         raise DataError(f"SRC {src} is not a folder")
     for base in (src, src / KAGGLE_SUBDIR):
         found = {s: base / s for s in SPLITS if (base / s).is_dir()}
         if found:
-            return found
+            # An extracted split wins; a split still in its archive beside it is read in place.
+            extra = archives.find_archives(src, workers) if base == src and len(found) < len(SPLITS) else {}
+            return {s: found.get(s) or extra[s] for s in SPLITS if s in found or s in extra}
+    found = archives.find_archives(src, workers)
+    if found:
+        return found
     # A bare ImageFolder tree: class folders directly under SRC.
     if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(src)):
         return {"train": src}
-    raise DataError(f"SRC {src} has no train/ or val/ folder and no class folders: nothing to build")
+    raise DataError(f"SRC {src} has no train/ or val/ folder, no class folders and no ImageNet archives "
+                    f"({archives.TRAIN_TAR}, {archives.VAL_TAR}, {archives.KAGGLE_ZIP}): nothing to build")
+
+
+def label_root(src: Path) -> Path:
+    """Where label files are looked for: SRC, or the folder of an archive given as SRC."""
+    src = Path(src)
+    return src.parent if src.is_file() else src
 
 
 def _is_ignored(name: str) -> bool:
@@ -91,33 +117,56 @@ def _key(path: str, src: Path) -> str:
     return Path(os.path.relpath(path, src)).as_posix()
 
 
-def list_split(split: str, folder: Path, src: Path, labels: ValLabelSource = ValLabelSource()) -> SplitListing:
-    """List one split: class folders (ImageFolder), or flat files labelled from a label file."""
+def list_split(split: str, folder, src: Path, labels: ValLabelSource = ValLabelSource()) -> SplitListing:
+    """List one split: class folders (ImageFolder), or flat files labelled from a label file.
+
+    `folder` is a folder, or an ArchiveSplit listed the same way as its files extracted."""
+    if isinstance(folder, ArchiveSplit):
+        dirs, entries, problems = folder.scan()
+        listing = _list_entries(split, folder, folder.prefix, dirs, entries, src, labels)
+        listing.problems = problems
+        return listing
+    class_dirs = {e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")}
+    entries = [(e.name, str(folder / e.name)) for e in os.scandir(folder) if e.is_file()]
+    for wnid in class_dirs:
+        for path, _ in _walk_files(folder / wnid):
+            entries.append((Path(os.path.relpath(path, folder)).as_posix(), path))
+    prefix = _key(str(folder), src) + "/" if Path(folder) != Path(src) else ""
+    return _list_entries(split, folder, prefix, class_dirs, entries, src, labels)
+
+
+def _list_entries(split: str, folder, prefix: str, dirs: set, entries: list, src: Path,
+                  labels: ValLabelSource) -> SplitListing:
+    """The listing of a split folder given as (path relative to it, source) pairs and its
+    top-level folders, whether the files are on disk or in an archive: one rule for both."""
     listing = SplitListing(split, folder)
-    class_dirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-    flat_files = sorted(e.name for e in os.scandir(folder) if e.is_file())
-    flat_images = [n for n in flat_files if not _is_ignored(n)]
-    listing.ignored += [_key(str(folder / n), src) for n in flat_files if _is_ignored(n)]
+    class_dirs = sorted(d for d in dirs if not d.startswith("."))
+    flat = sorted((rel, source) for rel, source in entries if "/" not in rel)
+    flat_images = [(rel, source) for rel, source in flat if not _is_ignored(rel)]
+    listing.ignored += [prefix + rel for rel, _ in flat if _is_ignored(rel)]
     if flat_images and not class_dirs:
         wnid_of = read_val_labels(src, labels)
-        unlabelled = [n for n in flat_images if Path(n).stem not in wnid_of]
+        unlabelled = [rel for rel, _ in flat_images if Path(rel).stem not in wnid_of]
         if unlabelled:
             more = f" and {len(unlabelled) - 3} more" if len(unlabelled) > 3 else ""
             raise DataError(
                 f"{split}: no label for {', '.join(unlabelled[:3])}{more} in {describe_label_source(src, labels)}"
             )
-        for n in flat_images:
-            p = str(folder / n)
-            listing.samples.append(Sample(_key(p, src), p, wnid_of[Path(n).stem]))
+        for rel, source in flat_images:
+            listing.samples.append(Sample(prefix + rel, source, wnid_of[Path(rel).stem]))
     else:
         # ImageFolder: files outside a class folder belong to no class; ignore and count them.
-        listing.ignored += [_key(str(folder / n), src) for n in flat_images]
-        for wnid in class_dirs:
-            for path, name in _walk_files(folder / wnid):
-                if _is_ignored(name):
-                    listing.ignored.append(_key(path, src))
-                else:
-                    listing.samples.append(Sample(_key(path, src), path, wnid))
+        listing.ignored += [prefix + rel for rel, _ in flat_images]
+        wanted = set(class_dirs)
+        for rel, source in entries:
+            parts = rel.split("/")
+            # Files in hidden folders are skipped (as os.walk is told to), not counted.
+            if len(parts) < 2 or parts[0] not in wanted or any(p.startswith(".") for p in parts[1:-1]):
+                continue
+            if _is_ignored(parts[-1]):
+                listing.ignored.append(prefix + rel)
+            else:
+                listing.samples.append(Sample(prefix + rel, source, parts[0]))
     listing.samples.sort(key=lambda s: s.key)
     listing.ignored.sort()
     return listing
@@ -125,6 +174,7 @@ def list_split(split: str, folder: Path, src: Path, labels: ValLabelSource = Val
 
 def _auto_label_source(src: Path, labels: ValLabelSource) -> ValLabelSource:
     """Fill in label files that sit in SRC (Kaggle) or in the devkit folder."""
+    src = label_root(src)
     devkit = labels.devkit
     if devkit is None and (src / DEVKIT_DIR).is_dir():
         devkit = src / DEVKIT_DIR
@@ -138,7 +188,7 @@ def _auto_label_source(src: Path, labels: ValLabelSource) -> ValLabelSource:
             if candidate.is_file():
                 val_labels = candidate
                 break
-    return ValLabelSource(val_labels, devkit)
+    return ValLabelSource(val_labels, devkit, labels.synsets)
 
 
 def describe_label_source(src: Path, labels: ValLabelSource) -> str:
@@ -186,8 +236,10 @@ def _read_kaggle_csv(path: Path) -> dict[str, str]:
 
 def known_class_names(src: Path, labels: ValLabelSource) -> dict[str, str]:
     """Human names for wnids, from LOC_synset_mapping.txt or the devkit, where present."""
-    src = Path(src)
+    src = label_root(src)
     found = _auto_label_source(src, labels)
+    if labels.synsets is not None:
+        return read_synset_mapping(labels.synsets)
     if (src / KAGGLE_SYNSETS).is_file():
         return read_synset_mapping(src / KAGGLE_SYNSETS)
     if found.devkit and (found.devkit / "data" / "meta.mat").is_file():
@@ -202,7 +254,9 @@ def infer_class_list(src: Path, folders: dict[str, Path], listings: dict[str, Sp
     src = Path(src)
     names = known_class_names(src, labels)
     if "train" in folders:
-        wnids = [e.name for e in os.scandir(folders["train"]) if e.is_dir() and not e.name.startswith(".")]
+        train = folders["train"]
+        wnids = train.class_names() if isinstance(train, ArchiveSplit) else [
+            e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith(".")]
         if wnids:
             return ClassList.from_wnids(wnids, names)
     found = _auto_label_source(src, labels)
