@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing as mp
 import os
 import struct
 import tarfile
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.forking import frozen_gc
 from alexprep.imagenet_prep.transform import UnreadableImage
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -306,10 +308,6 @@ def _map(func, items: list, workers: int):
     indexed in parallel: each is ~1,300 random 4 KB reads)."""
     if workers <= 1 or len(items) < 2:
         return [func(i) for i in items]
-    import multiprocessing as mp
-
-    from alexprep.imagenet_prep.forking import frozen_gc
-
     context = mp.get_context("fork" if os.name == "posix" else "spawn")
     with frozen_gc():
         pool = context.Pool(min(workers, len(items)))
