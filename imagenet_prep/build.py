@@ -32,6 +32,7 @@ from alexprep.imagenet_prep.atomic import (
     build_lock, close_inherited_locks, remove_leftovers, write_bytes_atomic, write_text_atomic,
 )
 from alexprep.imagenet_prep.classes import ClassList, load_classes, read_class_file, save_classes
+from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.forking import frozen_gc
 from alexprep.imagenet_prep.shards import (
@@ -49,10 +50,7 @@ JPEG_BYTES_ESTIMATE = 70_000
 
 
 def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
+    return available_cpus()
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
 
 # 257 * 255 = 65,535: the most uint8 images whose per-pixel sum a uint16 holds. `add`
@@ -401,7 +401,7 @@ def recompute_partial(index, progress=None, workers: int | None = None) -> Parti
     from alexprep.imagenet_prep.shards import open_shard
 
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = available_cpus()
     workers = max(1, min(workers, math.ceil(index.rows / _SLICE_ROWS) or 1))
     tasks: queue.Queue = queue.Queue(maxsize=4 * workers)
     lock = threading.Lock()

@@ -39,6 +39,16 @@ def classes_from_checkpoint(ckpt: dict) -> ClassList:
     return ClassList(tuple(ckpt["classes"]["wnids"]), tuple(ckpt["classes"]["names"]))
 
 
+def require_same_classes(ckpt: dict, index) -> None:
+    """The shards' labels (of SplitIndex `index`) mean what the checkpoint's outputs mean,
+    or a DataError saying so."""
+    wnids = list(ckpt["classes"]["wnids"])
+    if list(index.classes.wnids) != wnids:
+        raise DataError(f"the checkpoint knows {len(wnids)} classes, {index.root} has {len(index.classes)}"
+                        + ("" if len(wnids) != len(index.classes) else " with other wnids")
+                        + ": use a build with the training run's class list")
+
+
 def normalize_of(ckpt: dict) -> str:
     """The normalization the run trained with ("mean-image", the paper's, or "channel")."""
     return ckpt.get("config", {}).get("normalize", "mean-image")

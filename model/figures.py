@@ -23,9 +23,9 @@ import numpy as np
 from alexprep.imagenet_prep.atomic import temporary_name
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import read_split
-from alexprep.model.checkpoint import load_checkpoint
+from alexprep.model.checkpoint import load_checkpoint, require_same_classes
 from alexprep.model.inference import model_from_checkpoint
-from alexprep.model.predict import Predictor, center_crops, class_label, require_same_classes, split_images
+from alexprep.model.predict import Predictor, center_crops, class_label, split_images
 
 KERNEL_COLUMNS = 16  # 48 kernels a tower in 3 rows of 16, as the paper's Figure 3
 KERNELS_FIGSIZE = (10.0, 4.6)  # inches: the two towers' mosaics with their titles

@@ -4,11 +4,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
 from alexprep.imagenet_prep.shards import read_split
 from alexprep.model.alexnet import AlexNet, AlexNetConfig
-from alexprep.model.checkpoint import load_checkpoint, normalize_of, stats_from_checkpoint
+from alexprep.model.checkpoint import load_checkpoint, normalize_of, require_same_classes, stats_from_checkpoint
 from alexprep.model.distributed import resolve_devices
 from alexprep.model.evaluate import EvalResult, evaluate
 
@@ -25,11 +24,7 @@ def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", 
     """Errors of a checkpoint over `split` of build folder `root`, for each crop setting."""
     ckpt = load_checkpoint(Path(checkpoint))
     index = read_split(Path(root), split)
-    wnids = list(ckpt["classes"]["wnids"])
-    if list(index.classes.wnids) != wnids:
-        raise DataError(f"the checkpoint knows {len(wnids)} classes, {root} has {len(index.classes)}"
-                        + ("" if len(wnids) != len(index.classes) else " with other wnids")
-                        + ": evaluate on a build with the training run's class list")
+    require_same_classes(ckpt, index)
     devices = resolve_devices((device,))
     model = model_from_checkpoint(ckpt, devices)
     # The training set's statistics and the run's normalization apply, whatever build the

@@ -35,7 +35,9 @@ from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import SplitIndex
 from alexprep.imagenet_prep.stats import DatasetStats
 from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, decode, load_center_crop
-from alexprep.model.checkpoint import classes_from_checkpoint, load_checkpoint, normalize_of, stats_from_checkpoint
+from alexprep.model.checkpoint import (
+    classes_from_checkpoint, load_checkpoint, normalize_of, stats_from_checkpoint,
+)
 from alexprep.model.distributed import resolve_devices
 from alexprep.model.inference import model_from_checkpoint
 
@@ -115,15 +117,6 @@ def split_images(index: SplitIndex, rows: Sequence[int], samples: SplitSamples |
     for i, row in enumerate(rows):
         out[i] = decode(samples.view(int(row)), index.spec)
     return out
-
-
-def require_same_classes(ckpt: dict, index: SplitIndex) -> None:
-    """The shards' labels mean what the checkpoint's outputs mean, or a DataError."""
-    wnids = list(ckpt["classes"]["wnids"])
-    if list(index.classes.wnids) != wnids:
-        raise DataError(f"the checkpoint knows {len(wnids)} classes, {index.root} has {len(index.classes)}"
-                        + ("" if len(wnids) != len(index.classes) else " with other wnids")
-                        + ": use a build with the training run's class list")
 
 
 def eval_stats(ckpt: dict, index: SplitIndex) -> DatasetStats:

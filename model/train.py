@@ -32,7 +32,9 @@ from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.loaders import Loader, eval_loader, pick_backend, train_loader
 from alexprep.imagenet_prep.verify import verify_build
 from alexprep.model.alexnet import AlexNet
-from alexprep.model.checkpoint import FORMAT, list_checkpoints, load_checkpoint, save_checkpoint, stats_to_tensors
+from alexprep.model.checkpoint import (
+    FORMAT, list_checkpoints, load_checkpoint, require_same_classes, save_checkpoint, stats_to_tensors,
+)
 from alexprep.model.config import TrainConfig
 from alexprep.model.distributed import (
     Ranks, all_reduce, any_rank, gather_objects, init_distributed, resolve_devices, use_devices,
@@ -278,9 +280,8 @@ def setup_run(root, run_dir, config, ckpt, ranks, devices, train_data, val_data,
     """The model (the same initial weights in every process and placement), its optimizer
     and schedule, the metrics log; each rank's dropout RNG seeded apart."""
     classes = train_data.index.classes
-    if ckpt is not None and list(classes.wnids) != list(ckpt["classes"]["wnids"]):
-        raise DataError(f"{run_dir}'s checkpoint has {len(ckpt['classes']['wnids'])} classes, "
-                        f"{root} has {len(classes)}: resume on the build it was trained on")
+    if ckpt is not None:
+        require_same_classes(ckpt, train_data.index)
     torch.manual_seed(config.seed)
     model = AlexNet(config.model_config(len(classes)), devices=devices)
     if config.channels_last:
