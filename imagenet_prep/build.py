@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from alexprep.imagenet_prep import archives, layout
-from alexprep.imagenet_prep.atomic import (
-    build_lock, close_inherited_locks, remove_leftovers, write_bytes_atomic, write_text_atomic,
-)
+from alexprep.imagenet_prep.atomic import remove_leftovers, write_bytes_atomic, write_text_atomic
+from alexprep.imagenet_prep.build_lock import build_lock, close_inherited_locks
 from alexprep.imagenet_prep.classes import ClassList, load_classes, read_class_file, save_classes
 from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError

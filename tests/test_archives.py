@@ -230,7 +230,7 @@ def test_damaged_archives_are_reported_and_the_rest_built(imagenet, tree_build, 
     whole = manifest(tree_build, "train")["counts"]["written"]
     assert m["counts"]["written"] == whole - 4 - 1
     assert m["counts"]["inputs"] == m["counts"]["written"] + m["counts"]["skipped"]
-    assert f"train/n00000001.tar: " in result.output and f"(in {train})" in result.output
+    assert "train/n00000001.tar: " in result.output and f"(in {train})" in result.output
 
 
 def test_a_truncated_zip_is_one_line(kaggle, tmp_path):

@@ -18,7 +18,6 @@ import pytest
 import torch
 from PIL import Image
 
-from alexprep.imagenet_prep import augment
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.loaders import eval_loader, train_loader
 from alexprep.imagenet_prep.shards import read_split
