@@ -158,6 +158,124 @@ def test_lrn_cuda_convnet_semantics_equal_pytorch_local_response_norm():
     torch.testing.assert_close(local_response_norm(a, alpha=LRN_ALPHA / LRN_SIZE), torch_lrn(a))
 
 
+def lrn_direct_grouped(a: torch.Tensor, alpha: float, groups: int, n: int = LRN_SIZE) -> torch.Tensor:
+    """lrn_direct on each group of channels alone, concatenated back."""
+    return torch.cat([lrn_direct(h, alpha, n) for h in a.chunk(groups, dim=1)], dim=1)
+
+
+def lrn_window_sum_of_squares(a: torch.Tensor, n: int = LRN_SIZE) -> torch.Tensor:
+    """Σ a[j]² over the clipped window of each channel (for other β than lrn_direct's)."""
+    sq = a.square()
+    return torch.stack([sq[:, max(0, i - n // 2) : i + n // 2 + 1].sum(1) for i in range(a.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("size, channels, groups", [(1, 6, 2), (3, 8, 2), (7, 12, 2), (7, 4, 2), (9, 12, 1)])
+def test_lrn_other_window_sizes_and_windows_wider_than_a_group(size, channels, groups):
+    """The window is clipped at each group's ends, also where it spans the whole group."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(2, channels, 3, 4, generator=g, dtype=torch.float64) * 30).requires_grad_()
+    upstream = torch.randn(a.shape, generator=g, dtype=torch.float64)
+    got = local_response_norm(a, size=size, alpha=0.3, groups=groups)
+    want = lrn_direct_grouped(a, 0.3, groups, n=size)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, a, upstream), torch.autograd.grad(want, a, upstream))
+
+
+@pytest.mark.parametrize("beta", [LRN_BETA, 0.5, 1.3])
+def test_lrn_float32_is_the_formula_within_1e_5(beta):
+    """In float32, on conv1-like activations (ReLU'd, some large), values and gradients
+    are the float64 formula's to 1e-5 relative, for the paper's β (computed without
+    pow) and others."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.relu(torch.randn(4, 24, 7, 7, generator=g)) * torch.logspace(-1, 3, 7).view(1, 1, 1, 7)
+    upstream = torch.randn(a.shape, generator=g)
+
+    def run(t):
+        t = t.detach().requires_grad_()
+        out = local_response_norm(t, alpha=LRN_ALPHA, beta=beta, groups=2)
+        return out, torch.autograd.grad(out, t, upstream.to(t.dtype))[0]
+
+    got, got_grad = run(a)
+    want, want_grad = run(a.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-5 * want_grad.abs().max().item())
+    # And the float64 path is the formula itself.
+    torch.testing.assert_close(want, torch.cat([
+        h / (LRN_K + LRN_ALPHA * lrn_window_sum_of_squares(h)) ** beta for h in a.double().chunk(2, dim=1)
+    ], dim=1))
+
+
+def test_lrn_under_bf16_autocast_normalises_in_float32():
+    """Under autocast a conv's bf16 output is normalised with a float32 D = k + αΣa²:
+    the result is the float32 formula of those bf16 values (the old code rounded each a²
+    to bf16 first and was off by ~1e-3)."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.relu(torch.randn(2, 32, 6, 6, generator=g)) * 100).bfloat16()
+    upstream = torch.randn(a.shape, generator=g)
+    a_exact = a.double().requires_grad_()  # the same bf16 values, exactly
+    want = lrn_direct_grouped(a_exact, LRN_ALPHA, groups=2)
+    (want_grad,) = torch.autograd.grad(want, a_exact, upstream.double())
+
+    a = a.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = local_response_norm(a, alpha=LRN_ALPHA, groups=2)
+    assert got.dtype == torch.float32  # as autocast's float32 ops return
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    (got_grad,) = torch.autograd.grad(got, a, upstream)
+    assert got_grad.dtype == torch.bfloat16
+    # The gradient is rounded once, to bf16, at the end: within bf16's half-ulp.
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=2**-8, atol=1e-6)
+
+
+def test_lrn_bf16_input_without_autocast_stays_bf16():
+    a = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0)).mul(30).bfloat16()
+    got = local_response_norm(a, alpha=0.3)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), lrn_direct(a.double(), 0.3), rtol=2**-8, atol=0)
+
+
+def test_lrn_keeps_channels_last():
+    """A channels_last input gives a channels_last output and gradient, equal to NCHW's,
+    and nothing on the way is converted: every tensor kept for the backward is in the
+    input's layout (the old avg_pool3d code kept its D in NCHW)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 16, 5, 5, generator=g) * 30
+    upstream = torch.randn(a.shape, generator=g)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        t = a.contiguous(memory_format=fmt).requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+            out = local_response_norm(t, alpha=0.3, groups=2)
+        assert saved and all(s.is_contiguous(memory_format=fmt) for s in saved), fmt
+        (grad,) = torch.autograd.grad(out, t, upstream.contiguous(memory_format=fmt))
+        assert out.is_contiguous(memory_format=fmt) and grad.is_contiguous(memory_format=fmt), fmt
+        results.append((out, grad))
+    (nchw, nchw_grad), (cl, cl_grad) = results
+    torch.testing.assert_close(cl, nchw, rtol=0, atol=0)  # the same ops on each element
+    torch.testing.assert_close(cl_grad, nchw_grad, rtol=0, atol=0)
+
+
+def test_lrn_under_torch_compile_equals_eager():
+    """The autograd Function traces as one graph (forward and backward): ~8 s to compile."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 12, 3, 4, generator=g) * 30
+    upstream = torch.randn(a.shape, generator=g)
+
+    def run(fn):
+        t = a.clone().requires_grad_()
+        out = fn(t)
+        return out, torch.autograd.grad(out, t, upstream)[0]
+
+    def lrn(t):
+        return local_response_norm(t, alpha=0.3, groups=2)
+
+    compiled, compiled_grad = run(torch.compile(lrn, fullgraph=True))
+    eager, eager_grad = run(lrn)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
+
+
 @PLACEMENTS
 @pytest.mark.parametrize("lrn, alpha", [("cuda-convnet", LRN_ALPHA / LRN_SIZE), ("paper", LRN_ALPHA)])
 def test_model_normalises_each_tower_with_the_configured_alpha(devices, lrn, alpha):
