@@ -653,33 +653,36 @@ class Check:
         row = {"name": name, "precision": config.precision, "channels_last": config.channels_last,
                "log_every": config.log_every, "steps": config.max_steps, "batch": config.batch_size,
                "run_s": round(wall, 2), "epoch_ends": len(epochs), **peak.to_json()}
-        counted = [r for r in steps if r["step"] > s.trainer_warmup]
-        if len(counted) < 2:
+        # Wall clock from the rows' timestamps (ms): the trainer's own step timing leaves out
+        # the host sync where it reads the loss, validation and checkpoints (see GPU.md).
+        timed = [r for r in steps if r["step"] >= s.trainer_warmup]
+        if len(timed) < 2:
             row["skipped"] = "too few logged steps after warm-up to time"
             return row
-        # Wall clock from the rows' timestamps (ms): the trainer's own step timing leaves out
-        # the host sync where it reads the loss and the checkpoints (see the report).
-        first = next(r for r in steps if r["step"] == counted[0]["step"] - config.log_every) \
-            if config.log_every == 1 else counted[0]
-        span = counted[-1]["time"] - first["time"]
-        n_steps = counted[-1]["step"] - first["step"]
-        row["images_per_s_wall"] = round(n_steps * config.batch_size / max(span, 1e-9), 1)
-        row["counted_steps"] = n_steps
-        if config.log_every == 1:
-            # Intervals inside an epoch: no validation or checkpoint in them.
-            pairs = [(a, b) for a, b in zip([first] + counted, counted) if a["epoch"] == b["epoch"]]
-            steady = sum(b["time"] - a["time"] for a, b in pairs)
-            wait = sum(b["data_wait_s"] for a, b in pairs)
+        first, last = timed[0], timed[-1]
+        row["counted_steps"] = last["step"] - first["step"]
+        row["images_per_s_wall"] = round(row["counted_steps"] * config.batch_size
+                                         / max(last["time"] - first["time"], 1e-9), 1)
+        # Intervals between rows of one epoch: no validation or checkpoint inside them.
+        pairs = [(a, b) for a, b in zip(timed, timed[1:]) if a["epoch"] == b["epoch"]]
+        steady = sum(b["time"] - a["time"] for a, b in pairs)
+        if pairs:
+            row["images_per_s_steady"] = round(sum(b["step"] - a["step"] for a, b in pairs) * config.batch_size
+                                               / max(steady, 1e-9), 1)
+        if config.log_every == 1 and pairs:
+            # Each row's data_wait_s is its step's time in the loader's next(), inside the interval.
+            wait = [b["data_wait_s"] for a, b in pairs]
             row.update(
-                images_per_s_steady=round(len(pairs) * config.batch_size / max(steady, 1e-9), 1),
-                data_wait_fraction=round(wait / max(steady, 1e-9), 4),
+                data_wait_fraction=round(sum(wait) / max(steady, 1e-9), 4),
                 data_wait_goal="under 0.05 on a GPU",
-                data_wait_ms_median=round(1000 * statistics.median(b["data_wait_s"] for a, b in pairs), 2),
+                data_wait_ms_median=round(1000 * statistics.median(wait), 2),
                 trainer_reported_data_wait_fraction=round(
-                    sum(r["data_wait_s"] for r in counted)
-                    / max(sum(r["data_wait_s"] + r["compute_s"] for r in counted), 1e-9), 4),
+                    sum(b["data_wait_s"] for a, b in pairs)
+                    / max(sum(b["data_wait_s"] + b["compute_s"] for a, b in pairs), 1e-9), 4),
             )
         else:
+            row["data_wait_note"] = ("rows every log_every steps carry only their own step's wait: see the "
+                                     "log_every=1 run for the fraction")
             row["trainer_reported_data_wait_fraction_last"] = steps[-1].get("data_wait_fraction")
         ckpts = list_checkpoints(run_dir / "checkpoints")
         row["checkpoints_kept"] = [p.name for p in ckpts]
@@ -690,7 +693,7 @@ class Check:
     def trainer(self, deadline) -> dict:
         s = self.sizes
         runs = [("fp32", dict(), True),
-                ("fp32_log_every_50", dict(log_every=50), not s.smoke),
+                ("fp32_log_every_10", dict(log_every=10), not s.smoke),
                 ("bf16_channels_last", dict(precision="bf16", channels_last=True), not s.smoke)]
         rows = []
         for name, kw, wanted in runs:
@@ -701,7 +704,7 @@ class Check:
                 rows.append({"name": name, "skipped": "out of this section's time"})
                 continue
             try:
-                steps = s.trainer_steps if not rows else max(s.trainer_steps // 2, s.trainer_warmup + 2)
+                steps = s.trainer_steps if not rows else max(s.trainer_steps // 3, s.trainer_warmup + 2)
                 rows.append(self._train_run(name, self._config(max_steps=steps, **kw)))
             except Exception as exc:
                 rows.append({"name": name, "error": reason(exc), "traceback": traceback.format_exc()[-2000:]})
@@ -712,14 +715,17 @@ class Check:
                         f"{s.trainer_warmup} warm-up steps, epoch ends included; images_per_s_steady and "
                         "data_wait_fraction (time in the loader's next() / wall time) over intervals inside "
                         "an epoch; with log_every=1 the trainer syncs every step, so the GPU idles while "
-                        "the host waits for data and the fraction is the GPU's idle share",
+                        "the host waits for data and the fraction is the GPU's idle share; log_every=10 "
+                        "syncs every 10th step (the default is 50), letting the host queue steps ahead",
                 "rows": rows}
 
     # ------------------------------------------------------------------------- resume
     def _resume_pair(self, mode: str) -> dict:
+        """mode: "<deterministic|default>_<new|same>_process" (where the resumed part runs)."""
         s = self.sizes
         n, half = s.resume_steps, s.resume_steps // 2
-        deterministic = mode == "deterministic"
+        deterministic = mode.startswith("deterministic")
+        new_process = "new_process" in mode
         caught: list[str] = []
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         try:
@@ -734,7 +740,11 @@ class Check:
                               progress=False, log=lambda *a: None)
                 mid = load_checkpoint(parts)
                 t = time.perf_counter()
-                train(self.jpeg, parts, self._config(max_steps=n), resume=True, progress=False, log=lambda *a: None)
+                if new_process:  # as a real resume runs: a fresh process, its own cuDNN search
+                    resume_in_new_process(self.jpeg, parts, n, deterministic)
+                else:
+                    train(self.jpeg, parts, self._config(max_steps=n), resume=True, progress=False,
+                          log=lambda *a: None)
                 resumed_s = time.perf_counter() - t
             caught = sorted({str(w.message).splitlines()[0][:200] for w in seen
                              if "deterministic" in str(w.message).lower()})
@@ -758,14 +768,17 @@ class Check:
             row["settings"] = ("torch.use_deterministic_algorithms(True, warn_only=True) (cuDNN picks "
                                "deterministic algorithms), CUBLAS_WORKSPACE_CONFIG="
                                f"{os.environ.get('CUBLAS_WORKSPACE_CONFIG')}; cudnn.benchmark stays on as the "
-                               "trainer sets it: its choice is cached per process, so both runs use the same "
-                               "algorithms")
+                               "trainer sets it: in one process its choice is cached, a new process searches "
+                               "again and may pick another (deterministic) algorithm")
+        if new_process:
+            row["nondeterminism_warnings_note"] = "the new process's warnings are not collected"
         shutil.rmtree(whole, ignore_errors=True)
         shutil.rmtree(parts, ignore_errors=True)
         return row
 
     def resume(self, deadline) -> dict:
-        modes = ["deterministic", "default"] if self.gpu else ["default"]
+        modes = (["deterministic_new_process", "default_same_process", "deterministic_same_process"]
+                 if self.gpu else ["default_new_process"])
         rows = []
         for mode in modes:
             if time.monotonic() > deadline:
@@ -861,6 +874,24 @@ class Check:
 
 
 # ----------------------------------------------------------------------------- pieces
+def resume_in_new_process(root: Path, run_dir: Path, max_steps: int, deterministic: bool) -> None:
+    """train(resume=True) in a fresh Python, importing alexprep the way this one did."""
+    import subprocess
+
+    code = "\n".join([
+        "import sys, torch",
+        f"sys.path[:0] = {[p for p in sys.path if p]!r}",
+        f"torch.use_deterministic_algorithms({deterministic}, warn_only=True)",
+        "from alexprep.model.config import TrainConfig",
+        "from alexprep.model.train import train",
+        f"train({str(root)!r}, {str(run_dir)!r}, TrainConfig(max_steps={max_steps}), resume=True, progress=False,"
+        " log=lambda *a: None)",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if proc.returncode:
+        raise RuntimeError(f"the resumed run failed in its new process: {proc.stderr.strip()[-1500:]}")
+
+
 def _relate(rows: list[dict]) -> None:
     """Each row against our fp32 NCHW eager row and against torchvision's same settings."""
     base = next((r.get("images_per_s") for r in rows
@@ -993,7 +1024,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default=None, help="where the corpus and shards go (default: tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     for name, cap in (("data", 60), ("model", 60), ("two-device", 40), ("loader", 45), ("trainer", 75),
-                      ("resume", 60), ("eval", 30)):
+                      ("resume", 90), ("eval", 30)):
         parser.add_argument(f"--cap-{name}", type=float, default=cap, help=f"section cap, s (default {cap})")
     args = parser.parse_args(argv)
     if args.device == "auto":

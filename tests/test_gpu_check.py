@@ -67,6 +67,7 @@ def test_what_must_run_on_the_cpu_ran(smoke):
 @pytest.mark.slow
 def test_resume_is_exact_on_the_cpu(smoke):
     (row,) = smoke["sections"]["resume"]["rows"]
+    assert row["mode"] == "default_new_process"  # resumed in a fresh process, as a real resume
     assert row["exact"] is True, row
     assert row["mid_epoch"] and row["final_step"] == [row["steps"], row["steps"]]
     assert row["weights"]["tensors_differing"] == 0 and row["momentum"]["tensors"] > 0
