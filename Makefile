@@ -12,7 +12,7 @@ SIMD_CC := $(shell grep -q avx2 /proc/cpuinfo 2>/dev/null && echo "cc -mavx2" ||
 DALI := $(shell [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ] && echo "nvidia-dali-cuda120")
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -35,6 +35,20 @@ demo: setup
 # Every benchmark in --quick mode (under ~10 minutes on 2 cores); results in benchmarks/results/.
 bench: setup
 	$(PY) benchmarks/run_all.py --quick
+
+# The GPU check (benchmarks/GPU.md): one run of every GPU path, JSON in OUT. Needs no .venv
+# (a lent GPU machine has none, and no network): alexprep is imported through symlinks in
+# build/gpu-path. Uses .venv's python where there is one, unless PYTHON=... is given.
+OUT ?= build/gpu-check
+ifeq ($(origin PYTHON),command line)
+GPU_PY := $(PYTHON)
+else
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+endif
+gpu-check:
+	mkdir -p build/gpu-path/alexprep
+	for d in imagenet_prep model cli; do ln -sfn ../../../$$d build/gpu-path/alexprep/$$d; done
+	PYTHONPATH="$(CURDIR)/build/gpu-path$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PY) benchmarks/gpu_check.py --out "$(OUT)" $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

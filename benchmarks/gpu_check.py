@@ -1,0 +1,1061 @@
+"""The GPU check (issue #12): every GPU path of alexprep, measured in one short run.
+
+    make gpu-check OUT=/tmp/gpu-check                     # on a lent GPU machine (no .venv needed)
+    python benchmarks/gpu_check.py --out DIR [--device auto|cuda|cpu] [--budget-s 270]
+
+Writes DIR/gpu_check.json after every section (so a run cut short still brings numbers
+back) and a short table on stdout at the end. Each measurement sits beside its baseline
+from the same run:
+
+- data: a corpus made from scikit-learn's two sample photos (scikit-image is not needed),
+  built to JPEG and raw shards with the library's own build-shards and stats;
+- model: our AlexNet's forward + backward images/s at batch 128 in fp32 (TF32 off), TF32,
+  bf16 autocast and channels_last, against torchvision's alexnet() in the same settings;
+- two_device: the placement ("cuda:0", "cpu") against one device, same weights and input:
+  outputs and gradients compared (fp32, TF32 off; tolerances in the JSON), and its speed;
+- loader: the torch backend's training batches/s on the device: PIL decoding in workers
+  and nvJPEG decoding (torchvision) on JPEG shards, and raw shards;
+- trainer: `alexprep train`'s own loop (model/train.py) for a few hundred steps: images/s
+  and the fraction of wall time spent waiting for data (goal on a GPU: under 5%);
+- resume: N steps uninterrupted against N/2, a mid-epoch checkpoint, and a resume to N:
+  the final weights compared bit for bit;
+- eval: 1-crop and 10-crop evaluation images/s (loader alone and loader + model);
+- compile: torch.compile'd training steps (compile time apart) against eager, last
+  because it is the slowest to warm up.
+
+Peak GPU memory is recorded with every GPU measurement. A section that fails records
+{"error": ...} and the run goes on; a contender that cannot run says why; nothing is
+estimated. `--device cpu` runs the same code at tiny sizes (the CPU smoke in `make test`).
+
+Self-contained on purpose: imports only alexprep, torch, torchvision, numpy and the
+standard library. Where alexprep is not installed (the lent GPU machine has no .venv and
+no network), it makes build/gpu-path/alexprep/{imagenet_prep,model,cli} symlinks to the
+source folders and imports through them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STARTED = time.monotonic()
+# Deterministic cuBLAS for the resume comparison (read when cuBLAS starts, so set before
+# torch touches CUDA); it fixes the workspace size, which costs nothing measurable here.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHIM = REPO / "build" / "gpu-path"
+PACKAGES = ("imagenet_prep", "model", "cli")
+
+
+def make_shim(shim: Path = SHIM, source: Path = REPO) -> Path:
+    """shim/alexprep/<package> -> the source folders, as pyproject's package-dir maps them
+    (relative links, so the tree can move)."""
+    pkg = shim / "alexprep"
+    pkg.mkdir(parents=True, exist_ok=True)
+    for name in PACKAGES:
+        link = pkg / name
+        if not link.exists():
+            try:
+                link.symlink_to(os.path.relpath(source / name, pkg), target_is_directory=True)
+            except FileExistsError:  # made meanwhile by another process
+                pass
+    return shim
+
+
+def ensure_alexprep() -> str:
+    """Import alexprep as installed, or through the symlink shim; returns which."""
+    try:
+        import alexprep.model.alexnet  # noqa: F401
+
+        return f"installed ({Path(alexprep.model.alexnet.__file__).parent.parent})"
+    except ImportError:
+        pass
+    for name in [m for m in sys.modules if m == "alexprep" or m.startswith("alexprep.")]:
+        del sys.modules[name]
+    shim = str(make_shim())
+    sys.path.insert(0, shim)
+    # DataLoader and build workers fork (sys.path inherited); a spawned child reads this.
+    os.environ["PYTHONPATH"] = os.pathsep.join([shim, *filter(None, [os.environ.get("PYTHONPATH")])])
+    importlib.invalidate_caches()
+    import alexprep.model.alexnet  # noqa: F401
+
+    return f"shim {shim}"
+
+
+IMPORTED_VIA = ensure_alexprep()
+
+from alexprep.imagenet_prep.build import BuildConfig, build_shards  # noqa: E402
+from alexprep.imagenet_prep.loaders import eval_loader, train_loader  # noqa: E402
+from alexprep.imagenet_prep.sample_data import COMMON_SIZES, LARGE_SIZES, SMALL_SIZES, jpeg_bytes, load_photo, photo_crop  # noqa: E402,E501
+from alexprep.imagenet_prep.stats import compute_stats, write_stats  # noqa: E402
+from alexprep.imagenet_prep.transform import ImageSpec  # noqa: E402
+from alexprep.model.alexnet import AlexNet  # noqa: E402
+from alexprep.model.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from alexprep.model.config import TrainConfig  # noqa: E402
+from alexprep.model.evaluate import evaluate  # noqa: E402
+from alexprep.model.train import train  # noqa: E402
+
+MB = 2**20
+CLASSES = 10
+# scikit-learn's sample photos: the only real photos on the lent GPU machine (no scikit-image).
+PHOTOS = ("china", "flower")
+
+
+# ----------------------------------------------------------------------------- sizes
+@dataclass(frozen=True)
+class Sizes:
+    name: str
+    batch: int  # model, two-device, loader and trainer batch
+    train_images: int
+    val_images: int
+    raw_images: int  # the raw build's train split (196 KB an image)
+    model_warmup: int  # untimed steps per contender (the first also timed, as first_step_s)
+    model_blocks: int  # timed blocks ...
+    block_steps: int  # ... of this many steps, one sync per block
+    split_steps: int  # timed steps of the two-device placement
+    loader_warmup: int  # batches before the clock starts (workers' start-up)
+    loader_batches: int  # timed batches
+    trainer_steps: int  # steps of each throughput run of the trainer
+    trainer_warmup: int  # first steps not counted
+    resume_steps: int  # uninterrupted length; the resumed run stops at half and continues
+    eval_batch: int  # 1-crop eval batch
+    eval_batch_10: tuple  # 10-crop eval batches (images, x10 crops each)
+    warm_passes: bool  # untimed warm-up passes before the two-device and eval timings
+    smoke: bool  # the CPU smoke: a step of AlexNet costs seconds there, so fewer contenders
+
+
+# full: ~50 steps an epoch, so the trainer's runs cross epoch ends (validation, checkpoint)
+# and the resume's checkpoint (35) is mid-epoch with the epoch end (50) before its end (70).
+FULL = Sizes("full", batch=128, train_images=6400, val_images=1024, raw_images=3200, model_warmup=3,
+             model_blocks=8, block_steps=5, split_steps=3, loader_warmup=4, loader_batches=40,
+             trainer_steps=300, trainer_warmup=20, resume_steps=70, eval_batch=128, eval_batch_10=(12, 64),
+             warm_passes=True, smoke=False)
+# tiny: 3 steps an epoch; the resume stops at 2 (mid-epoch) and ends at 4, past an epoch end.
+TINY = Sizes("tiny", batch=2, train_images=6, val_images=2, raw_images=4, model_warmup=1, model_blocks=1,
+             block_steps=1, split_steps=1, loader_warmup=1, loader_batches=3, trainer_steps=3, trainer_warmup=1,
+             resume_steps=4, eval_batch=2, eval_batch_10=(2,), warm_passes=False, smoke=True)
+SMOKE_SKIP = "left out of the CPU smoke (a step of AlexNet takes seconds on 2 busy cores)"
+
+
+# ----------------------------------------------------------------------------- helpers
+class SectionTimeout(Exception):
+    pass
+
+
+def reason(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:400] if lines else ''}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+class Peak:
+    """Peak GPU memory of what runs inside (allocated by tensors, and reserved by the
+    caching allocator), in MiB; None on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.allocated_mb = self.reserved_mb = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.allocated_mb = round(torch.cuda.max_memory_allocated(self.device) / MB, 1)
+            self.reserved_mb = round(torch.cuda.max_memory_reserved(self.device) / MB, 1)
+
+    def to_json(self) -> dict:
+        if self.device.type != "cuda":
+            return {"peak_gpu_memory_mb": None, "peak_gpu_memory_note": "no GPU: the device is the CPU"}
+        return {"peak_gpu_memory_mb": self.allocated_mb, "peak_gpu_reserved_mb": self.reserved_mb}
+
+
+def rate_summary(images: int, seconds: list[float]) -> dict:
+    """images/s over repeated timings of `images` images: median, slowest, fastest."""
+    med = statistics.median(seconds)
+    return {"images_per_s": round(images / med, 1), "images_per_s_min": round(images / max(seconds), 1),
+            "images_per_s_max": round(images / min(seconds), 1), "timings": len(seconds)}
+
+
+def have_torchvision() -> str | None:
+    """None if torchvision's models import, else why not."""
+    try:
+        import torchvision  # noqa: F401
+        import torchvision.models  # noqa: F401
+    except Exception as exc:  # ImportError, or a build that does not match torch
+        return f"torchvision is not importable here ({reason(exc)})"
+    return None
+
+
+def free_cuda() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def alarm(seconds: float):
+    """Raise SectionTimeout in the main thread after `seconds` (a hung section must not
+    take the rest of the run with it). Blocking C calls finish first."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fire(signum, frame):
+        raise SectionTimeout(f"section ran past its {seconds:.0f} s limit")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ----------------------------------------------------------------------------- the run
+class Check:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.gpu = self.device.type == "cuda"
+        self.sizes = FULL if args.sizes == "full" else TINY
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="gpu_check_", dir=args.work_dir))
+        self.deadline = STARTED + args.budget_s
+        self.result: dict = {
+            "benchmark": "gpu_check",
+            "issue": 12,
+            "device": str(self.device),
+            "sizes": asdict(self.sizes),
+            "budget_s": args.budget_s,
+            "sections": {},
+        }
+        self.jpeg = self.raw = None  # build folders, once the data section made them
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def flush(self) -> None:
+        self.result["elapsed_s"] = round(time.monotonic() - STARTED, 1)
+        path = self.out / "gpu_check.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.result, indent=1, default=str) + "\n")
+        tmp.replace(path)
+
+    def section(self, name: str, fn, cap_s: float, needs_s: float = 5.0) -> None:
+        """Run one section within min(its cap, what is left); record an error, never raise."""
+        t0 = time.monotonic()
+        left = self.left()
+        print(f"[gpu_check {t0 - STARTED:6.1f} s] {name} ...", file=sys.stderr, flush=True)
+        if left < needs_s:
+            out = {"skipped": f"out of time: {left:.0f} s left of the {self.args.budget_s:.0f} s budget, "
+                              f"this section needs about {needs_s:.0f} s"}
+        else:
+            limit = min(cap_s, left)
+            try:
+                with alarm(limit + 30):
+                    out = fn(time.monotonic() + limit)
+            except Exception as exc:
+                out = {"error": reason(exc), "traceback": traceback.format_exc()[-3000:]}
+            finally:
+                free_cuda()
+        out["section_s"] = round(time.monotonic() - t0, 1)
+        self.result["sections"][name] = out
+        self.flush()
+
+    # ------------------------------------------------------------------------- machine
+    def machine(self, deadline) -> dict:
+        from alexprep.cli.info import environment_report
+
+        info = {"imported_alexprep": IMPORTED_VIA, **environment_report(),
+                "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                "platform": platform.platform(), "torch_cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+                "torchvision": None, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+        try:
+            import torchvision
+
+            info["torchvision"] = torchvision.__version__
+        except Exception as exc:
+            info["torchvision_missing"] = reason(exc)
+        if self.gpu:
+            p = torch.cuda.get_device_properties(self.device)
+            info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1),
+                        compute_capability=f"{p.major}.{p.minor}")
+        return info
+
+    # ------------------------------------------------------------------------- data
+    def data(self, deadline) -> dict:
+        s = self.sizes
+        src = self.work / "src"
+        t = time.perf_counter()
+        n = write_photo_corpus(src, s.train_images, s.val_images, workers=max(1, self.args.cpu_workers))
+        corpus_s = time.perf_counter() - t
+        out = {"photos": list(PHOTOS), "classes": CLASSES, "source_images": n, "corpus_s": round(corpus_s, 2)}
+        workers = max(1, self.args.cpu_workers)
+        shard = 256 if self.gpu else 8
+        for encoding, splits, limit in (("jpeg", ("train", "val"), None), ("raw", ("train",), s.raw_images)):
+            folder = self.work / f"out-{encoding}"
+            tree = src if limit is None else self._subset(src, limit)
+            t = time.perf_counter()
+            report = build_shards(tree, folder, BuildConfig(spec=ImageSpec(encoding=encoding), shard_size=shard,
+                                                            workers=workers, splits=splits))
+            build_s = time.perf_counter() - t
+            t = time.perf_counter()
+            write_stats(folder, compute_stats(folder))
+            written = sum(1 for _ in folder.rglob("*.arrow"))
+            out[encoding] = {"build_s": round(build_s, 2), "stats_s": round(time.perf_counter() - t, 2),
+                             "shards": written, "workers": workers,
+                             "images": _count_images(report), "bytes": _folder_bytes(folder)}
+            if encoding == "jpeg":
+                self.jpeg = folder
+            else:
+                self.raw = folder
+        return out
+
+    def _subset(self, src: Path, n: int) -> Path:
+        """A tree of the first n train images (hard links), for the raw build."""
+        sub = self.work / "src-raw"
+        files = sorted((src / "train").rglob("*.JPEG"))[:n]
+        for f in files:
+            dest = sub / "train" / f.parent.name / f.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, dest)
+            except OSError:
+                shutil.copyfile(f, dest)
+        return sub
+
+    # ------------------------------------------------------------------------- model
+    def _model_contender(self, model_name: str, module, layout: str, precision: str, compiled: bool = False,
+                         compile_backend: str | None = None, baseline_fn=None) -> dict:
+        """Forward + backward images/s of one configuration, and its peak GPU memory."""
+        s, device = self.sizes, self.device
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        module.to(memory_format=fmt).train()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(s.batch, 3, 224, 224, generator=g).to(device).contiguous(memory_format=fmt)
+        y = torch.randint(0, 1000, (s.batch,), generator=g).to(device)
+        fn = module
+        row = {"model": model_name, "layout": layout, "precision": precision, "compile": compiled, "batch": s.batch}
+        if compiled:
+            row["compile_backend"] = compile_backend
+            fn = torch.compile(module, backend=compile_backend)
+
+        def step(f):
+            for p in module.parameters():
+                p.grad = None
+            set_tf32(precision == "tf32")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = F.cross_entropy(f(x), y)
+            loss.backward()
+
+        def block(f) -> float:
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(s.block_steps):
+                step(f)
+            sync(device)
+            return time.perf_counter() - t
+
+        with Peak(device) as peak:
+            sync(device)
+            t = time.perf_counter()
+            step(fn)  # cuDNN's benchmark search, or torch.compile's compilation
+            sync(device)
+            row["first_step_s"] = round(time.perf_counter() - t, 3)
+            for _ in range(s.model_warmup - 1):
+                step(fn)
+            times, base = [], []
+            for _ in range(s.model_blocks):
+                times.append(block(fn))
+                if baseline_fn is not None:  # interleaved: the eager baseline, same moment
+                    base.append(block(baseline_fn))
+        row.update(rate_summary(s.batch * s.block_steps, times))
+        row.update(peak.to_json())
+        if base:
+            row["eager_baseline_images_per_s"] = rate_summary(s.batch * s.block_steps, base)["images_per_s"]
+            row["vs_eager"] = round(row["images_per_s"] / row["eager_baseline_images_per_s"], 3)
+        x = y = None
+        set_tf32(False)
+        return row
+
+    def _make_model(self, model_name: str):
+        torch.manual_seed(0)
+        if model_name == "alexprep":
+            return AlexNet(devices=(self.device,)), None
+        missing = have_torchvision()
+        if missing:
+            return None, missing
+        import torchvision
+
+        return torchvision.models.alexnet(num_classes=1000).to(self.device), None
+
+    def model(self, deadline) -> dict:
+        """Eager contenders: each layout builds its model once; precisions share it."""
+        rows = []
+        precisions = ["fp32", "tf32", "bf16"]
+        for model_name in ("alexprep", "torchvision"):
+            for layout in ("nchw", "channels_last"):
+                module, missing = self._make_model(model_name)
+                for precision in precisions:
+                    row = {"model": model_name, "layout": layout, "precision": precision, "compile": False}
+                    if missing:
+                        row["skipped"] = missing
+                    elif precision == "tf32" and not self.gpu:
+                        row["skipped"] = "TF32 is a CUDA setting (Ampere and later)"
+                    elif self.sizes.smoke and (layout, precision) != ("nchw", "fp32"):
+                        row["skipped"] = SMOKE_SKIP
+                    elif time.monotonic() > deadline:
+                        row["skipped"] = "out of this section's time"
+                    else:
+                        try:
+                            row = self._model_contender(model_name, module, layout, precision)
+                        except Exception as exc:
+                            row["error"] = reason(exc)
+                    rows.append(row)
+                module = None
+                free_cuda()
+        _relate(rows)
+        return {"what": "forward + cross-entropy + backward on random inputs already on the device, "
+                        "images/s; median over timed blocks (one sync per block); fp32 means TF32 off",
+                "rows": rows, "baselines": "vs_alexprep_fp32: our fp32 NCHW eager; "
+                                           "vs_torchvision: torchvision's alexnet() in the same settings"}
+
+    def compile(self, deadline) -> dict:
+        """torch.compile'd steps against eager, each pair interleaved; compile time apart."""
+        backend = "inductor" if self.gpu else "eager"
+        rows = []
+        try:
+            import torch._dynamo.config as dynamo_config
+
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, 64)
+        except ImportError:
+            pass
+        plan = [("alexprep", "nchw", "fp32"), ("torchvision", "nchw", "fp32"),
+                ("alexprep", "channels_last", "bf16"), ("torchvision", "channels_last", "bf16")]
+        for i, (model_name, layout, precision) in enumerate(plan):
+            row = {"model": model_name, "layout": layout, "precision": precision, "compile": True,
+                   "compile_backend": backend}
+            left = deadline - time.monotonic()
+            module, missing = self._make_model(model_name)
+            if missing:
+                row["skipped"] = missing
+            elif self.sizes.smoke and i >= 1:
+                row["skipped"] = SMOKE_SKIP
+            elif left < self.args.compile_needs_s:
+                row["skipped"] = (f"out of time: {left:.0f} s left, a compilation may take "
+                                  f"{self.args.compile_needs_s:.0f} s")
+            else:
+                try:
+                    import torch._dynamo
+
+                    torch._dynamo.reset()
+                    row = self._model_contender(model_name, module, layout, precision, compiled=True,
+                                                compile_backend=backend, baseline_fn=module)
+                except Exception as exc:
+                    row["error"] = reason(exc)
+            rows.append(row)
+            module = None
+            free_cuda()
+        return {"what": "first_step_s is the compilation (forward + backward); images/s after it, each "
+                        "compiled block interleaved with an eager block of the same model and settings",
+                "backend_note": None if self.gpu else "CPU smoke: backend 'eager' (dynamo tracing, no inductor "
+                                                      "code generation), so that the smoke stays short",
+                "rows": rows}
+
+    # ------------------------------------------------------------------------- two devices
+    def two_device(self, deadline) -> dict:
+        s, device = self.sizes, self.device
+        second = torch.device("cpu")
+        placement = (device, second)
+        out = {"placement": [str(d) for d in placement], "baseline": [str(device)], "batch": s.batch}
+        if not self.gpu:
+            out["note"] = "no GPU: ('cpu', 'cpu') runs the two-tower code path; ('cuda:0', 'cpu') needs CUDA"
+        set_tf32(False)
+        torch.manual_seed(0)
+        one = AlexNet(num_classes=1000, devices=(device,), dropout=0.0)
+        split = AlexNet(num_classes=1000, devices=placement, dropout=0.0)
+        split.load_state_dict(one.state_dict())
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(s.batch, 3, 224, 224, generator=g).to(device)
+        y = torch.randint(0, 1000, (s.batch,), generator=g).to(device)
+        logits = {}
+        for name, m in (("one", one), ("split", split)):
+            m.train()
+            logits[name] = m(x)
+            F.cross_entropy(logits[name], y).backward()
+        ref = logits["one"].detach()
+        out_abs = (logits["split"].detach() - ref).abs().max().item()
+        out_rel = out_abs / max(ref.abs().max().item(), 1e-30)
+        worst_name, worst_rel, worst_abs = None, 0.0, 0.0
+        for (name, p), q in zip(one.named_parameters(), split.parameters()):
+            diff = (q.grad.to(p.device) - p.grad).abs().max().item()
+            rel = diff / max(p.grad.abs().max().item(), 1e-30)
+            if rel >= worst_rel:
+                worst_name, worst_rel, worst_abs = name, rel, diff
+        tol_out, tol_grad = 1e-4, 1e-3
+        out["compare"] = {
+            "what": "logits and every parameter's gradient of cross-entropy, same weights and input; "
+                    "fp32, TF32 off, dropout 0; error = max |difference| / max |reference|",
+            "output_max_abs": out_abs, "output_rel": out_rel, "grad_rel_worst": worst_rel,
+            "grad_abs_worst": worst_abs, "grad_worst_parameter": worst_name,
+            "tolerance": {"output_rel": tol_out, "grad_rel": tol_grad,
+                          "why": "the CPU's and cuDNN's convolutions sum in different orders: float32 "
+                                 "rounding, ~1e-6 per layer, grows through 8 layers and the backward pass"},
+            "ok": out_rel <= tol_out and worst_rel <= tol_grad,
+            "bit_identical_output": out_abs == 0.0,
+        }
+        one.zero_grad(set_to_none=True)
+        split.zero_grad(set_to_none=True)
+        logits = ref = None
+        for name, m in (("one_device", one), ("two_device", split)):
+            if time.monotonic() > deadline:
+                out[name] = {"skipped": "out of this section's time"}
+                continue
+            times = []
+            with Peak(device) as peak:
+                warm = int(s.warm_passes)
+                for i in range(s.split_steps + warm):
+                    for p in m.parameters():
+                        p.grad = None
+                    sync(device)
+                    t = time.perf_counter()
+                    F.cross_entropy(m(x), y).backward()
+                    sync(device)
+                    if i >= warm:
+                        times.append(time.perf_counter() - t)
+            out[name] = {**rate_summary(s.batch, times), **peak.to_json(), "precision": "fp32"}
+        if "images_per_s" in out.get("two_device", {}) and "images_per_s" in out.get("one_device", {}):
+            out["two_over_one"] = round(out["two_device"]["images_per_s"] / out["one_device"]["images_per_s"], 4)
+        return out
+
+    # ------------------------------------------------------------------------- loader
+    def _loader_rate(self, root: Path, decoder: str, deadline) -> dict:
+        s, device = self.sizes, self.device
+        row = {"shards": root.name.replace("out-", ""), "decoder_asked": decoder}
+        t = time.perf_counter()
+        loader = train_loader(root, batch_size=s.batch, device=str(device), seed=0, backend="torch",
+                              decoder=decoder)
+        try:
+            backend = getattr(loader, "_backend", None)
+            row.update(workers=loader.config.threads, decoder=getattr(backend, "decoder", None),
+                       mode=getattr(backend, "mode", None), batches_per_epoch=len(loader))
+            with Peak(device) as peak:
+                got, times, first = 0, [], None
+                t_block = None
+                while got < s.loader_warmup + s.loader_batches and time.monotonic() < deadline:
+                    for images, labels in loader:
+                        got += 1
+                        if first is None:
+                            sync(device)
+                            first = time.perf_counter() - t
+                        if got == s.loader_warmup:
+                            sync(device)
+                            t_block = time.perf_counter()
+                        if got >= s.loader_warmup + s.loader_batches or time.monotonic() > deadline:
+                            break
+                sync(device)
+                timed = got - s.loader_warmup
+                if t_block is None or timed <= 0:
+                    raise RuntimeError("out of this section's time before any timed batch")
+                elapsed = time.perf_counter() - t_block
+            assert images.shape == (s.batch, 3, 224, 224) and images.device.type == device.type, images.shape
+            row.update(images_per_s=round(timed * s.batch / elapsed, 1), timed_batches=timed,
+                       first_batch_s=round(first, 3), **peak.to_json(),
+                       decode_failures=loader.decode_failure_count)
+        finally:
+            loader.close()
+        return row
+
+    def loader(self, deadline) -> dict:
+        rows = []
+        contenders = [(self.jpeg, "pil"), (self.jpeg, "torchvision"), (self.raw, "pil")]
+        for root, decoder in contenders:
+            name = f"{root.name.replace('out-', '')}/{decoder}"
+            if decoder == "torchvision" and have_torchvision():
+                rows.append({"name": name, "skipped": have_torchvision()})
+                continue
+            if time.monotonic() > deadline:
+                rows.append({"name": name, "skipped": "out of this section's time"})
+                continue
+            try:
+                rows.append({"name": name, **self._loader_rate(root, decoder, deadline)})
+            except Exception as exc:
+                rows.append({"name": name, "error": reason(exc)})
+        base = next((r.get("images_per_s") for r in rows if r["name"] == "jpeg/pil"), None)
+        for r in rows:
+            if base and r.get("images_per_s"):
+                r["vs_jpeg_pil"] = round(r["images_per_s"] / base, 3)
+        return {"what": "train_loader(backend='torch') batches on the device, images/s after warm-up "
+                        "(workers started, nvJPEG initialised); 'pil' decodes in CPU workers, 'torchvision' "
+                        "decodes each batch with nvJPEG on the GPU (CPU on a CPU device); raw shards "
+                        "need no decoding", "rows": rows}
+
+    # ------------------------------------------------------------------------- trainer
+    def _config(self, **kw) -> TrainConfig:
+        s = self.sizes
+        base = dict(batch_size=s.batch, epochs=90, final_crops=0, backend="torch", devices=(str(self.device),),
+                    precision="fp32", bias_init="caffe", keep_last=2, log_every=1, eval_batch_size=s.eval_batch)
+        base.update(kw)
+        return TrainConfig(**base)
+
+    def _train_run(self, name: str, config: TrainConfig) -> dict:
+        s = self.sizes
+        run_dir = self.work / "runs" / name
+        t = time.perf_counter()
+        with Peak(self.device) as peak:
+            train(self.jpeg, run_dir, config, progress=False, log=lambda *a: None)
+        wall = time.perf_counter() - t
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if r["kind"] == "step"]
+        epochs = [r for r in rows if r["kind"] == "epoch"]
+        row = {"name": name, "precision": config.precision, "channels_last": config.channels_last,
+               "log_every": config.log_every, "steps": config.max_steps, "batch": config.batch_size,
+               "run_s": round(wall, 2), "epoch_ends": len(epochs), **peak.to_json()}
+        # Wall clock from the rows' timestamps (ms): the trainer's own step timing leaves out
+        # the host sync where it reads the loss, validation and checkpoints (see GPU.md).
+        timed = [r for r in steps if r["step"] >= s.trainer_warmup]
+        if len(timed) < 2:
+            row["skipped"] = "too few logged steps after warm-up to time"
+            return row
+        first, last = timed[0], timed[-1]
+        row["counted_steps"] = last["step"] - first["step"]
+        row["images_per_s_wall"] = round(row["counted_steps"] * config.batch_size
+                                         / max(last["time"] - first["time"], 1e-9), 1)
+        # Intervals between rows of one epoch: no validation or checkpoint inside them.
+        pairs = [(a, b) for a, b in zip(timed, timed[1:]) if a["epoch"] == b["epoch"]]
+        steady = sum(b["time"] - a["time"] for a, b in pairs)
+        if pairs:
+            row["images_per_s_steady"] = round(sum(b["step"] - a["step"] for a, b in pairs) * config.batch_size
+                                               / max(steady, 1e-9), 1)
+        if config.log_every == 1 and pairs:
+            # Each row's data_wait_s is its step's time in the loader's next(), inside the interval.
+            wait = [b["data_wait_s"] for a, b in pairs]
+            row.update(
+                data_wait_fraction=round(sum(wait) / max(steady, 1e-9), 4),
+                data_wait_goal="under 0.05 on a GPU",
+                data_wait_ms_median=round(1000 * statistics.median(wait), 2),
+                trainer_reported_data_wait_fraction=round(
+                    sum(b["data_wait_s"] for a, b in pairs)
+                    / max(sum(b["data_wait_s"] + b["compute_s"] for a, b in pairs), 1e-9), 4),
+            )
+        else:
+            row["data_wait_note"] = ("rows every log_every steps carry only their own step's wait: see the "
+                                     "log_every=1 run for the fraction")
+            row["trainer_reported_data_wait_fraction_last"] = steps[-1].get("data_wait_fraction")
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        row["checkpoints_kept"] = [p.name for p in ckpts]
+        row["checkpoint_mb"] = round(ckpts[-1].stat().st_size / MB, 1) if ckpts else None
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return row
+
+    def trainer(self, deadline) -> dict:
+        s = self.sizes
+        runs = [("fp32", dict(), True),
+                ("fp32_log_every_10", dict(log_every=10), not s.smoke),
+                ("bf16_channels_last", dict(precision="bf16", channels_last=True), not s.smoke)]
+        rows = []
+        for name, kw, wanted in runs:
+            if not wanted:
+                rows.append({"name": name, "skipped": SMOKE_SKIP})
+                continue
+            if time.monotonic() > deadline:
+                rows.append({"name": name, "skipped": "out of this section's time"})
+                continue
+            try:
+                steps = s.trainer_steps if not rows else max(s.trainer_steps // 3, s.trainer_warmup + 2)
+                rows.append(self._train_run(name, self._config(max_steps=steps, **kw)))
+            except Exception as exc:
+                rows.append({"name": name, "error": reason(exc), "traceback": traceback.format_exc()[-2000:]})
+            free_cuda()
+        return {"what": "alexprep.model.train.train() for max_steps steps (epochs of the corpus, each ending "
+                        "in validation and a checkpoint), backend torch, the default decoder (nvJPEG on CUDA "
+                        "with torchvision); images_per_s_wall from metrics.jsonl timestamps after "
+                        f"{s.trainer_warmup} warm-up steps, epoch ends included; images_per_s_steady and "
+                        "data_wait_fraction (time in the loader's next() / wall time) over intervals inside "
+                        "an epoch; with log_every=1 the trainer syncs every step, so the GPU idles while "
+                        "the host waits for data and the fraction is the GPU's idle share; log_every=10 "
+                        "syncs every 10th step (the default is 50), letting the host queue steps ahead",
+                "rows": rows}
+
+    # ------------------------------------------------------------------------- resume
+    def _resume_pair(self, mode: str) -> dict:
+        """mode: "<deterministic|default>_<new|same>_process" (where the resumed part runs)."""
+        s = self.sizes
+        n, half = s.resume_steps, s.resume_steps // 2
+        deterministic = mode.startswith("deterministic")
+        new_process = "new_process" in mode
+        caught: list[str] = []
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                whole, parts = self.work / f"resume-{mode}-whole", self.work / f"resume-{mode}-parts"
+                config = self._config(max_steps=n, log_every=max(1, n // 4))
+                t = time.perf_counter()
+                train(self.jpeg, whole, config, progress=False, log=lambda *a: None)
+                whole_s = time.perf_counter() - t
+                first = train(self.jpeg, parts, self._config(max_steps=half, log_every=max(1, n // 4)),
+                              progress=False, log=lambda *a: None)
+                mid = load_checkpoint(parts)
+                t = time.perf_counter()
+                if new_process:  # as a real resume runs: a fresh process, its own cuDNN search
+                    resume_in_new_process(self.jpeg, parts, n, deterministic)
+                else:
+                    train(self.jpeg, parts, self._config(max_steps=n), resume=True, progress=False,
+                          log=lambda *a: None)
+                resumed_s = time.perf_counter() - t
+            caught = sorted({str(w.message).splitlines()[0][:200] for w in seen
+                             if "deterministic" in str(w.message).lower()})
+        finally:
+            torch.use_deterministic_algorithms(False)
+        a, b = load_checkpoint(whole), load_checkpoint(parts)
+        probe = train_loader(self.jpeg, batch_size=s.batch, device="cpu", seed=0, backend="torch", workers=0)
+        per_epoch = len(probe)
+        probe.close()
+        diff = _state_diff(a["model"], b["model"])
+        momentum = _state_diff(_momenta(a["optimizer"]), _momenta(b["optimizer"]))
+        row = {"mode": mode, "steps": n, "checkpoint_at": mid["step"], "steps_per_epoch": per_epoch,
+               "mid_epoch": mid["batch"] not in (0, per_epoch), "first_part_stopped": first.get("stopped"),
+               "final_step": [a["step"], b["step"]], "uninterrupted_s": round(whole_s, 2),
+               "resumed_part_s": round(resumed_s, 2),
+               "weights": diff, "momentum": momentum,
+               "exact": diff["tensors_differing"] == 0 and momentum["tensors_differing"] == 0
+               and a["step"] == b["step"] == n,
+               "nondeterminism_warnings": caught}
+        if deterministic:
+            row["settings"] = ("torch.use_deterministic_algorithms(True, warn_only=True) (cuDNN picks "
+                               "deterministic algorithms), CUBLAS_WORKSPACE_CONFIG="
+                               f"{os.environ.get('CUBLAS_WORKSPACE_CONFIG')}; cudnn.benchmark stays on as the "
+                               "trainer sets it: in one process its choice is cached, a new process searches "
+                               "again and may pick another (deterministic) algorithm")
+        if new_process:
+            row["nondeterminism_warnings_note"] = "the new process's warnings are not collected"
+        shutil.rmtree(whole, ignore_errors=True)
+        shutil.rmtree(parts, ignore_errors=True)
+        return row
+
+    def resume(self, deadline) -> dict:
+        modes = (["deterministic_new_process", "default_same_process", "deterministic_same_process"]
+                 if self.gpu else ["default_new_process"])
+        rows = []
+        for mode in modes:
+            if time.monotonic() > deadline:
+                rows.append({"mode": mode, "skipped": "out of this section's time"})
+                continue
+            try:
+                rows.append(self._resume_pair(mode))
+            except Exception as exc:
+                rows.append({"mode": mode, "error": reason(exc), "traceback": traceback.format_exc()[-2000:]})
+            free_cuda()
+        out = {"what": "train(max_steps=N) against train(max_steps=N/2) + train(resume=True, max_steps=N) in "
+                       "the same process: the final checkpoints' weights and momenta compared bit for bit",
+               "rows": rows}
+        if not self.gpu:
+            out["note"] = "on the CPU every kernel used is deterministic: 'default' is expected to be exact"
+        return out
+
+    # ------------------------------------------------------------------------- eval
+    def eval(self, deadline) -> dict:
+        s, device = self.sizes, self.device
+        set_tf32(False)
+        torch.manual_seed(0)
+        model = AlexNet(num_classes=CLASSES, devices=(device,)).eval()
+        rows = []
+        plan = [(1, s.eval_batch)] + [(10, b) for b in s.eval_batch_10]
+        for crops, batch in plan:
+            name = f"{crops}-crop/batch {batch}"
+            if time.monotonic() > deadline:
+                rows.append({"name": name, "skipped": "out of this section's time"})
+                continue
+            try:
+                loader = eval_loader(self.jpeg, batch_size=batch, device=str(device), crops=crops, backend="torch")
+                try:
+                    row = {"name": name, "crops": crops, "batch_images": batch,
+                           "forward_batch": batch * crops, "images": len(loader.samples),
+                           "decoder": getattr(getattr(loader, "_backend", None), "decoder", None),
+                           "workers": loader.config.threads}
+                    if s.warm_passes:  # workers, nvJPEG, cuDNN's benchmark search
+                        for _ in loader:
+                            pass
+                        evaluate(model, loader, "fp32")
+                    with Peak(device) as peak:
+                        sync(device)
+                        t = time.perf_counter()
+                        for images, labels in loader:
+                            pass
+                        sync(device)
+                        loader_s = time.perf_counter() - t
+                        t = time.perf_counter()
+                        result = evaluate(model, loader, "fp32")
+                        sync(device)
+                        eval_s = time.perf_counter() - t
+                    row.update(loader_images_per_s=round(row["images"] / loader_s, 1),
+                               eval_images_per_s=round(row["images"] / eval_s, 1),
+                               crops_per_s=round(row["images"] * crops / eval_s, 1),
+                               counted=result.count, **peak.to_json())
+                finally:
+                    loader.close()
+            except Exception as exc:
+                row = {"name": name, "error": reason(exc)}
+            rows.append(row)
+        base = next((r.get("eval_images_per_s") for r in rows if r.get("crops") == 1), None)
+        for r in rows:
+            if base and r.get("eval_images_per_s"):
+                r["vs_1crop"] = round(r["eval_images_per_s"] / base, 3)
+        return {"what": "eval_loader(backend='torch') over the val split, then alexprep.model.evaluate.evaluate "
+                        "(softmax averaged over the crops), fp32; images/s of a pass after a warm-up pass; the "
+                        "trainer's final 10-crop evaluation uses batch = train batch / 10",
+                "rows": rows}
+
+    # ------------------------------------------------------------------------- all
+    def run(self) -> dict:
+        a = self.args
+        self.section("machine", self.machine, 30, needs_s=0)
+        self.section("data", self.data, a.cap_data, needs_s=5)
+        have_data = self.jpeg is not None and self.raw is not None
+        self.section("model", self.model, a.cap_model)
+        self.section("two_device", self.two_device, a.cap_two_device)
+        for name, fn, cap in (("loader", self.loader, a.cap_loader), ("trainer", self.trainer, a.cap_trainer),
+                              ("resume", self.resume, a.cap_resume), ("eval", self.eval, a.cap_eval)):
+            if have_data:
+                self.section(name, fn, cap)
+            else:
+                self.result["sections"][name] = {"skipped": "the data section did not build the shards"}
+                self.flush()
+        self.section("compile", self.compile, 600, needs_s=10)
+        self.result["summary"] = summary(self.result)
+        self.flush()
+        return self.result
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- pieces
+def resume_in_new_process(root: Path, run_dir: Path, max_steps: int, deterministic: bool) -> None:
+    """train(resume=True) in a fresh Python, importing alexprep the way this one did."""
+    import subprocess
+
+    code = "\n".join([
+        "import sys, torch",
+        f"sys.path[:0] = {[p for p in sys.path if p]!r}",
+        f"torch.use_deterministic_algorithms({deterministic}, warn_only=True)",
+        "from alexprep.model.config import TrainConfig",
+        "from alexprep.model.train import train",
+        f"train({str(root)!r}, {str(run_dir)!r}, TrainConfig(max_steps={max_steps}), resume=True, progress=False,"
+        " log=lambda *a: None)",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if proc.returncode:
+        raise RuntimeError(f"the resumed run failed in its new process: {proc.stderr.strip()[-1500:]}")
+
+
+def _relate(rows: list[dict]) -> None:
+    """Each row against our fp32 NCHW eager row and against torchvision's same settings."""
+    base = next((r.get("images_per_s") for r in rows
+                 if r["model"] == "alexprep" and r["layout"] == "nchw" and r["precision"] == "fp32"), None)
+    tv = {(r["layout"], r["precision"]): r.get("images_per_s") for r in rows if r["model"] == "torchvision"}
+    for r in rows:
+        if not r.get("images_per_s"):
+            continue
+        if base:
+            r["vs_alexprep_fp32"] = round(r["images_per_s"] / base, 3)
+        other = tv.get((r["layout"], r["precision"]))
+        if r["model"] == "alexprep" and other:
+            r["vs_torchvision"] = round(r["images_per_s"] / other, 3)
+
+
+def _state_diff(a: dict, b: dict) -> dict:
+    differing, worst, worst_name = 0, 0.0, None
+    for k in a:
+        x, y = a[k], b[k]
+        if not torch.equal(x, y):
+            differing += 1
+            d = (x.double() - y.double()).abs().max().item()
+            if d >= worst:
+                worst, worst_name = d, k
+    return {"tensors": len(a), "tensors_differing": differing, "max_abs_diff": worst, "worst": worst_name}
+
+
+def _momenta(opt_state: dict) -> dict:
+    out = {}
+    for k, v in opt_state.get("state", {}).items():
+        for name, t in v.items():
+            if torch.is_tensor(t):
+                out[f"{k}.{name}"] = t
+    return out
+
+
+def _count_images(report) -> dict:
+    return {r.split: {"written": r.written, "skipped": len(r.skipped)} for r in report.splits}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+_PHOTO_CACHE: dict = {}
+
+
+def _write_one(job) -> None:
+    path, i, seed = job
+    rng = np.random.default_rng([seed, i])
+    photo = _PHOTO_CACHE[PHOTOS[i % len(PHOTOS)]]
+    bucket = rng.random()
+    pool = COMMON_SIZES if bucket < 0.8 else LARGE_SIZES if bucket < 0.9 else SMALL_SIZES
+    size = pool[int(rng.integers(len(pool)))]
+    Path(path).write_bytes(jpeg_bytes(photo_crop(photo, size, rng), quality=int(rng.integers(75, 96))))
+
+
+def write_photo_corpus(root: Path, train_images: int, val_images: int, workers: int) -> int:
+    """root/{train,val}/<wnid>/*.JPEG: crops of scikit-learn's two sample photos at
+    ImageNet's mix of sizes and qualities, CLASSES classes, written in parallel."""
+    for name in PHOTOS:
+        _PHOTO_CACHE[name] = load_photo(name)
+    jobs = []
+    for split, n, seed in (("train", train_images, 0), ("val", val_images, 1)):
+        for i in range(n):
+            folder = root / split / f"n{i % CLASSES + 1:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            jobs.append((str(folder / f"{split}_{i:05d}.JPEG"), i, seed))
+    if workers > 1 and len(jobs) > 64 and os.name == "posix":
+        with mp.get_context("fork").Pool(workers) as pool:
+            pool.map(_write_one, jobs, chunksize=32)
+    else:
+        for job in jobs:
+            _write_one(job)
+    return len(jobs)
+
+
+def summary(result: dict) -> dict:
+    """The headline numbers, one level deep, for the table and a quick look."""
+    sec = result["sections"]
+    out: dict = {}
+
+    def rows(name):
+        return sec.get(name, {}).get("rows", [])
+
+    for r in rows("model") + rows("compile"):
+        key = f"model {r['model']} {r['layout']} {r['precision']}{' compiled' if r.get('compile') else ''}"
+        out[key] = r.get("images_per_s", r.get("skipped") or r.get("error"))
+    two = sec.get("two_device", {})
+    if "compare" in two:
+        out["two_device ok"] = two["compare"]["ok"]
+        out["two_device images/s"] = two.get("two_device", {}).get("images_per_s")
+        out["one_device images/s"] = two.get("one_device", {}).get("images_per_s")
+    for r in rows("loader"):
+        out[f"loader {r['name']}"] = r.get("images_per_s", r.get("skipped") or r.get("error"))
+    for r in rows("trainer"):
+        out[f"trainer {r['name']}"] = r.get("images_per_s_wall", r.get("skipped") or r.get("error"))
+        if "data_wait_fraction" in r:
+            out[f"trainer {r['name']} data wait"] = r["data_wait_fraction"]
+    for r in rows("resume"):
+        out[f"resume {r['mode']} exact"] = r.get("exact", r.get("skipped") or r.get("error"))
+    for r in rows("eval"):
+        out[f"eval {r['name']}"] = r.get("eval_images_per_s", r.get("skipped") or r.get("error"))
+    for name, s in sec.items():
+        if "error" in s:
+            out[f"{name} error"] = s["error"]
+    return out
+
+
+def print_table(result: dict) -> None:
+    print(f"gpu_check on {result['device']} ({result['sections'].get('machine', {}).get('gpu') or 'no GPU'}), "
+          f"sizes {result['sizes']['name']}, {result['elapsed_s']} s")
+    for key, value in result.get("summary", {}).items():
+        if isinstance(value, float):
+            value = f"{value:,.4g}" if value < 1 else f"{value:,.1f}"
+        print(f"  {key:<52} {value}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="folder for gpu_check.json")
+    parser.add_argument("--device", default="auto", help="auto (cuda:0 where CUDA is), cuda, cuda:N or cpu")
+    parser.add_argument("--sizes", choices=["full", "tiny"], default=None,
+                        help="full (batch 128, thousands of images) on CUDA, tiny (the smoke) on the CPU")
+    parser.add_argument("--budget-s", type=float, default=270.0,
+                        help="wall-clock budget from start; sections past it are skipped, saying so")
+    parser.add_argument("--compile-needs-s", type=float, default=None,
+                        help="seconds left needed to start one more compilation (default 60 on CUDA, 5 on CPU)")
+    parser.add_argument("--cpu-workers", type=int, default=None, help="processes for the corpus and builds")
+    parser.add_argument("--work-dir", default=None, help="where the corpus and shards go (default: tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    for name, cap in (("data", 60), ("model", 60), ("two-device", 40), ("loader", 45), ("trainer", 75),
+                      ("resume", 90), ("eval", 30)):
+        parser.add_argument(f"--cap-{name}", type=float, default=cap, help=f"section cap, s (default {cap})")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda":
+        args.device = "cuda:0"
+    gpu = args.device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available (torch {torch.__version__}, "
+                     f"CUDA build {torch.version.cuda})")
+    args.sizes = args.sizes or ("full" if gpu else "tiny")
+    if args.compile_needs_s is None:
+        args.compile_needs_s = 60.0 if gpu else 5.0
+    if args.cpu_workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.cpu_workers = cores
+    if gpu:
+        torch.cuda.set_device(torch.device(args.device))
+        torch.backends.cudnn.benchmark = True  # as the trainer sets it (model/train.py configure_cuda)
+    check = Check(args)
+    try:
+        result = check.run()
+    finally:
+        if not args.keep:
+            check.close()
+        else:
+            print(f"kept {check.work}", file=sys.stderr)
+    print_table(result)
+    print(f"wrote {check.out / 'gpu_check.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

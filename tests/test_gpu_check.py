@@ -1,0 +1,102 @@
+"""benchmarks/gpu_check.py (`make gpu-check`, benchmarks/GPU.md) at tiny sizes on the CPU, so
+that the script a lent GPU machine runs cannot rot between loans."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+SECTIONS = ["machine", "data", "model", "two_device", "loader", "trainer", "resume", "eval", "compile"]
+# A measured row carries one of these; a row that did not run says why.
+NUMBERS = ("images_per_s", "images_per_s_wall", "eval_images_per_s", "exact")
+REASONS = ("skipped", "error")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(out),
+                           "--work-dir", str(out)], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    result["_stdout"] = proc.stdout
+    return result
+
+
+@pytest.mark.slow
+def test_every_section_ran_or_says_why(smoke):
+    sections = smoke["sections"]
+    assert list(sections) == SECTIONS
+    for name, section in sections.items():
+        assert "error" not in section, (name, section.get("traceback", section["error"]))
+        assert "skipped" not in section, (name, section["skipped"])
+        for row in section.get("rows", []):
+            has_number = any(isinstance(row.get(k), (int, float)) for k in NUMBERS)
+            has_reason = any(isinstance(row.get(k), str) and row[k] for k in REASONS)
+            assert has_number or has_reason, (name, row)
+    assert "gpu_check on cpu" in smoke["_stdout"]
+
+
+@pytest.mark.slow
+def test_what_must_run_on_the_cpu_ran(smoke):
+    sections = smoke["sections"]
+    ours = [r for r in sections["model"]["rows"] if r["model"] == "alexprep"]
+    assert ours[0]["precision"] == "fp32" and ours[0]["images_per_s"] > 0
+    assert all("TF32" in r["skipped"] for r in ours if r["precision"] == "tf32")
+    tv = [r for r in sections["model"]["rows"] if r["model"] == "torchvision"]
+    for r in tv:  # torchvision's contender runs where it imports, and says why not elsewhere
+        assert r.get("images_per_s") or "torchvision" in r.get("skipped", "") or "CPU smoke" in r.get("skipped", "")
+    compare = sections["two_device"]["compare"]
+    assert compare["ok"] and compare["tolerance"]["output_rel"] > 0
+    loader = {r["name"]: r for r in sections["loader"]["rows"]}
+    assert loader["jpeg/pil"]["images_per_s"] > 0 and loader["raw/pil"]["images_per_s"] > 0
+    trainer = sections["trainer"]["rows"][0]
+    assert trainer["images_per_s_wall"] > 0 and 0 <= trainer["data_wait_fraction"] <= 1
+    assert {r["crops"] for r in sections["eval"]["rows"]} == {1, 10}
+    assert sections["compile"]["rows"][0].get("images_per_s") or sections["compile"]["rows"][0].get("error")
+    assert sections["machine"]["imported_alexprep"]
+
+
+@pytest.mark.slow
+def test_resume_is_exact_on_the_cpu(smoke):
+    (row,) = smoke["sections"]["resume"]["rows"]
+    assert row["mode"] == "default_new_process"  # resumed in a fresh process, as a real resume
+    assert row["exact"] is True, row
+    assert row["mid_epoch"] and row["final_step"] == [row["steps"], row["steps"]]
+    assert row["weights"]["tensors_differing"] == 0 and row["momentum"]["tensors"] > 0
+
+
+def test_shim_imports_alexprep_from_the_source_folders(tmp_path):
+    """Without an install (the lent GPU machine has no .venv), the script imports alexprep
+    through build/gpu-path/alexprep/<package> symlinks to the source folders."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", gpu_check)  # its dataclasses look their module up
+    spec.loader.exec_module(gpu_check)
+    shim = gpu_check.make_shim(tmp_path / "gpu-path")
+    assert gpu_check.make_shim(shim) == shim  # idempotent
+    code = ("import alexprep.model.alexnet as m, alexprep.imagenet_prep.loaders, alexprep.cli.main; "
+            "print(m.__file__)")
+    env = {**os.environ, "PYTHONPATH": str(shim)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(str(shim)), proc.stdout
+
+
+def test_script_falls_back_to_the_shim_without_an_install(tmp_path):
+    """With the editable install's import hook removed, as on a machine where alexprep is
+    not installed, the script makes the shim itself and imports through it."""
+    code = ("import sys, runpy; "
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            f"print(runpy.run_path({str(SCRIPT)!r}, run_name='not_main')['IMPORTED_VIA'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("shim "), proc.stdout
+    assert (REPO / "build" / "gpu-path" / "alexprep" / "model" / "alexnet.py").exists()
