@@ -45,6 +45,8 @@ def _devices(device: str | None, devices: str | None) -> tuple[str, ...]:
 @click.option("--lighting-std", type=float, default=DEFAULTS.lighting_std, show_default=True,
               help="PCA lighting alpha std (0 disables).")
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
+@click.option("--decoder", type=click.Choice(["auto", "pil", "torchvision"]), default="auto", show_default=True,
+              help="Torch backend: decode in CPU workers (pil) or in batches with torchvision (nvJPEG on CUDA).")
 @click.option("--device", default=None, help="Both towers on this device: cpu, cuda:N [default: cpu].")
 @click.option("--devices", default=None, help="One tower per device, e.g. cuda:0,cuda:1; 'auto' under torchrun.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS.precision, show_default=True,
@@ -68,7 +70,7 @@ def _devices(device: str | None, devices: str | None) -> tuple[str, ...]:
 @user_errors
 def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, weight_decay, decay_biases,
                   bias_lr_mult, patience, max_drops, plateau_threshold, milestones, seed, lighting_std, backend,
-                  device, devices, precision, channels_last, bias_init, lrn, final_crops, checkpoint_minutes,
+                  decoder, device, devices, precision, channels_last, bias_init, lrn, final_crops, checkpoint_minutes,
                   keep_last, log_every, max_steps, workers, tensorboard, verify_shards):
     """Train the paper's AlexNet on a build folder, with the paper's recipe.
 
@@ -90,7 +92,8 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
         batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
         decay_biases=decay_biases, bias_lr_mult=bias_lr_mult, patience=patience, max_drops=max_drops,
         plateau_threshold=plateau_threshold, milestones=steps, seed=seed,
-        lighting_std=lighting_std, backend=backend, devices=_devices(device, devices), precision=precision,
+        lighting_std=lighting_std, backend=backend, decoder=decoder, devices=_devices(device, devices),
+        precision=precision,
         channels_last=channels_last, bias_init=bias_init, lrn=lrn, final_crops=int(final_crops),
         checkpoint_minutes=checkpoint_minutes, keep_last=keep_last, log_every=log_every, max_steps=max_steps,
         loader_workers=workers, tensorboard=tensorboard, verify_shards=verify_shards,

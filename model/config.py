@@ -32,6 +32,7 @@ class TrainConfig:
     normalize: str = "mean-image"  # §2: subtract the mean image; "channel" for mean/std
     order: str = "random"  # or "quasi" for datasets larger than RAM
     backend: str = "auto"  # "dali", "torch", or "auto" (DALI where installed)
+    decoder: str = "auto"  # torch backend: "pil" (CPU workers) or "torchvision" (nvJPEG on CUDA); auto picks
     devices: tuple[str, ...] = ("cpu",)  # one device (grouped towers) or two (one tower each); "auto"
     precision: str = "fp32"  # "fp32" (true fp32, TF32 off), "tf32" (TF32 matmuls on Ampere+), "bf16" autocast
     channels_last: bool = False  # NHWC memory format, faster on some GPUs
@@ -60,6 +61,8 @@ class TrainConfig:
             (self.bias_lr_mult > 0, f"bias lr multiplier must be > 0, not {self.bias_lr_mult}"),
             (0 <= self.plateau_threshold < 1, f"plateau threshold must be in [0, 1), not {self.plateau_threshold}"),
             (self.backend in ("auto", "dali", "torch"), f"backend must be auto, dali or torch, not {self.backend!r}"),
+            (self.decoder in ("auto", "pil", "torchvision"),
+             f"decoder must be auto, pil or torchvision, not {self.decoder!r}"),
             (1 <= len(self.devices) <= 2, f"devices: one or two (one per tower), not {len(self.devices)}"),
             (self.final_crops in (0, 1, 10), f"final crops must be 0, 1 or 10, not {self.final_crops}"),
             (self.keep_last >= 1, f"keep-last must be >= 1, not {self.keep_last}"),

@@ -112,9 +112,7 @@ class Run:
 def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device) -> tuple[Loader, Loader]:
     if config.batch_size % ranks.world_size:
         raise DataError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} ranks")
-    common = dict(device=device_name(device), rank=ranks.rank, world_size=ranks.world_size,
-                  normalize=config.normalize, backend=pick_backend(config.backend),
-                  workers=config.loader_workers or None)
+    common = loader_options(config, ranks, device)
     train = train_loader(root, batch_size=config.batch_size // ranks.world_size, seed=config.seed,
                          lighting_std=config.lighting_std, order=config.order, **common)
     try:
@@ -123,6 +121,12 @@ def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device) 
         train.close()
         raise
     return train, val
+
+
+def loader_options(config: TrainConfig, ranks: Ranks, device: torch.device) -> dict:
+    """What the run's train, validation and 10-crop loaders share."""
+    return dict(device=device_name(device), rank=ranks.rank, world_size=ranks.world_size, normalize=config.normalize,
+                backend=pick_backend(config.backend), workers=config.loader_workers or None, decoder=config.decoder)
 
 
 def make_eval_loader(root, config: TrainConfig, common: dict, stats, crops: int) -> Loader:
@@ -328,7 +332,8 @@ def train_one_epoch(run: Run, state: RunState, stop: StopSignal) -> str | None:
     the host queues the next step without waiting for this one (one sync per step would
     idle the GPU while Python catches up). `wait` is the time spent in the loader's
     `next()`, with the device's work still queued: on the torch backend that includes
-    launching the GPU decoding and rendering, which is data work.
+    launching the GPU decoding and rendering, which is data work. `busy` is the rest of
+    the wall time, syncs and checkpoints included, so that wait + busy is the epoch's.
     """
     config, loader, sums = run.config, run.train_loader, state.sums
     run.schedule.apply(run.optimizer)
@@ -339,41 +344,53 @@ def train_one_epoch(run: Run, state: RunState, stop: StopSignal) -> str | None:
     bar = _bar(run.progress and run.ranks.main, len(loader), state.batch, f"epoch {state.epoch + 1}/{config.epochs}")
     pending = DeviceSums()
     last_checkpoint = time.monotonic()
-    t_ready = time.perf_counter()
+    clock = time.perf_counter()  # when the last step ended: waiting for data starts here
+    window = [clock, 0, 0.0]  # since the last step row: its start, images, seconds waited
     try:
         for images, labels in batches:
             t_data = time.perf_counter()
+            sums.wait += t_data - clock
+            window[1], window[2] = window[1] + len(labels), window[2] + t_data - clock
             loss, correct = train_step(run, images, labels)
             pending.add(loss, correct)
             state.step, state.batch = state.step + 1, state.batch + 1
             sums.seen, sums.steps = sums.seen + len(labels), sums.steps + 1
-            t_done = time.perf_counter()
-            sums.wait, sums.busy = sums.wait + t_data - t_ready, sums.busy + t_done - t_data
             if bar:
                 bar.update(1)
             if state.step % config.log_every == 0:
-                loss_mean = _collect(run, state, pending, since=config.log_every)
-                _log_step(run, state, loss_mean, t_data - t_ready, t_done - t_data, len(labels))
+                loss_mean = _collect(run, state, pending, since=config.log_every)  # waits for the device
+                _log_step(run, state, loss_mean, window)
+                window = [time.perf_counter(), 0, 0.0]
                 if bar:
                     bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{run.schedule.lr:g}")
             due = time.monotonic() - last_checkpoint > 60 * config.checkpoint_minutes
             reason, due = _agree(run, state, stop, due)
             if reason or due:  # agreed: every rank checkpoints (and stops) at this step
-                if state.batch == len(loader):
-                    _collect(run, state, pending)
-                    return reason  # the epoch's end checkpoints after validation
-                _collect(run, state, pending)
-                path = save_run_checkpoint(run, state)
-                last_checkpoint = time.monotonic()
-                if reason:
-                    run.log(f"stopped at step {state.step} ({reason}); checkpoint {path}; continue with --resume")
+                if _checkpoint_at_step(run, state, pending, reason):
                     return reason
-            t_ready = time.perf_counter()
+                last_checkpoint = time.monotonic()
+            # Busy time ends here, not at the step's return: on a GPU the step only queues
+            # work, and the syncs above (every log_every steps) are where it is paid for.
+            end = time.perf_counter()
+            sums.busy += end - t_data
+            clock = end
         _collect(run, state, pending)
         return None
     finally:
         if bar:
             bar.close()
+
+
+def _checkpoint_at_step(run: Run, state: RunState, pending: "DeviceSums", reason: str | None) -> bool:
+    """Checkpoint mid-epoch; returns whether the epoch stops here (a stop, or its last
+    batch: the epoch's end checkpoints after validation)."""
+    _collect(run, state, pending)
+    if state.batch == len(run.train_loader):
+        return True
+    path = save_run_checkpoint(run, state)
+    if reason:
+        run.log(f"stopped at step {state.step} ({reason}); checkpoint {path}; continue with --resume")
+    return reason is not None
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,11 +454,14 @@ def _stop_reason(run: Run, state: RunState, stop: StopSignal) -> str | None:
     return _agree(run, state, stop, False)[0]
 
 
-def _log_step(run: Run, state: RunState, loss: float, wait: float, busy: float, batch: int) -> None:
-    sums = state.sums
+def _log_step(run: Run, state: RunState, loss: float, window: list) -> None:
+    """A metrics row for the steps since the last one (window: their start, images and
+    seconds spent waiting for data)."""
+    seconds = max(time.perf_counter() - window[0], 1e-9)
     run.metrics.write("step", epoch=state.epoch, step=state.step, loss=loss, lr=run.schedule.lr,
-                      images_per_s=batch * run.ranks.world_size / max(wait + busy, 1e-9),
-                      data_wait_s=wait, compute_s=busy, data_wait_fraction=sums.wait / max(sums.wall, 1e-9))
+                      images_per_s=window[1] * run.ranks.world_size / seconds, data_wait_s=window[2],
+                      compute_s=seconds - window[2], data_wait_fraction=window[2] / seconds,
+                      epoch_data_wait_fraction=state.sums.wait / max(state.sums.wall, 1e-9))
     if run.tensorboard:
         run.tensorboard.add_scalar("train/loss", loss, state.step)
 
@@ -483,9 +503,7 @@ def final_evaluation(run: Run, state: RunState) -> dict:
     config = run.config
     results = [EvalResult(**state.last_eval)] if state.last_eval else []
     if config.final_crops == 10:
-        common = dict(device=device_name(run.devices[0]), rank=run.ranks.rank, world_size=run.ranks.world_size,
-                      normalize=config.normalize, backend=pick_backend(config.backend),
-                      workers=config.loader_workers or None)
+        common = loader_options(config, run.ranks, run.devices[0])
         ten = make_eval_loader(run.root, config, common, run.val_loader.stats, crops=10)
         try:
             results.append(evaluate(run.model, ten, config.precision))

@@ -396,7 +396,6 @@ def test_moving_a_two_device_model_keeps_it_working():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_towers_on_gpu_and_cpu_match_one_gpu():
     one = make(("cuda:0",), dropout=0.0)
     split = make(("cuda:0", "cpu"), dropout=0.0)
