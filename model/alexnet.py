@@ -332,9 +332,9 @@ class AlexNet(nn.Module):
                 hs[0], weight, bias, stride=convs[0].stride, padding=convs[0].padding,
                 groups=1 if mixes else 2,
             )
-            return [F.relu(out)]
+            return [F.relu(out, inplace=True)]  # in place, as torchvision: one activation-sized buffer fewer
         ins = [_gather(hs, c.weight.device) for c in convs] if mixes else hs
-        return [F.relu(c(h)) for c, h in zip(convs, ins)]
+        return [F.relu(c(h), inplace=True) for c, h in zip(convs, ins)]
 
     def _fc(self, name: str, hs: list[Tensor], *, dropout: bool) -> list[Tensor]:
         """Hidden fully connected layer `name` of both towers: ReLU, then dropout."""
@@ -346,7 +346,7 @@ class AlexNet(nn.Module):
             outs = [torch.cat([fc(h) for fc in fcs], dim=1)]
         else:
             outs = [fc(_gather(hs, fc.weight.device).flatten(1)) for fc in fcs]
-        return [F.dropout(F.relu(o), self.config.dropout, training=dropout) for o in outs]
+        return [F.dropout(F.relu(o, inplace=True), self.config.dropout, training=dropout) for o in outs]
 
     def _lrn_pool(self, hs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Response normalisation within each tower, then overlapping max pooling."""
