@@ -5,9 +5,9 @@ from pathlib import Path
 
 import click
 
-from alexprep.cli.common import format_bytes, progress_bars, user_errors
+from alexprep.cli.common import BadInput, format_bytes, progress_bars, user_errors
 from alexprep.imagenet_prep.build import DEFAULT_SHARD_SIZE, BuildConfig, DiskFull, build_shards, default_workers
-from alexprep.imagenet_prep.transform import ENCODINGS, RESAMPLE_FILTERS, ImageSpec
+from alexprep.imagenet_prep.transform import ENCODINGS, RESAMPLE_FILTERS, RESIZE_MODES, ImageSpec
 
 
 class PartType(click.ParamType):
@@ -38,6 +38,15 @@ class PartType(click.ParamType):
               help="JPEG quality (cuda-convnet2 used 95).")
 @click.option("--resample", type=click.Choice(sorted(RESAMPLE_FILTERS)), default="bicubic", show_default=True,
               help="Antialiasing filter for the resize (bicubic and lanczos differ by less than q95's error).")
+@click.option("--resize", type=click.Choice(RESIZE_MODES), default="center-crop", show_default=True,
+              help="center-crop: the paper's 256x256 centre crop. keep-aspect: the whole image, shorter side "
+                   "--shorter-side, longer side at most --max-side, nothing cropped (for RandomResizedCrop "
+                   "recipes); each row records its height and width.")
+@click.option("--shorter-side", type=int, default=None, show_default="256",
+              help="keep-aspect only: the shorter side's size.")
+@click.option("--max-side", type=int, default=None, show_default="2 x --shorter-side",
+              help="keep-aspect only: the longer side's cap (a wider image gets a shorter side below "
+                   "--shorter-side).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
               help="Images per shard (~40 MB of q95 JPEG at the default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the spread of samples over shards.")
@@ -56,14 +65,15 @@ class PartType(click.ParamType):
               help="The class list: a classes.json, or one wnid per line.")
 @click.option("--no-stats", is_flag=True, help="Do not keep statistics partials (`stats --recompute` can still compute them).")
 @user_errors
-def build_shards_command(src, out, split, encoding, quality, resample, shard_size, seed, workers, part,
+def build_shards_command(src, out, split, encoding, quality, resample, resize, shorter_side, max_side, shard_size, seed, workers, part,
                          on_error, overwrite, val_labels, devkit, classes_file, no_stats):
     """Convert ImageNet (archives as downloaded, or any ImageFolder tree) into 256x256 Arrow shards.
 
     Reads the archives in place (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and
     ILSVRC2012_devkit_t12.tar.gz, or Kaggle's zip) in SRC or given as SRC, or finds
     train/ and val/ under SRC (or the Kaggle tree ILSVRC/Data/CLS-LOC/); rescales
-    each image's shorter side to 256, crops the central 256x256 and writes shards to OUT,
+    each image's shorter side to 256, crops the central 256x256 (--resize keep-aspect:
+    keeps the whole image, longer side capped) and writes shards to OUT,
     with each shard's statistics partial beside it. Safe to kill and rerun: finished
     shards are kept. Unreadable files are reported, never fatal.
 
@@ -73,9 +83,10 @@ def build_shards_command(src, out, split, encoding, quality, resample, shard_siz
         alexprep build-shards ~/imagenet out/
         alexprep build-shards ~/kaggle-imagenet out/ --split val
         alexprep build-shards ~/imagenet out/ --part 3/16   # on machine 3 of 16
+        alexprep build-shards ~/imagenet out/ --resize keep-aspect --shorter-side 256 --max-side 512
     """
     config = BuildConfig(
-        spec=ImageSpec(encoding=encoding, quality=quality, resample=resample),
+        spec=_image_spec(encoding, quality, resample, resize, shorter_side, max_side),
         shard_size=shard_size, seed=seed, workers=workers, part=part[0], parts=part[1],
         splits=("train", "val") if split == "all" else (split,), on_error=on_error, overwrite=overwrite,
         accumulate_stats=not no_stats, val_labels=val_labels, devkit=devkit, classes_file=classes_file,
@@ -101,6 +112,26 @@ def build_shards_command(src, out, split, encoding, quality, resample, shard_siz
             raise SystemExit(1)
 
 
+def _image_spec(encoding, quality, resample, resize, shorter_side, max_side) -> ImageSpec:
+    """The ImageSpec of the options; a bad combination is one line, exit code 2."""
+    if resize != "keep-aspect":
+        given = [name for name, v in (("--shorter-side", shorter_side), ("--max-side", max_side)) if v is not None]
+        if given:
+            raise BadInput(f"{' and '.join(given)} apply to --resize keep-aspect only (the centre crop is 256x256)")
+        return ImageSpec(encoding=encoding, quality=quality, resample=resample)
+    size = 256 if shorter_side is None else shorter_side
+    if size < 1 or (max_side is not None and max_side < 1):
+        raise BadInput(f"--shorter-side and --max-side must be positive (got {shorter_side}, {max_side})")
+    if max_side is not None and max_side < size:
+        raise BadInput(f"--max-side {max_side} is smaller than --shorter-side {size}: the longer side cannot be "
+                       "shorter than the shorter one")
+    try:
+        return ImageSpec(size=size, encoding=encoding, quality=quality, resample=resample, resize=resize,
+                         max_side=max_side)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
 @click.command("verify")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--decode", "decode_images", is_flag=True, help="Also decode every image (slower).")
@@ -109,7 +140,7 @@ def verify_command(out, decode_images):
     """Check every shard of a build folder against its manifest.
 
     Size, row count and SHA-256 of each shard; with --decode, every image decodes to
-    256x256x3. Exit code 1 and the list of bad shards if any.
+    256x256x3 (keep-aspect builds: to the height x width its row records). Exit code 1 and the list of bad shards if any.
 
     \b
     Example:

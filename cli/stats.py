@@ -27,6 +27,8 @@ def stats_command(out, as_json, recompute, workers):
     every pixel of the 256x256 centre crops. Also writes OUT/stats.json (the same
     numbers for people) and OUT/stats.png (the mean image and the eigenvectors as
     colour swatches). A missing or unfinished build is an error and writes nothing.
+    Builds made with --resize keep-aspect (images of different sizes) get everything
+    but the mean image, over every pixel of the whole stored images.
 
     \b
     Example:
@@ -53,6 +55,8 @@ def stats_command(out, as_json, recompute, workers):
     click.echo(f"train statistics of {out} (build {stats.build_id}): {stats.count:,} images, {how}, 0-255 RGB")
     for name, values in (("channel mean", stats.channel_mean), ("channel std ", stats.channel_std)):
         click.echo(f"  {name}  " + "  ".join(f"{c} {v:7.3f}" for c, v in zip("RGB", values)))
+    if not stats.has_mean_image:
+        click.echo("  mean image    none: image sizes differ (--resize keep-aspect); normalise per channel")
     click.echo("  eigenvalues   " + "  ".join(f"{v:10.3f}" for v in stats.eigvals)
                + "   (sqrt: " + ", ".join(f"{v:.2f}" for v in stats.eigvals.clip(0) ** 0.5) + ")")
     click.echo("  eigenvectors (columns, largest component positive):")
@@ -68,6 +72,8 @@ def _describe(check: dict | None) -> str:
         return "none to compare with (built with --no-stats, or some missing)"
     if check["identical"]:
         return "identical"
-    return (f"mean image within {check['mean_image_max_abs']:.3g} levels, channel mean within "
+    mean = ("" if check["mean_image_max_abs"] is None  # keep-aspect builds have no mean image
+            else f"mean image within {check['mean_image_max_abs']:.3g} levels, ")
+    return (f"{mean}channel mean within "
             f"{check['channel_mean_max_abs']:.3g}, rgb_cov {100 * check['rgb_cov_rel']:.3g}% apart, eigenvectors "
             f"within {max(check['eigvec_angle_deg']):.3g} deg (JPEG shards decode to slightly different pixels)")

@@ -1,11 +1,12 @@
-"""`build-shards`: an input tree to the build folder of 256x256 Arrow shards, in parallel.
+"""`build-shards`: an input tree to the build folder of 256x256 Arrow shards (or, with
+`--resize keep-aspect`, of whole images, shorter side 256, each row's size recorded), in parallel.
 
 How a build is laid out, so that it is deterministic, resumable and splittable:
 1. List each split's files (sorted keys), fix the class list (OUT/classes.json, once).
 2. Permute the samples with a generator seeded by (seed, split): every shard mixes classes.
 3. Cut the permutation into `ceil(n / shard_size)` shards of near-equal size; shard j
    belongs to --part j mod N. Everything so far depends only on the input and the options.
-4. Each worker process builds whole shards: decode, crop, encode, accumulate statistics,
+4. Each worker process builds whole shards: decode, crop (or resize whole), encode, accumulate statistics,
    stream to a temporary file, then rename (the statistics partial first, the shard last,
    so a shard under its final name always has its partial). A rerun skips finished shards.
 5. The part's manifest is written last, atomically.
@@ -38,7 +39,7 @@ from alexprep.imagenet_prep.shards import (
     ShardRecord, ShardWriter, build_id, manifest_name, partial_name, read_manifest, shard_name, shard_schema,
 )
 from alexprep.imagenet_prep.stats import PartialStats
-from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, encode, load_center_crop, pil_flavour
+from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, encode, load_image, pil_flavour
 
 # ~1024 images is ~40 MB of q95 JPEG: long sequential reads (FFCV's pages are 8 MiB), about
 # 1,250 shards for ImageNet-1k so that 16-64 workers or machines each get many, a few
@@ -46,6 +47,9 @@ from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, encode,
 DEFAULT_SHARD_SIZE = 1024
 # Conservative bytes per image for the free-space check (q95 256x256 photos: 30-60 KB).
 JPEG_BYTES_ESTIMATE = 70_000
+# --resize keep-aspect stores whole images: ImageNet's are mostly 4:3 (256x341, 1.33x the
+# area of the crop), some wider; estimate twice the crop's bytes (or the cap, if smaller).
+KEEP_ASPECT_AREA_FACTOR = 2.0
 
 
 def default_workers() -> int:
@@ -162,13 +166,13 @@ def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: Cla
     folder = Path(out_split)
     name = shard_name(job.split, job.index, job.count)
     writer = ShardWriter(folder / name, shard_schema(classes, spec, build, job.split))
-    partial = PartialStats.empty(spec.size)
+    partial = PartialStats.empty_for(spec)
     skipped = []
     try:
         for key, source, label, wnid in job.samples:
             try:
                 data = archives.read_source(source)
-                pixels = load_center_crop(data, spec)
+                pixels = load_image(data, spec)
             except UnreadableImage as exc:
                 skipped.append({"key": key, "reason": str(exc)})
             except OSError as exc:
@@ -176,7 +180,7 @@ def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: Cla
             else:
                 if accumulate_stats:
                     partial.add(pixels)
-                writer.add(encode(pixels, spec), label, wnid, key)
+                writer.add(encode(pixels, spec), label, wnid, key, pixels.shape[:2] if spec.keep_aspect else None)
             if _progress is not None:
                 with _progress.get_lock():
                     _progress.value += 1
@@ -264,7 +268,9 @@ def _clear_build(out: Path) -> None:
 
 
 def _check_disk(out: Path, spec: ImageSpec, images: int) -> None:
-    per_image = spec.size * spec.size * 3 + 200 if spec.encoding == "raw" else JPEG_BYTES_ESTIMATE
+    area = 1.0 if not spec.keep_aspect else min(KEEP_ASPECT_AREA_FACTOR, spec.max_side / spec.size)
+    per_image = int(area * (spec.size * spec.size * 3 if spec.encoding == "raw" else JPEG_BYTES_ESTIMATE)) + (
+        200 if spec.encoding == "raw" else 0)
     need = images * per_image
     free = shutil.disk_usage(out).free
     if need > free:

@@ -36,6 +36,9 @@ class Normalization:
         if normalize not in NORMALIZE:
             raise DataError(f"normalize must be one of {NORMALIZE}, not {normalize!r}")
         if normalize == "mean-image":
+            if stats.mean_image is None:
+                raise DataError("normalize='mean-image' needs a centre-crop build: this build's images differ in size "
+                                "(--resize keep-aspect) and have no mean image; use normalize='channel'")
             mean = np.asarray(stats.mean_image, np.float32)
             if mean.shape != (size, size, 3):
                 raise DataError(f"the statistics' mean image is {mean.shape[:2]}, the shards' images are "

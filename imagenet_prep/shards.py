@@ -6,7 +6,10 @@ A shard is an Apache Arrow IPC *stream* file (what Hugging Face `datasets` memor
 
 Columns: `image` (struct<bytes: binary, path: string>, Hugging Face's Image storage, JPEG
 bytes; plain `binary` of raw 256x256x3 HWC uint8 for `--encoding raw`), `label` (int64,
-the class index), `wnid` (string), `key` (the source path relative to SRC).
+the class index), `wnid` (string), `key` (the source path relative to SRC); for
+`--resize keep-aspect` builds also `height` and `width` (int32, the stored image's size,
+which differs from row to row; raw bytes are then height x width x 3). Centre-crop shards
+have no size columns: every image is size x size, and their bytes are as before.
 
 Build folder (DESIGN.md):
     OUT/classes.json
@@ -33,6 +36,7 @@ from alexprep.imagenet_prep.transform import ImageSpec
 FORMAT_VERSION = 1
 ROWS_PER_BATCH = 64  # record batches in a stream: small enough to bound a writer's memory
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SIZE_COLUMNS = ("height", "width")  # keep-aspect builds only
 
 
 # ---------------------------------------------------------------------------- naming
@@ -61,6 +65,8 @@ def build_id(spec: ImageSpec, shard_size: int, seed: int, classes: ClassList) ->
         "seed": seed,
         "wnids": list(classes.wnids),
     }
+    if spec.keep_aspect:  # only then: centre-crop builds keep the ids they always had
+        payload |= {"resize": spec.resize, "max_side": spec.max_side}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -78,17 +84,26 @@ def shard_schema(classes: ClassList, spec: ImageSpec, build: str, split: str) ->
         "wnid": {"dtype": "string", "_type": "Value"},
         "key": {"dtype": "string", "_type": "Value"},
     }
+    described = {"build_id": build, "split": split, "encoding": spec.encoding, "size": spec.size,
+                 "quality": spec.quality, "resample": spec.resample, "format": FORMAT_VERSION}
+    fields = [("image", image_type), ("label", pa.int64()), ("wnid", pa.string()), ("key", pa.string())]
+    if spec.keep_aspect:
+        features |= {name: {"dtype": "int32", "_type": "Value"} for name in SIZE_COLUMNS}
+        described |= {"resize": spec.resize, "max_side": spec.max_side}
+        fields += [(name, pa.int32()) for name in SIZE_COLUMNS]
     metadata = {
         "huggingface": json.dumps({"info": {"features": features}}),
-        "alexprep": json.dumps(
-            {"build_id": build, "split": split, "encoding": spec.encoding, "size": spec.size,
-             "quality": spec.quality, "resample": spec.resample, "format": FORMAT_VERSION}
-        ),
+        "alexprep": json.dumps(described),
     }
-    return pa.schema(
-        [("image", image_type), ("label", pa.int64()), ("wnid", pa.string()), ("key", pa.string())],
-        metadata=metadata,
-    )
+    return pa.schema(fields, metadata=metadata)
+
+
+def row_sizes(table: pa.Table) -> np.ndarray | None:
+    """(rows, 2) int32 (height, width) of a keep-aspect shard's images; None for a
+    centre-crop shard (every image size x size)."""
+    if "height" not in table.column_names:
+        return None
+    return np.stack([table.column(name).to_numpy() for name in SIZE_COLUMNS], axis=1)
 
 
 def image_bytes_column(table: pa.Table) -> pa.ChunkedArray:
@@ -113,24 +128,33 @@ class ShardWriter:
         self.schema = schema
         self._sink = pa.OSFile(str(self.tmp), "wb")
         self._writer = pa.ipc.new_stream(self._sink, schema)
+        self._sized = SIZE_COLUMNS[0] in schema.names
         self._rows: list[tuple] = []
         self.rows = 0
 
-    def add(self, image: bytes, label: int, wnid: str, key: str) -> None:
-        self._rows.append((image, label, wnid, key))
+    def add(self, image: bytes, label: int, wnid: str, key: str, shape: tuple[int, int] | None = None) -> None:
+        """One row; `shape` = (height, width) of the image, required by (and only stored in)
+        keep-aspect shards."""
+        if self._sized:
+            if shape is None:
+                raise ValueError("a keep-aspect shard needs each image's (height, width)")
+            self._rows.append((image, label, wnid, key, int(shape[0]), int(shape[1])))
+        else:
+            self._rows.append((image, label, wnid, key))
         if len(self._rows) >= ROWS_PER_BATCH:
             self._flush()
 
     def _flush(self) -> None:
         if not self._rows:
             return
-        images, labels, wnids, keys = zip(*self._rows)
+        images, labels, wnids, keys, *sizes = zip(*self._rows)
         if pa.types.is_struct(self.schema.field("image").type):
             image_array = pa.array([{"bytes": b, "path": None} for b in images], IMAGE_STRUCT)
         else:
             image_array = pa.array(images, pa.binary())
         batch = pa.record_batch(
-            [image_array, pa.array(labels, pa.int64()), pa.array(wnids, pa.string()), pa.array(keys, pa.string())],
+            [image_array, pa.array(labels, pa.int64()), pa.array(wnids, pa.string()), pa.array(keys, pa.string())]
+            + [pa.array(values, pa.int32()) for values in sizes],
             schema=self.schema,
         )
         self._writer.write_batch(batch)

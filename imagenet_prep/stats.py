@@ -20,6 +20,12 @@ machines merge by integer addition to the same numbers in any order. From the me
                    each signed so that its largest-magnitude component is positive (the
                    luminance vector, ~(1, 1, 1)/sqrt(3), then has all components positive)
 
+For `--resize keep-aspect` builds (images of different sizes) the pixels are every pixel of
+every stored image, and a partial keeps only the per-channel sums and an explicit pixel
+count beside the outer-product sums: channel mean/std, covariance and PCA are exact and
+mergeable as above, and there is no mean image (it needs images of one size): `mean_image`
+is None, and stats.npz has none.
+
 `compute_stats` merges (or recomputes) them for a build folder, `write_stats` writes
 OUT/stats.npz, OUT/stats.json and OUT/stats.png, `load_stats` reads them back.
 """
@@ -45,6 +51,10 @@ _PENDING_MAX = 257
 _BLOCK = 256  # pixels per exact float32 block in outer_sum: 256 * 255^2 < 2^24
 
 PIXELS_NOTE = "every pixel of the {s}x{s} centre crop of every {split} image, {how}, on the 0-255 RGB scale"
+PIXELS_NOTE_KEEP_ASPECT = ("every pixel of every {split} image, resized whole (--resize keep-aspect: sizes differ), "
+                          "{how}, on the 0-255 RGB scale")
+NO_MEAN_IMAGE = ("none: this build's images differ in size (--resize keep-aspect), so there is no mean image; "
+                 "normalise with the channel mean and std (normalize='channel')")
 SIGN_NOTE = ("columns are unit eigenvectors (eigvecs[:, k] goes with eigvals[k]); "
              "each has its largest-magnitude component positive")
 
@@ -52,21 +62,38 @@ SIGN_NOTE = ("columns are unit eigenvectors (eigvecs[:, k] goes with eigvals[k])
 class PartialStats:
     """Integer sums over some images; `merge` adds two, `add` adds one image.
 
-    pixel_sum      (S, S, 3) int64: per-pixel sums, for the mean image
+    pixel_sum      (S, S, 3) int64: per-pixel sums, for the mean image; for images of
+                   different sizes (pixels given) (3,) int64: per-channel sums
     rgb_outer_sum  (3, 3) int64: sum over all pixels of x x^T
     image_count    images added
+    pixels         None for S x S images; else the number of pixels added (sizes differ)
     """
 
-    def __init__(self, pixel_sum: np.ndarray, rgb_outer_sum: np.ndarray, image_count: int = 0):
+    def __init__(self, pixel_sum: np.ndarray, rgb_outer_sum: np.ndarray, image_count: int = 0,
+                 pixels: int | None = None):
         self._pixel_sum = np.asarray(pixel_sum, np.int64)
         self.rgb_outer_sum = np.asarray(rgb_outer_sum, np.int64)
         self.image_count = int(image_count)
+        self._pixels = None if pixels is None else int(pixels)
         self._pending: np.ndarray | None = None  # uint16 per-pixel sums not yet in _pixel_sum
         self._pending_count = 0
 
     @classmethod
     def empty(cls, size: int = 256) -> "PartialStats":
         return cls(np.zeros((size, size, 3), np.int64), np.zeros((3, 3), np.int64), 0)
+
+    @classmethod
+    def empty_for(cls, spec) -> "PartialStats":
+        """Empty sums for the images of a build's ImageSpec: per-pixel for the centre crop,
+        per-channel with a pixel count for keep-aspect."""
+        if spec.keep_aspect:
+            return cls(np.zeros(3, np.int64), np.zeros((3, 3), np.int64), 0, pixels=0)
+        return cls.empty(spec.size)
+
+    @property
+    def sized(self) -> bool:
+        """True for images of different sizes: no per-pixel sums, so no mean image."""
+        return self._pixels is not None
 
     # The int64 sums, always up to date when read.
     @property
@@ -86,7 +113,17 @@ class PartialStats:
             self._pending_count = 0
 
     def add(self, pixels: np.ndarray) -> None:
-        """Add one (S, S, 3) uint8 image."""
+        """Add one (S, S, 3) uint8 image (any (H, W, 3) for sums of images of different sizes)."""
+        if self._pixels is not None:
+            if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+                raise ValueError(f"expected an (H, W, 3) uint8 image, got {pixels.shape} {pixels.dtype}")
+            # Rows first, in uint32 (exact below 16 M rows), then the columns in int64: 25x
+            # faster than one reduction over the (H*W, 3) view, whose axis is strided.
+            self._pixel_sum += np.add.reduce(pixels, axis=0, dtype=np.uint32).sum(axis=0, dtype=np.int64)
+            self._pixels += pixels.shape[0] * pixels.shape[1]
+            self.rgb_outer_sum += outer_sum(pixels)
+            self.image_count += 1
+            return
         shape = self._pixel_sum.shape
         if pixels.shape != shape or pixels.dtype != np.uint8:
             raise ValueError(f"expected a {shape} uint8 image, got {pixels.shape} {pixels.dtype}")
@@ -106,39 +143,53 @@ class PartialStats:
 
     def merge(self, other: "PartialStats") -> "PartialStats":
         """A new PartialStats holding both; `+=` adds in place."""
-        merged = PartialStats(self.pixel_sum.copy(), self.rgb_outer_sum.copy(), self.image_count)
+        merged = PartialStats(self.pixel_sum.copy(), self.rgb_outer_sum.copy(), self.image_count, self._pixels)
         merged += other
         return merged
 
     def __iadd__(self, other: "PartialStats") -> "PartialStats":
+        if self.sized != other.sized:
+            raise ValueError("cannot merge statistics of fixed-size (centre-crop) and keep-aspect images")
         if self._pixel_sum.shape != other._pixel_sum.shape:
             raise ValueError(f"cannot merge statistics of {self._pixel_sum.shape} and {other._pixel_sum.shape} images")
         np.add(self.pixel_sum, other.pixel_sum, out=self._pixel_sum)
         self.rgb_outer_sum = self.rgb_outer_sum + other.rgb_outer_sum
         self.image_count += other.image_count
+        if self._pixels is not None:
+            self._pixels += other._pixels
         return self
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, PartialStats):
             return NotImplemented
-        return (self.image_count == other.image_count and np.array_equal(self.pixel_sum, other.pixel_sum)
+        return (self.image_count == other.image_count and self._pixels == other._pixels
+                and np.array_equal(self.pixel_sum, other.pixel_sum)
                 and np.array_equal(self.rgb_outer_sum, other.rgb_outer_sum))
 
     __hash__ = None  # mutable
 
     def __repr__(self) -> str:
+        if self.sized:
+            return f"PartialStats(sizes differ, image_count={self.image_count}, pixels={self._pixels})"
         return f"PartialStats(size={self._pixel_sum.shape[0]}, image_count={self.image_count})"
 
     @property
     def rgb_sum(self) -> np.ndarray:
         """(3,) int64: per-channel sums over all pixels (derived, so never inconsistent)."""
+        if self.sized:
+            return self._pixel_sum.copy()
         return self.pixel_sum.sum(axis=(0, 1))
 
     @property
     def pixel_count(self) -> int:
+        if self.sized:
+            return self._pixels
         return self.image_count * self._pixel_sum.shape[0] * self._pixel_sum.shape[1]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
+        if self.sized:
+            return {"channel_sum": self._pixel_sum, "rgb_outer_sum": self.rgb_outer_sum,
+                    "image_count": np.int64(self.image_count), "pixel_count": np.int64(self._pixels)}
         return {
             "pixel_sum": self.pixel_sum,
             "rgb_outer_sum": self.rgb_outer_sum,
@@ -147,6 +198,9 @@ class PartialStats:
 
     @classmethod
     def from_arrays(cls, arrays) -> "PartialStats":
+        if "pixel_count" in arrays:
+            return cls(np.asarray(arrays["channel_sum"], np.int64), np.asarray(arrays["rgb_outer_sum"], np.int64),
+                       int(arrays["image_count"]), pixels=int(arrays["pixel_count"]))
         return cls(np.asarray(arrays["pixel_sum"], np.int64), np.asarray(arrays["rgb_outer_sum"], np.int64),
                    int(arrays["image_count"]))
 
@@ -191,8 +245,8 @@ STATS_KEYS = ("mean_image", "channel_mean", "channel_std", "rgb_cov", "eigvals",
 class DatasetStats:
     """What `alexprep stats` writes to OUT/stats.npz, on the 0-255 RGB scale."""
 
-    mean_image: np.ndarray  # (S, S, 3) float64
-    channel_mean: np.ndarray  # (3,) float64, = mean_image.mean(axis=(0, 1))
+    mean_image: np.ndarray | None  # (S, S, 3) float64; None for keep-aspect builds (sizes differ)
+    channel_mean: np.ndarray  # (3,) float64, = mean_image.mean(axis=(0, 1)) where there is one
     channel_std: np.ndarray  # (3,) float64, over all pixels (population: divided by the pixel count)
     rgb_cov: np.ndarray  # (3, 3) float64, covariance of RGB pixel values (population)
     eigvals: np.ndarray  # (3,) float64, descending
@@ -205,9 +259,8 @@ class DatasetStats:
         if partial.image_count == 0:
             raise ValueError("no images: statistics are undefined")
         n_pix = partial.pixel_count
-        pixel_sum = partial.pixel_sum
-        mean_image = pixel_sum / partial.image_count
-        rgb_sum = pixel_sum.sum(axis=(0, 1))
+        mean_image = None if partial.sized else partial.pixel_sum / partial.image_count
+        rgb_sum = partial.rgb_sum
         channel_mean = rgb_sum / n_pix
         # Covariance from exact integer sums: E[x x^T] - mu mu^T, with the subtraction done
         # on the integers (n * S_xx - S_x S_x^T) so that it does not cancel in floating point.
@@ -219,8 +272,14 @@ class DatasetStats:
         return cls(mean_image, channel_mean, np.sqrt(np.diag(rgb_cov)), rgb_cov, eigvals, eigvecs,
                    partial.image_count, build_id)
 
+    @property
+    def has_mean_image(self) -> bool:
+        return self.mean_image is not None
+
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(getattr(self, k)) for k in STATS_KEYS} | {"build_id": np.array(self.build_id)}
+        """Everything for stats.npz; a build without a mean image (keep-aspect) stores none."""
+        return ({k: np.asarray(getattr(self, k)) for k in STATS_KEYS if getattr(self, k) is not None}
+                | {"build_id": np.array(self.build_id)})
 
     def to_npz_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -236,7 +295,8 @@ class DatasetStats:
     def load(cls, path) -> "DatasetStats":
         try:
             with np.load(path) as z:
-                values = {k: z[k] for k in STATS_KEYS}
+                values = {k: z[k] for k in STATS_KEYS if k != "mean_image"}
+                values["mean_image"] = z["mean_image"] if "mean_image" in z else None  # keep-aspect: none
                 build = str(z["build_id"]) if "build_id" in z else ""
         except FileNotFoundError:
             raise DataError(f"{path} is missing: run `alexprep stats OUT` first") from None
@@ -310,7 +370,10 @@ def read_partial(index, shard) -> PartialStats:
     if not record.get("has_stats", True):
         raise DataError(f"{path}: shard built with --no-stats")
     size = index.spec.size
-    if partial._pixel_sum.shape != (size, size, 3) or partial.rgb_outer_sum.shape != (3, 3):
+    if index.spec.keep_aspect:
+        if not partial.sized or partial._pixel_sum.shape != (3,) or partial.rgb_outer_sum.shape != (3, 3):
+            raise DataError(f"{path} holds sums of {partial._pixel_sum.shape} images, not of a keep-aspect build")
+    elif partial.sized or partial._pixel_sum.shape != (size, size, 3) or partial.rgb_outer_sum.shape != (3, 3):
         raise DataError(f"{path} holds sums of {partial._pixel_sum.shape} images, the build's are {size}x{size}")
     if partial.image_count != shard.rows:
         raise DataError(f"{path} sums {partial.image_count} images, its shard holds {shard.rows}")
@@ -324,7 +387,7 @@ def merge_partials(index, progress=None, shards=None) -> PartialStats:
     from alexprep.imagenet_prep.shards import open_shard
 
     shards = index.shards if shards is None else shards
-    total = PartialStats.empty(index.spec.size)
+    total = PartialStats.empty_for(index.spec)
     bad_shards, bad_partials = [], []
     done = 0
     for shard in shards:
@@ -350,14 +413,34 @@ def merge_partials(index, progress=None, shards=None) -> PartialStats:
 
 def _shard_images(index, shard, table, first_row: int = 0):
     """Yield (n, S, S, 3) uint8 images from (a slice of) one shard's table, decoding JPEG one
-    by one and viewing raw bytes without a copy. `first_row` numbers rows in errors."""
-    from alexprep.imagenet_prep.shards import image_bytes_column
+    by one and viewing raw bytes without a copy. `first_row` numbers rows in errors.
+    Keep-aspect shards: (1, H, W, 3) per row, H and W the row's recorded size."""
+    from alexprep.imagenet_prep.shards import image_bytes_column, row_sizes
     from alexprep.imagenet_prep.transform import decode
 
     spec = index.spec
     size = spec.size
     row = first_row
     path = index.shard_path(shard)
+    if spec.keep_aspect:
+        sizes = row_sizes(table)
+        if sizes is None:
+            raise DataError(f"shard {path} has no height/width columns: not a keep-aspect shard")
+        for i, data in enumerate(image_bytes_column(table).to_pylist()):
+            want = (int(sizes[i, 0]), int(sizes[i, 1]), 3)
+            try:
+                if data is None:
+                    raise ValueError("null image")
+                if spec.encoding == "raw" and len(data) != want[0] * want[1] * 3:
+                    raise ValueError(f"{len(data)} bytes, not a raw {want[0]}x{want[1]}x3 image")
+                pixels = decode(data, spec, want[:2])
+            except Exception as exc:
+                raise DataError(f"shard {path} row {row + i} does not decode ({type(exc).__name__}: {exc}): "
+                                f"run `alexprep verify {index.root} --decode`") from None
+            if pixels.shape != want:
+                raise DataError(f"shard {path} row {row + i} decodes to {pixels.shape}, its row says {want}")
+            yield pixels[None]
+        return
     for chunk in image_bytes_column(table).chunks:
         n = len(chunk)
         if n == 0:
@@ -407,7 +490,7 @@ def recompute_partial(index, progress=None, workers: int | None = None) -> Parti
     lock = threading.Lock()
     state = {"done": 0, "error": None}
     stop = threading.Event()
-    partials = [PartialStats.empty(index.spec.size) for _ in range(workers)]
+    partials = [PartialStats.empty_for(index.spec) for _ in range(workers)]
 
     def fail(exc: BaseException) -> None:
         with lock:
@@ -471,7 +554,7 @@ def recompute_partial(index, progress=None, workers: int | None = None) -> Parti
     if state["error"] is not None:
         raise state["error"]
     report()
-    total = PartialStats.empty(index.spec.size)
+    total = PartialStats.empty_for(index.spec)
     for p in partials:
         total += p
     return total
@@ -518,8 +601,10 @@ def compare_stats(a: DatasetStats, b: DatasetStats) -> dict:
     sign = np.where(np.sum(a.eigvecs * b.eigvecs, axis=0) < 0, -1.0, 1.0)
     chord = np.linalg.norm(a.eigvecs - sign * b.eigvecs, axis=0)  # well-conditioned near 0, unlike arccos
     return {
-        "identical": all(np.array_equal(getattr(a, k), getattr(b, k)) for k in STATS_KEYS),
-        "mean_image_max_abs": float(np.max(np.abs(a.mean_image - b.mean_image))),
+        "identical": all(np.array_equal(getattr(a, k), getattr(b, k)) for k in STATS_KEYS
+                         if getattr(a, k) is not None or getattr(b, k) is not None),
+        "mean_image_max_abs": (float(np.max(np.abs(a.mean_image - b.mean_image)))
+                               if a.has_mean_image and b.has_mean_image else None),
         "channel_mean_max_abs": float(np.max(np.abs(a.channel_mean - b.channel_mean))),
         "rgb_cov_rel": float(np.linalg.norm(a.rgb_cov - b.rgb_cov) / np.linalg.norm(a.rgb_cov)),
         "eigvals_rel": [float(x) for x in np.abs(a.eigvals - b.eigvals) / np.abs(a.eigvals)],
@@ -542,6 +627,7 @@ def stats_json(stats: DatasetStats, *, source: str = "partials", split: str = "t
     """The numbers for people and scripts: everything in stats.npz but the mean image's
     196,608 values, which are summarised."""
     sd = np.sqrt(np.clip(stats.eigvals, 0, None))
+    how = "before encoding" if source == "partials" else "as decoded from the shards"
     return {
         "format": "alexprep-stats",
         "version": 1,
@@ -549,8 +635,8 @@ def stats_json(stats: DatasetStats, *, source: str = "partials", split: str = "t
         "split": split,
         "count": int(stats.count),
         "scale": "0-255 RGB",
-        "pixels": PIXELS_NOTE.format(s=stats.mean_image.shape[0], split=split,
-                                     how="before encoding" if source == "partials" else "as decoded from the shards"),
+        "pixels": (PIXELS_NOTE.format(s=stats.mean_image.shape[0], split=split, how=how) if stats.has_mean_image
+                   else PIXELS_NOTE_KEEP_ASPECT.format(split=split, how=how)),
         "computed_from": source,
         "channel_mean": stats.channel_mean.tolist(),
         "channel_std": stats.channel_std.tolist(),
@@ -568,7 +654,7 @@ def stats_json(stats: DatasetStats, *, source: str = "partials", split: str = "t
             "min": float(stats.mean_image.min()),
             "max": float(stats.mean_image.max()),
             "stored_in": "stats.npz",
-        },
+        } if stats.has_mean_image else NO_MEAN_IMAGE,
     }
 
 

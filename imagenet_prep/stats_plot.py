@@ -1,4 +1,4 @@
-"""OUT/stats.png: the mean image beside the three RGB eigenvectors as colour swatches, so a
+"""OUT/stats.png: the mean image (the mean colour, for keep-aspect builds, which have none) beside the three RGB eigenvectors as colour swatches, so a
 person sees at a glance whether the statistics are sane (a greyish blur; a dark-to-light
 grey first component, then two colour-opponent ones)."""
 from __future__ import annotations
@@ -25,10 +25,16 @@ def render_png(stats) -> bytes:
 
     fig = Figure(figsize=(11, 3.6), dpi=100, layout="constrained")
     axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [2.2, 1, 1, 1]})
-    mean_u8 = np.clip(np.rint(stats.mean_image), 0, 255).astype(np.uint8)
     ax = axes[0]
-    ax.imshow(mean_u8, interpolation="nearest")
-    ax.set_title(f"mean image ({stats.count:,} images)", fontsize=10)
+    if stats.mean_image is not None:
+        mean_u8 = np.clip(np.rint(stats.mean_image), 0, 255).astype(np.uint8)
+        ax.imshow(mean_u8, interpolation="nearest")
+        ax.set_title(f"mean image ({stats.count:,} images)", fontsize=10)
+    else:  # keep-aspect builds: images of different sizes have no mean image
+        ax.imshow(swatch(stats.channel_mean, 0.0, np.zeros(3), rows=2, cols=2), interpolation="nearest")
+        ax.set_title(f"mean colour ({stats.count:,} images)", fontsize=10)
+        ax.text(0.5, 0.5, "no mean image:\nimage sizes differ\n(--resize keep-aspect)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9, bbox={"facecolor": "white", "alpha": 0.8})
     r, g, b = stats.channel_mean
     ax.set_xlabel(f"channel mean R {r:.1f}  G {g:.1f}  B {b:.1f}", fontsize=9)
     ax.set_xticks([])

@@ -33,20 +33,35 @@ RESAMPLE_FILTERS = {
     "area": Image.Resampling.BOX,
 }
 ENCODINGS = ("jpeg", "raw")
+# "center-crop": the paper's S x S centre crop (the default). "keep-aspect": the whole image,
+# shorter side rescaled to S, longer side capped at max_side, nothing cropped (the input of
+# torchvision's and timm's RandomResizedCrop recipe); each row records its height and width.
+RESIZE_MODES = ("center-crop", "keep-aspect")
 
 
 @dataclass(frozen=True)
 class ImageSpec:
     """How every image of a build is turned into bytes; part of the build id."""
 
-    size: int = 256  # the paper's 256x256
+    size: int = 256  # the paper's 256x256 (keep-aspect: the shorter side)
     encoding: str = "jpeg"  # "jpeg" (compact) or "raw" (HWC uint8, no decode cost, exact)
     quality: int = 95  # cuda-convnet2's make-data used 95
     # Bicubic: 2.5x cheaper than Lanczos here, and the two differ by 43-53 dB PSNR on real
     # photos, less than the q95 JPEG error itself (37-41 dB).
     resample: str = "bicubic"
+    resize: str = "center-crop"  # or "keep-aspect" (RESIZE_MODES); size is then the shorter side
+    max_side: int | None = None  # keep-aspect only: the longer side's cap (default 2 * size)
 
     def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, not {self.resize!r}")
+        if self.resize == "center-crop" and self.max_side is not None:
+            raise ValueError("max_side applies to resize='keep-aspect' only (a centre crop is size x size)")
+        if self.resize == "keep-aspect":
+            if self.max_side is None:
+                object.__setattr__(self, "max_side", 2 * self.size)
+            if self.max_side < self.size:
+                raise ValueError(f"max_side ({self.max_side}) must be at least the shorter side ({self.size})")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, not {self.encoding!r}")
         if not 1 <= self.quality <= 100:
@@ -55,6 +70,25 @@ class ImageSpec:
             raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, not {self.resample!r}")
         if self.size < 1:
             raise ValueError(f"size must be positive, not {self.size}")
+
+    @property
+    def keep_aspect(self) -> bool:
+        return self.resize == "keep-aspect"
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of an image of the given size after the resize: size x size for
+        the centre crop; for keep-aspect the shorter side rescaled to `size`, unless the
+        longer side would then exceed `max_side`, in which case the longer side is
+        `max_side` (and the shorter below `size`). Rounded half up, on integers, and
+        at least 1 pixel."""
+        if not self.keep_aspect:
+            return self.size, self.size
+        short, long = min(width, height), max(width, height)
+        if long * self.size <= self.max_side * short:  # long * size / short <= max_side
+            new_short, new_long = self.size, (2 * long * self.size + short) // (2 * short)
+        else:
+            new_short, new_long = max(1, (2 * short * self.max_side + long) // (2 * long)), self.max_side
+        return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
 class UnreadableImage(Exception):
@@ -77,6 +111,36 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     return img.convert("RGB")  # L, CMYK, YCbCr, P without transparency, 1
+
+
+def load_image(data: bytes, spec: ImageSpec) -> np.ndarray:
+    """Decode file bytes into the (H, W, 3) uint8 image the build stores: the centre crop,
+    or for keep-aspect the whole image resized (`ImageSpec.target_size`)."""
+    return load_keep_aspect(data, spec) if spec.keep_aspect else load_center_crop(data, spec)
+
+
+def load_keep_aspect(data: bytes, spec: ImageSpec) -> np.ndarray:
+    """Decode file bytes into the whole image, shorter side `spec.size`, longer side at most
+    `spec.max_side`, (H, W, 3) uint8. The same filter and the same DCT-scaled decoding as
+    the centre crop: libjpeg reduces only while both sides stay >= the target, so the
+    resize is always a downscale (or an upscale of a small image), as there."""
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        target = spec.target_size(*img.size)  # from the file's own size, whatever draft does
+        if img.format == "JPEG":
+            img.draft("RGB", target)
+        img.load()
+        img = _to_rgb(img)
+        out = img.resize(target, RESAMPLE_FILTERS[spec.resample])
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(f"too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        raise UnreadableImage(_reason(exc)) from None
+    return np.asarray(out, dtype=np.uint8)
 
 
 def load_center_crop(data: bytes, spec: ImageSpec) -> np.ndarray:
@@ -128,10 +192,15 @@ def encode(pixels: np.ndarray, spec: ImageSpec) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes, spec: ImageSpec) -> np.ndarray:
-    """Shard bytes back to a (size, size, 3) uint8 array."""
+def decode(data: bytes, spec: ImageSpec, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Shard bytes back to an (H, W, 3) uint8 array: (size, size, 3) for the centre crop;
+    for keep-aspect raw bytes, `shape` = the row's (height, width) is needed."""
     if spec.encoding == "raw":
-        return np.frombuffer(data, dtype=np.uint8).reshape(spec.size, spec.size, 3)
+        if shape is None:
+            if spec.keep_aspect:
+                raise ValueError("raw keep-aspect bytes need the row's (height, width) to decode")
+            shape = (spec.size, spec.size)
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape[0], shape[1], 3)
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from alexprep.imagenet_prep import layout
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.shards import file_sha256, image_bytes_column, open_shard, read_split
+from alexprep.imagenet_prep.shards import file_sha256, image_bytes_column, open_shard, read_split, row_sizes
 from alexprep.imagenet_prep.transform import decode
 
 
@@ -23,7 +23,8 @@ class VerifyReport:
 
 def verify_build(root: Path, decode_images: bool = False, on_shard=None) -> VerifyReport:
     """Check size, row count and checksum of every shard (and with decode_images, that every
-    image decodes to size x size x 3). Missing splits are fine; a folder with none is not."""
+    image decodes to size x size x 3, or for keep-aspect builds to the row's recorded
+    height x width x 3, within the build's size limits). Missing splits are fine; a folder with none is not."""
     root = Path(root)
     report = VerifyReport()
     if not root.is_dir():
@@ -45,13 +46,22 @@ def verify_build(root: Path, decode_images: bool = False, on_shard=None) -> Veri
                 table = open_shard(index, shard)
                 if file_sha256(path) != shard.sha256:
                     raise DataError(f"shard {path}: checksum differs from the manifest")
+                spec = index.spec
+                sizes = row_sizes(table)
+                if spec.keep_aspect and sizes is None:
+                    raise DataError(f"shard {path}: no height/width columns, but the build is keep-aspect")
                 if decode_images:
                     for i, data in enumerate(image_bytes_column(table).to_pylist()):
+                        want = (spec.size, spec.size, 3) if sizes is None else (int(sizes[i, 0]), int(sizes[i, 1]), 3)
+                        if sizes is not None and not _size_fits(want[:2], spec.size, spec.max_side):
+                            raise DataError(f"shard {path} row {i}: recorded size {want[0]}x{want[1]} breaks the "
+                                            f"build's shorter side {spec.size}, longer side at most {spec.max_side}")
                         try:
-                            shape = decode(data, index.spec).shape
+                            if spec.encoding == "raw" and len(data) != want[0] * want[1] * 3:
+                                raise ValueError(f"{len(data)} bytes, not {want[0]}x{want[1]}x3")
+                            shape = decode(data, spec, want[:2]).shape
                         except Exception as exc:
                             raise DataError(f"shard {path} row {i}: does not decode ({exc})") from None
-                        want = (index.spec.size, index.spec.size, 3)
                         if shape != want:
                             raise DataError(f"shard {path} row {i}: decodes to {shape}, not {want}")
                 report.rows += table.num_rows
@@ -60,3 +70,10 @@ def verify_build(root: Path, decode_images: bool = False, on_shard=None) -> Veri
             if on_shard:
                 on_shard()
     return report
+
+
+def _size_fits(shape: tuple[int, int], size: int, max_side: int) -> bool:
+    """A keep-aspect image: shorter side `size`, longer at most `max_side`, or (a capped
+    panorama) longer side `max_side` and shorter below `size`."""
+    short, long = min(shape), max(shape)
+    return short >= 1 and long <= max_side and (short == size or (long == max_side and short < size))
