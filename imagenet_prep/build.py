@@ -180,7 +180,10 @@ def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: Cla
             else:
                 if accumulate_stats:
                     partial.add(pixels)
-                writer.add(encode(pixels, spec), label, wnid, key, pixels.shape[:2] if spec.keep_aspect else None)
+                if spec.keep_aspect:
+                    writer.add(encode(pixels, spec), label, wnid, key, pixels.shape[:2])
+                else:  # the call as it always was
+                    writer.add(encode(pixels, spec), label, wnid, key)
             if _progress is not None:
                 with _progress.get_lock():
                     _progress.value += 1
