@@ -129,6 +129,10 @@ class Loader:
         self.config = config
         self.device = check_device(config.device)
         self.index = read_split(self.root, split)
+        if self.index.spec.resize != "center-crop":
+            raise DataError(f"{self.index.folder} holds {self.index.spec.resize} images of varying sizes; these "
+                            f"loaders crop the paper's 256x256 centre-crop shards (build without --resize "
+                            f"keep-aspect). The RandomResizedCrop recipe for such builds is not in the loaders yet")
         self.size = self.index.spec.size
         if config.crop > self.size:
             raise DataError(f"crop {config.crop} is larger than the shards' {self.size}x{self.size} images")
