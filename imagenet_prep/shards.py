@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from alexprep.imagenet_prep.atomic import temporary_name
 from alexprep.imagenet_prep.classes import ClassList, load_classes
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.transform import ImageSpec
@@ -121,7 +122,6 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, schema: pa.Schema):
-        from alexprep.imagenet_prep.atomic import temporary_name
 
         self.path = Path(path)
         self.tmp = temporary_name(self.path)

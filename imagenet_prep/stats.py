@@ -33,16 +33,21 @@ from __future__ import annotations
 
 import io
 import json
+import collections
 import math
-import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from alexprep.imagenet_prep.atomic import write_bytes_atomic
 from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.shards import image_bytes_column, open_shard, read_split, row_sizes
+from alexprep.imagenet_prep.stats_plot import render_png
+from alexprep.imagenet_prep.transform import decode
 
 # 257 * 255 = 65,535: the most uint8 images whose per-pixel sum a uint16 holds. `add`
 # accumulates into a uint16 buffer (6x less memory traffic than int64) and flushes it into
@@ -287,8 +292,6 @@ class DatasetStats:
         return buf.getvalue()
 
     def save(self, path) -> None:
-        from alexprep.imagenet_prep.atomic import write_bytes_atomic
-
         write_bytes_atomic(path, self.to_npz_bytes())
 
     @classmethod
@@ -384,8 +387,6 @@ def merge_partials(index, progress=None, shards=None) -> PartialStats:
     """The sum of the partials of `shards` (default: all the split's shards, in any order:
     integer addition, so the order does not change a bit). Checks them all before failing,
     so that the error lists every unusable shard."""
-    from alexprep.imagenet_prep.shards import open_shard
-
     shards = index.shards if shards is None else shards
     total = PartialStats.empty_for(index.spec)
     bad_shards, bad_partials = [], []
@@ -415,9 +416,6 @@ def _shard_images(index, shard, table, first_row: int = 0):
     """Yield (n, S, S, 3) uint8 images from (a slice of) one shard's table, decoding JPEG one
     by one and viewing raw bytes without a copy. `first_row` numbers rows in errors.
     Keep-aspect shards: (1, H, W, 3) per row, H and W the row's recorded size."""
-    from alexprep.imagenet_prep.shards import image_bytes_column, row_sizes
-    from alexprep.imagenet_prep.transform import decode
-
     spec = index.spec
     size = spec.size
     row = first_row
@@ -475,88 +473,49 @@ _SLICE_ROWS = 16  # rows per task in recompute_partial: even load over threads, 
 def recompute_partial(index, progress=None, workers: int | None = None) -> PartialStats:
     """The split's sums recomputed from the shard pixels (decoded JPEG, or raw bytes).
 
-    The calling thread memory-maps one shard at a time and queues slices of 16 rows;
-    `workers` threads (default: the cores) decode them into their own PartialStats (PIL's
-    decoder and numpy release the GIL), merged at the end. Memory: per thread one
-    PartialStats and one image, plus a bounded queue of slices of memory-mapped shards,
-    whatever the size of the split.
+    Slices of 16 rows of the memory-mapped shards go to `workers` threads (default: the
+    cores; PIL's decoder and numpy release the GIL), each summing into its own
+    PartialStats, merged at the end. At most two shards are in flight, so memory does not
+    grow with the split, and the threads do not idle at a shard's end.
     """
-    from alexprep.imagenet_prep.shards import open_shard
+    workers = max(1, min(workers or available_cpus(), math.ceil(index.rows / _SLICE_ROWS) or 1))
+    local, partials, lock = threading.local(), [], threading.Lock()
 
-    if workers is None:
-        workers = available_cpus()
-    workers = max(1, min(workers, math.ceil(index.rows / _SLICE_ROWS) or 1))
-    tasks: queue.Queue = queue.Queue(maxsize=4 * workers)
-    lock = threading.Lock()
-    state = {"done": 0, "error": None}
-    stop = threading.Event()
-    partials = [PartialStats.empty_for(index.spec) for _ in range(workers)]
+    def add(task) -> int:
+        if not hasattr(local, "partial"):
+            local.partial = PartialStats.empty_for(index.spec)
+            with lock:
+                partials.append(local.partial)
+        shard, table, first_row = task
+        count = 0
+        for images in _shard_images(index, shard, table, first_row):
+            local.partial.add_batch(images)
+            count += len(images)
+        return count
 
-    def fail(exc: BaseException) -> None:
-        with lock:
-            if state["error"] is None:
-                state["error"] = exc
-        stop.set()
+    def slices(shard):
+        table = open_shard(index, shard)
+        return [(shard, table.slice(start, _SLICE_ROWS), start) for start in range(0, table.num_rows, _SLICE_ROWS)]
 
-    def work(mine: PartialStats) -> None:
+    done = 0
+    if progress:
+        progress(done, index.rows)
+    with ThreadPoolExecutor(workers) as pool:
         try:
-            while not stop.is_set():
-                try:
-                    task = tasks.get(timeout=0.25)
-                except queue.Empty:
-                    continue
-                if task is None:
-                    return
-                shard, table, first_row = task
-                for images in _shard_images(index, shard, table, first_row):
-                    if stop.is_set():
-                        return
-                    mine.add_batch(images)
-                    with lock:
-                        state["done"] += len(images)
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            fail(exc)
-
-    def report() -> None:
-        if progress:
-            progress(state["done"], index.rows)
-
-    def put(task) -> None:
-        while not stop.is_set():
-            try:
-                tasks.put(task, timeout=0.25)
-                return
-            except queue.Full:
-                report()
-
-    threads = [threading.Thread(target=work, args=(p,), daemon=True) for p in partials]
-    report()
-    for t in threads:
-        t.start()
-    try:
-        for shard in index.shards:
-            if stop.is_set():
-                break
-            table = open_shard(index, shard)
-            for start in range(0, table.num_rows, _SLICE_ROWS):
-                put((shard, table.slice(start, _SLICE_ROWS), start))
-            report()
-        for _ in threads:
-            put(None)
-        for t in threads:
-            while t.is_alive():
-                t.join(0.25)
-                report()
-    except BaseException as exc:  # a bad shard, or Ctrl-C: the threads stop at their next image
-        fail(exc)
-        for t in threads:
-            t.join()
-    if state["error"] is not None:
-        raise state["error"]
-    report()
+            in_flight: collections.deque = collections.deque()
+            for shard in index.shards:
+                in_flight.append(pool.map(add, slices(shard)))  # submitted now, consumed a shard later
+                while len(in_flight) > (1 if shard is not index.shards[-1] else 0):
+                    for count in in_flight.popleft():
+                        done += count
+                        if progress:
+                            progress(done, index.rows)
+        except BaseException:  # a bad shard, or Ctrl-C: drop what has not started
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     total = PartialStats.empty_for(index.spec)
-    for p in partials:
-        total += p
+    for partial in partials:
+        total += partial
     return total
 
 
@@ -564,15 +523,11 @@ def compute_partial(root, *, recompute: bool = False, split: str = "train", prog
                     workers: int | None = None):
     """(merged PartialStats, SplitIndex) of a build folder's split, after checking that every
     shard is listed, present and whole. `progress(done, total)` counts images."""
-    from alexprep.imagenet_prep.shards import read_split
-
     index = read_split(Path(root), split)
     check_complete(index)
     if index.rows == 0:
         raise DataError(f"{index.folder} holds no images: statistics are undefined")
     if recompute:
-        from alexprep.imagenet_prep.shards import open_shard
-
         problems = []
         for shard in index.shards:  # check everything before the long part
             try:
@@ -666,9 +621,6 @@ def stats_paths(root) -> dict[str, Path]:
 def write_stats(root, stats: DatasetStats, *, source: str = "partials", split: str = "train") -> dict[str, Path]:
     """Write OUT/stats.npz, OUT/stats.json and OUT/stats.png, each atomically. All three are
     rendered in memory first, so an error writes nothing. Returns their paths."""
-    from alexprep.imagenet_prep.atomic import write_bytes_atomic
-    from alexprep.imagenet_prep.stats_plot import render_png
-
     paths = stats_paths(root)
     if not Path(root).is_dir():
         raise DataError(f"{root} is not a build folder")
@@ -685,8 +637,6 @@ def write_stats(root, stats: DatasetStats, *, source: str = "partials", split: s
 def load_stats(root_or_path, split: str = "train") -> DatasetStats:
     """OUT/stats.npz (given OUT), or a stats .npz given by path. Given OUT, refuses a stats
     file whose build id is not the build's (one left from another build)."""
-    from alexprep.imagenet_prep.shards import read_split
-
     given = Path(root_or_path)
     if not given.is_dir():
         if not given.exists():
