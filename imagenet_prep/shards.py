@@ -122,7 +122,6 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, schema: pa.Schema):
-
         self.path = Path(path)
         self.tmp = temporary_name(self.path)
         self.schema = schema
