@@ -283,6 +283,7 @@ class ShardMap:
         with open(path, "rb") as f:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._advise("MADV_RANDOM")
+        self.buffer = pa.py_buffer(self.map)  # the whole file; the table's buffers are slices of it
 
     def _advise(self, name: str) -> None:
         if hasattr(self.map, "madvise") and hasattr(mmap, name):  # Linux, macOS; not Windows
@@ -293,7 +294,7 @@ class ShardMap:
 
     def read_table(self) -> pa.Table:
         """The stream's table, zero-copy: its buffers are slices of the map."""
-        return pa.ipc.open_stream(pa.py_buffer(self.map)).read_all()
+        return pa.ipc.open_stream(self.buffer).read_all()
 
 
 def map_shard(index: SplitIndex, shard: ShardRecord) -> tuple[pa.Table, ShardMap]:
