@@ -123,6 +123,69 @@ def children_anon_mb() -> float:
     return total / 1024
 
 
+def _pss(pid: str) -> tuple[int, int]:
+    """(Pss, Pss_Anon) of a process in kB: shared pages split between their sharers, so the
+    sum over a process and its forked workers counts each page once."""
+    pss = anon = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1])
+            elif line.startswith("Pss_Anon:"):
+                anon = int(line.split()[1])
+    except OSError:
+        pass
+    return pss, anon
+
+
+def tree_pss() -> tuple[float, float]:
+    """(Pss, Pss_Anon) in MB of this process and its live children together."""
+    me = str(os.getpid())
+    pids = [me]
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[1] == me:
+            pids.append(pid)
+    total = [0, 0]
+    for pid in pids:
+        pss, anon = _pss(pid)
+        total[0] += pss
+        total[1] += anon
+    return total[0] / 1024, total[1] / 1024
+
+
+class PssPeak:
+    """The peak of tree_pss() while a block runs, sampled every `every` seconds."""
+
+    def __init__(self, every: float = 0.25):
+        import threading
+
+        self.every, self.peak, self.peak_anon = every, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        pss, anon = tree_pss()
+        self.peak, self.peak_anon = max(self.peak, pss), max(self.peak_anon, anon)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 def memory() -> dict:
     """This process's memory now, in MB: rss, anonymous part, peak (VmHWM), and the peak of
     its finished children (workers)."""
@@ -340,13 +403,14 @@ def stage_build(p: dict) -> dict:
 
     out = Path(p["out"])
     shutil.rmtree(out, ignore_errors=True)
-    with Clock() as c:
+    with PssPeak() as pss, Clock() as c:
         report = build_shards(Path(p["src"]), out, BuildConfig(workers=p["workers"], splits=(p["split"],)))
     split = report.splits[0]
     manifest = out / p["split"] / "manifest.json"
     return {"wall_s": c.wall, "cpu_s": c.cpu, "written": split.written, "skipped": len(split.skipped),
             "shards": split.shards_total, "shard_bytes": split.bytes, "manifest_bytes": manifest.stat().st_size,
-            "skipped_reasons": [s["reason"] for s in split.skipped][:5]}
+            "skipped_reasons": [s["reason"] for s in split.skipped][:5],
+            "pss_peak_mb": pss.peak, "pss_anon_peak_mb": pss.peak_anon}
 
 
 def stage_stats(p: dict) -> dict:
@@ -401,13 +465,22 @@ def stage_loader(p: dict) -> dict:
     def record(name: str, clock: Clock) -> None:
         r[f"{name}_s"], r[f"{name}_cpu"] = clock.wall, clock.cpu
 
+    import tracemalloc
+
+    pss = PssPeak().__enter__()
+    tracemalloc.start()  # Python and numpy allocations: exact, unlike RSS
     with Clock() as c:
         loader = train_loader(root, batch_size=b, device="cpu", seed=0, backend=backend, workers=p["workers"])
     record("construct", c)
+    r["traced_constructed_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
     r["mem_constructed"] = memory()
     with Clock() as c:
         plan = loader.plan(0)
     record("plan", c)
+    loader.plan(1)  # the feed runs an epoch ahead: two epochs' orders are held
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    r["traced_held_mb"], r["traced_peak_mb"] = current / 2**20, peak / 2**20
     with Clock() as c:
         for batch in plan:  # every batch's host-side decisions (draws, lighting, windows)
             pass
@@ -435,6 +508,8 @@ def stage_loader(p: dict) -> dict:
         next(iter(ev))
     record("eval_first_batch", c)
     ev.close()
+    pss.__exit__()
+    r["pss_peak_mb"], r["pss_anon_peak_mb"] = pss.peak, pss.peak_anon
     r["mem_end"] = memory()
     return r
 
@@ -543,8 +618,110 @@ def stage_neighbors(p: dict) -> dict:
             "base_rows": n, "search_s": search_s, "base_bytes": size}
 
 
+def stage_imagenet_index(p: dict) -> dict:
+    """ImageNet-1k's index measured, not extrapolated: 1,251 shards of ~1,024 rows (1,281,167
+    in all, 1,000 classes) holding one small real JPEG each row (a flat 256x256 q95 image,
+    1.7 KB: 2.2 GB instead of 51 GB), written once with ShardWriter and a manifest as
+    build-shards writes them. Then, timed: read_split, SplitSamples (warm, and with the page
+    cache dropped: bytes read), train_loader and eval_loader construction, the epoch plan,
+    every batch plan of an epoch, the first batch; tracemalloc's bytes per sample."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from alexprep.imagenet_prep.classes import ClassList, save_classes
+    from alexprep.imagenet_prep.loaders import eval_loader, train_loader
+    from alexprep.imagenet_prep.samples import SplitSamples
+    from alexprep.imagenet_prep.shards import ShardRecord, ShardWriter, build_id, read_split, shard_name, shard_schema
+    from alexprep.imagenet_prep.stats import DatasetStats
+    from alexprep.imagenet_prep.transform import ImageSpec
+
+    root, n = Path(p["root"]), IMAGENET_TRAIN
+    classes = ClassList(tuple(wnid(c) for c in range(IMAGENET_CLASSES)))
+    spec = ImageSpec()
+    build = build_id(spec, 1024, 0, classes)
+    r: dict = {}
+    if not (root / "train" / "manifest.json").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "train").mkdir(parents=True)
+        save_classes(classes, root / "classes.json")
+        buf = io.BytesIO()
+        Image.new("RGB", (256, 256), (120, 110, 100)).save(buf, "JPEG", quality=95)
+        image = buf.getvalue()
+        count = -(-n // 1024)
+        bounds = [j * n // count for j in range(count + 1)]
+        schema = shard_schema(classes, spec, build, "train")
+        records = []
+        with Clock() as c:
+            for j in range(count):
+                writer = ShardWriter(root / "train" / shard_name("train", j, count), schema)
+                for i in range(bounds[j], bounds[j + 1]):
+                    w = classes.wnids[i % IMAGENET_CLASSES]
+                    writer.add(image, i % IMAGENET_CLASSES, w, f"train/{w}/{w}_{i}.JPEG")
+                size, sha = writer.finish()
+                writer.commit()
+                records.append(ShardRecord(shard_name("train", j, count), j, writer.rows, size, sha).to_json())
+            manifest = {"format": "alexprep-shards", "version": 1, "split": "train", "build_id": build, "part": 0,
+                        "parts": 1, "shard_count": count, "image": {"size": spec.size, "encoding": spec.encoding,
+                        "quality": spec.quality, "resample": spec.resample}, "classes": IMAGENET_CLASSES,
+                        "shards": records, "skipped": [], "ignored": []}
+            (root / "train" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        r["written_s"] = c.wall
+    mean = np.full((256, 256, 3), 120.0)
+    cov = np.diag([3000.0, 200.0, 50.0])
+    stats = DatasetStats(mean, mean.mean(axis=(0, 1)), np.full(3, 60.0), cov, np.diag(cov).copy(), np.eye(3), n, build)
+    with Clock() as c:
+        index = read_split(root, "train")
+    r["read_split_s"] = c.wall
+    r["shards"], r["rows"] = len(index.shards), index.rows
+    SplitSamples(index)  # warm the page cache
+    with Clock() as c:
+        SplitSamples(index)
+    r["split_samples_warm_s"], r["split_samples_warm_cpu"] = c.wall, c.cpu
+    files = sorted((root / "train").glob("*.arrow"))
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    read0 = read_bytes()
+    with Clock() as c:
+        SplitSamples(index)
+    r["split_samples_cold_s"], r["cold_read_mb"] = c.wall, (read_bytes() - read0) / 1e6
+    r["shard_mb"] = sum(f.stat().st_size for f in files) / 1e6
+    for backend in p["backends"]:
+        b: dict = {}
+        tracemalloc.start()
+        with Clock() as c:
+            loader = train_loader(root, batch_size=128, device="cpu", seed=0, stats=stats, backend=backend, workers=2)
+        b["train_loader_s"] = c.wall
+        with Clock() as c:
+            plan = loader.plan(0)
+        b["plan_s"] = c.wall
+        loader.plan(1)
+        held, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        b["held_bytes_per_sample"], b["peak_bytes_per_sample"] = held / n, peak / n
+        with Clock() as c:
+            for _ in plan:
+                pass
+        b["epoch_batch_plans_s"] = c.wall
+        with Clock() as c:
+            it = iter(loader)
+            next(it)
+        b["first_batch_s"] = c.wall
+        loader.close()
+        del it, loader
+        with Clock() as c:
+            ev = eval_loader(root, batch_size=128, device="cpu", split="train", stats=stats, backend=backend, workers=2)
+        b["eval_loader_s"] = c.wall
+        ev.close()
+        r[backend] = b
+    return r
+
+
 STAGES = {"build": stage_build, "stats": stage_stats, "verify": stage_verify, "index": stage_index,
-          "loader": stage_loader, "train": stage_train, "evaluate": stage_evaluate, "neighbors": stage_neighbors}
+          "loader": stage_loader, "train": stage_train, "evaluate": stage_evaluate, "neighbors": stage_neighbors,
+          "imagenet_index": stage_imagenet_index}
 
 
 def run_stage(name: str, params: dict, log, timeout: float = 3600) -> dict:
@@ -657,12 +834,18 @@ def rss_table(sizes: list[int], results: dict, backends: list[str]) -> list[dict
     rows = []
     specs = [("build-shards main", lambda r: r["build"]["mem"]["peak_mb"]),
              ("build-shards worker", lambda r: r["build"]["mem"]["children_peak_mb"]),
+             ("build-shards, all processes: PSS", lambda r: r["build"]["pss_peak_mb"]),
+             ("build-shards, all processes: anon PSS", lambda r: r["build"]["pss_anon_peak_mb"]),
              ("stats", lambda r: r["stats"]["mem"]["peak_mb"]),
              ("verify", lambda r: r["verify"]["mem"]["peak_mb"]),
              ("split index (anon)", lambda r: r["index"]["samples_anon_mb"]),
              ("split index, cold: MB read from disk", lambda r: r["index_cold"]["read_mb"])]
     for b in backends:
-        specs += [(f"loaders [{b}] main", lambda r, b=b: r[f"loader_{b}"]["mem"]["peak_mb"]),
+        specs += [(f"loaders [{b}], all processes: PSS", lambda r, b=b: r[f"loader_{b}"]["pss_peak_mb"]),
+                  (f"loaders [{b}], all processes: anon PSS", lambda r, b=b: r[f"loader_{b}"]["pss_anon_peak_mb"]),
+                  (f"loaders [{b}]: numpy+Python held (tracemalloc)", lambda r, b=b: r[f"loader_{b}"]["traced_held_mb"]),
+                  (f"loaders [{b}]: numpy+Python peak (tracemalloc)", lambda r, b=b: r[f"loader_{b}"]["traced_peak_mb"]),
+                  (f"loaders [{b}] main", lambda r, b=b: r[f"loader_{b}"]["mem"]["peak_mb"]),
                   (f"loaders [{b}] main, anon at end", lambda r, b=b: r[f"loader_{b}"]["mem"]["anon_mb"]),
                   (f"loaders [{b}] workers", lambda r, b=b: r[f"loader_{b}"]["mem"]["children_peak_mb"]),
                   (f"loaders [{b}] main, anon after batches", lambda r, b=b: r[f"loader_{b}"]["mem_loaded"]["anon_mb"]),
@@ -758,6 +941,8 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=256)
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--gen-workers", type=int, default=2)
+    ap.add_argument("--no-imagenet-index", action="store_true",
+                    help="skip the direct measurement of the index at 1.28 M rows (2.2 GB of shards, ~2 min)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -800,6 +985,10 @@ def main() -> None:
         run_stage("build", {"src": str(small_val_tree(cache, args.classes, small_n)), "out": str(small_out),
                             "split": "val", "workers": BUILD_WORKERS}, log)
     info["val_build"] = val_info
+    if not args.no_imagenet_index:
+        log("ImageNet-1k's index (1,281,167 rows of small JPEGs, 1,251 shards), measured directly")
+        info["imagenet_index"] = run_stage("imagenet_index", {"root": str(args.cache.expanduser() / "imagenet-index"),
+                                                              "backends": backends}, log)
 
     results: dict[int, dict] = {}
     for n in sizes:
@@ -839,6 +1028,9 @@ def main() -> None:
     (out / "scale.json").write_text(json.dumps(payload, indent=1) + "\n")
     plot(out / "scale.png", costs, done)
     text = report(costs, rss, done)
+    if "imagenet_index" in info:
+        text += "\n\nImageNet-1k's index, measured at 1,281,167 rows:\n" + json.dumps(
+            {k: v for k, v in info["imagenet_index"].items() if k != "mem"}, indent=1)
     (out / "scale.txt").write_text(text + "\n")
     print(text)
     print(json.dumps(payload["targets"], indent=1))
