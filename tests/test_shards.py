@@ -170,7 +170,7 @@ def test_opening_a_split_reads_its_index_not_its_images(tmp_path):
     assert read < size // 20, f"opening the split read {read} of its {size} bytes"
     # ... and the views still read the right bytes (read-around is back for them), from one
     # view of the shard's map: no Arrow table or per-batch object is kept per shard (their
-    # native metadata was ~115 bytes per sample at ImageNet scale).
+    # native metadata held ~65 bytes per sample at ImageNet scale).
     assert all(bytes(samples.view(i)) == data for i, data in enumerate(images))
     assert samples.labels.tolist() == [i % 10 for i in range(len(images))]
     assert len(samples._buffers) == len(index.shards)
