@@ -619,7 +619,7 @@ def stage_neighbors(p: dict) -> dict:
 
 
 def stage_imagenet_index(p: dict) -> dict:
-    """ImageNet-1k's index measured, not extrapolated: 1,251 shards of ~1,024 rows (1,281,167
+    """ImageNet-1k's index measured, not extrapolated: 1,252 shards of ~1,024 rows (1,281,167
     in all, 1,000 classes) holding one small real JPEG each row (a flat 256x256 q95 image,
     1.7 KB: 2.2 GB instead of 51 GB), written once with ShardWriter and a manifest as
     build-shards writes them. Then, timed: read_split, SplitSamples (warm, and with the page
@@ -986,7 +986,7 @@ def main() -> None:
                             "split": "val", "workers": BUILD_WORKERS}, log)
     info["val_build"] = val_info
     if not args.no_imagenet_index:
-        log("ImageNet-1k's index (1,281,167 rows of small JPEGs, 1,251 shards), measured directly")
+        log("ImageNet-1k's index (1,281,167 rows of small JPEGs, 1,252 shards), measured directly")
         info["imagenet_index"] = run_stage("imagenet_index", {"root": str(args.cache.expanduser() / "imagenet-index"),
                                                               "backends": backends}, log)
 
