@@ -3,16 +3,23 @@ a clear error naming the shard."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
 import io
 
+from alexprep.imagenet_prep.classes import ClassList
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.shards import open_shard, read_split
+from alexprep.imagenet_prep.samples import SplitSamples
+from alexprep.imagenet_prep.shards import (
+    ShardRecord, ShardWriter, SplitIndex, open_shard, read_split, shard_name, shard_schema,
+)
+from alexprep.imagenet_prep.transform import ImageSpec
 from alexprep.imagenet_prep.verify import verify_build
 
 
@@ -112,3 +119,63 @@ def test_shards_of_different_builds_are_not_mixed(damaged):
 def test_giving_the_split_folder_instead_of_out_is_explained(photo_build):
     with pytest.raises(DataError, match="give the build folder OUT, not OUT/train"):
         read_split(photo_build / "train", "train")
+
+
+# ---------------------------------------------------------------------------- what opening reads
+def _drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _read_bytes() -> int:
+    """Bytes this process has had read from disk (page-cache misses), from /proc/self/io."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+
+
+def test_opening_a_split_reads_its_index_not_its_images(tmp_path):
+    """SplitSamples over shards not in the page cache reads their headers, labels and offsets,
+    not their images: with the kernel's default read-around, every shard was read whole (at
+    ImageNet scale ~51 GB before the first batch; benchmarks/scale.py)."""
+    if not hasattr(os, "posix_fadvise") or not Path("/proc/self/io").exists():
+        pytest.skip("needs posix_fadvise and /proc/self/io (Linux)")
+    classes = ClassList(tuple(f"n{i:08d}" for i in range(10)))
+    spec = ImageSpec()
+    folder = tmp_path / "train"
+    folder.mkdir()
+    name = shard_name("train", 0, 1)
+    rng = np.random.default_rng(0)
+    # 512 incompressible 40 KB images (a q95 photo's size): 8 record batches, 20 MB.
+    images = [rng.integers(0, 256, 40_000, dtype=np.uint8).tobytes() for _ in range(512)]
+    writer = ShardWriter(folder / name, shard_schema(classes, spec, "b", "train"))
+    for i, data in enumerate(images):
+        writer.add(data, i % 10, classes.wnids[i % 10], f"train/{i}.JPEG")
+    size, sha = writer.finish()  # fsynced: its pages are clean, so they can be dropped
+    writer.commit()
+    index = SplitIndex(tmp_path, "train", "b", classes, spec, 1, [ShardRecord(name, 0, len(images), size, sha)])
+
+    _drop_from_page_cache(folder / name)
+    before = _read_bytes()
+    (folder / name).read_bytes()
+    if _read_bytes() - before < size // 2:
+        pytest.skip("this file system keeps the file in memory (tmpfs?): nothing to measure")
+
+    _drop_from_page_cache(folder / name)
+    before = _read_bytes()
+    samples = SplitSamples(index)
+    read = _read_bytes() - before
+    assert read < size // 20, f"opening the split read {read} of its {size} bytes"
+    # ... and the views still read the right bytes (read-around is back for them), from one
+    # view of the shard's map: no Arrow table or per-batch object is kept per shard (their
+    # native metadata held ~65 bytes per sample at ImageNet scale).
+    assert all(bytes(samples.view(i)) == data for i, data in enumerate(images))
+    assert samples.labels.tolist() == [i % 10 for i in range(len(images))]
+    assert len(samples._buffers) == len(index.shards)
+
+    _drop_from_page_cache(folder / name)
+    before = _read_bytes()
+    open_shard(index, index.shards[0])  # what stats and verify open to check a shard
+    assert _read_bytes() - before < size // 20
