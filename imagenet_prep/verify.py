@@ -1,10 +1,12 @@
 """Checking a build folder against its manifests: every shard present, whole and unchanged."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alexprep.imagenet_prep import layout
+from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.shards import file_sha256, image_bytes_column, open_shard, read_split, row_sizes
 from alexprep.imagenet_prep.transform import decode
@@ -21,10 +23,12 @@ class VerifyReport:
         return not self.bad
 
 
-def verify_build(root: Path, decode_images: bool = False, on_shard=None) -> VerifyReport:
+def verify_build(root: Path, decode_images: bool = False, on_shard=None, workers: int | None = None) -> VerifyReport:
     """Check size, row count and checksum of every shard (and with decode_images, that every
     image decodes to size x size x 3, or for keep-aspect builds to the row's recorded
-    height x width x 3, within the build's size limits). Missing splits are fine; a folder with none is not."""
+    height x width x 3, within the build's size limits). Missing splits are fine; a folder
+    with none is not. Shards are checked by `workers` threads (default: the cores; hashing
+    and decoding release the GIL)."""
     root = Path(root)
     report = VerifyReport()
     if not root.is_dir():
@@ -32,44 +36,56 @@ def verify_build(root: Path, decode_images: bool = False, on_shard=None) -> Veri
     splits = [s for s in layout.SPLITS if (root / s).is_dir()]
     if not splits:
         raise DataError(f"{root} holds no train/ or val/ split: is it a build folder?")
-    for split in splits:
-        index = read_split(root, split)
-        if len(index.shards) != index.shard_count:
-            have = {s.index for s in index.shards}
-            missing = [i for i in range(index.shard_count) if i not in have]
-            report.bad.append(f"{index.folder}: manifests list {len(index.shards)} of {index.shard_count} shards "
-                              f"(missing indices {missing[:5]}{'…' if len(missing) > 5 else ''})")
-        for shard in index.shards:
-            report.shards += 1
-            path = index.shard_path(shard)
-            try:
-                table = open_shard(index, shard)
-                if file_sha256(path) != shard.sha256:
-                    raise DataError(f"shard {path}: checksum differs from the manifest")
-                spec = index.spec
-                sizes = row_sizes(table)
-                if spec.keep_aspect and sizes is None:
-                    raise DataError(f"shard {path}: no height/width columns, but the build is keep-aspect")
-                if decode_images:
-                    for i, data in enumerate(image_bytes_column(table).to_pylist()):
-                        want = (spec.size, spec.size, 3) if sizes is None else (int(sizes[i, 0]), int(sizes[i, 1]), 3)
-                        if sizes is not None and not _size_fits(want[:2], spec.size, spec.max_side):
-                            raise DataError(f"shard {path} row {i}: recorded size {want[0]}x{want[1]} breaks the "
-                                            f"build's shorter side {spec.size}, longer side at most {spec.max_side}")
-                        try:
-                            if spec.encoding == "raw" and len(data) != want[0] * want[1] * 3:
-                                raise ValueError(f"{len(data)} bytes, not {want[0]}x{want[1]}x3")
-                            shape = decode(data, spec, want[:2]).shape
-                        except Exception as exc:
-                            raise DataError(f"shard {path} row {i}: does not decode ({exc})") from None
-                        if shape != want:
-                            raise DataError(f"shard {path} row {i}: decodes to {shape}, not {want}")
-                report.rows += table.num_rows
-            except DataError as exc:
-                report.bad.append(str(exc))
-            if on_shard:
-                on_shard()
+    with ThreadPoolExecutor(max(1, workers or available_cpus())) as pool:
+        for split in splits:
+            index = read_split(root, split)
+            if len(index.shards) != index.shard_count:
+                have = {s.index for s in index.shards}
+                missing = [i for i in range(index.shard_count) if i not in have]
+                report.bad.append(f"{index.folder}: manifests list {len(index.shards)} of {index.shard_count} "
+                                  f"shards (missing indices {missing[:5]}{'…' if len(missing) > 5 else ''})")
+            for rows, problem in pool.map(lambda shard: _check_shard(index, shard, decode_images), index.shards):
+                report.shards += 1
+                report.rows += rows
+                if problem:
+                    report.bad.append(problem)
+                if on_shard:
+                    on_shard()
     return report
+
+
+def _check_shard(index, shard, decode_images: bool) -> tuple[int, str | None]:
+    """(rows, None) for a shard that matches its manifest, else (0, what is wrong)."""
+    path = index.shard_path(shard)
+    try:
+        table = open_shard(index, shard)
+        if file_sha256(path) != shard.sha256:
+            raise DataError(f"shard {path}: checksum differs from the manifest")
+        spec = index.spec
+        sizes = row_sizes(table)
+        if spec.keep_aspect and sizes is None:
+            raise DataError(f"shard {path}: no height/width columns, but the build is keep-aspect")
+        if decode_images:
+            for i, data in enumerate(image_bytes_column(table).to_pylist()):
+                _check_image(path, i, data, spec, sizes)
+        return table.num_rows, None
+    except DataError as exc:
+        return 0, str(exc)
+
+
+def _check_image(path, i: int, data: bytes, spec, sizes) -> None:
+    want = (spec.size, spec.size, 3) if sizes is None else (int(sizes[i, 0]), int(sizes[i, 1]), 3)
+    if sizes is not None and not _size_fits(want[:2], spec.size, spec.max_side):
+        raise DataError(f"shard {path} row {i}: recorded size {want[0]}x{want[1]} breaks the "
+                        f"build's shorter side {spec.size}, longer side at most {spec.max_side}")
+    try:
+        if spec.encoding == "raw" and len(data) != want[0] * want[1] * 3:
+            raise ValueError(f"{len(data)} bytes, not {want[0]}x{want[1]}x3")
+        shape = decode(data, spec, want[:2]).shape
+    except Exception as exc:
+        raise DataError(f"shard {path} row {i}: does not decode ({exc})") from None
+    if shape != want:
+        raise DataError(f"shard {path} row {i}: decodes to {shape}, not {want}")
 
 
 def _size_fits(shape: tuple[int, int], size: int, max_side: int) -> bool:
