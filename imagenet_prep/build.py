@@ -12,6 +12,7 @@ How a build is laid out, so that it is deterministic, resumable and splittable:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -346,10 +347,22 @@ def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), prog
             "skipped": report.skipped,
             # Ignored files are listed (and counted) once, by part 0, so that parts add up.
             "ignored": listings[split].ignored if config.part == 0 else [],
-            "software": {"pil": pil_flavour(), "pyarrow": __import__("pyarrow").__version__},
+            "software": _software(),
         }
         write_text_atomic(out / split / manifest_name(config.part, config.parts), json.dumps(manifest, indent=1) + "\n")
     return BuildReport(out, build, list(reports.values()), time.perf_counter() - started)
+
+
+@functools.lru_cache(maxsize=1)
+def _software_cached() -> str:
+    return json.dumps({"pil": pil_flavour(), "pyarrow": __import__("pyarrow").__version__})
+
+
+def _software() -> dict:
+    """Which PIL and pyarrow wrote the shards, for the manifests. Looked up once per
+    process: pil_flavour scans every installed distribution (~0.1 s of CPU), a serial
+    step after the workers that a second build in the same process need not repeat."""
+    return json.loads(_software_cached())
 
 
 def _run_all(args: list, workers: int, total: int, progress):
