@@ -74,12 +74,20 @@ def decode_only(data: bytes) -> None:
     img.load()
 
 
-def time_each(files: dict[Path, bytes], fn) -> dict[Path, float]:
+CPU_SECONDS: dict[str, list[float]] = {}  # per contender, per run: this thread's CPU time over the corpus
+
+
+def time_each(files: dict[Path, bytes], fn, name: str | None = None) -> dict[Path, float]:
+    """Wall seconds per file; the run's CPU time (thread_time, which others' jobs on a
+    shared machine inflate far less than wall time) goes to CPU_SECONDS[name]."""
     out = {}
+    cpu = time.thread_time()
     for path, data in files.items():
         t = time.perf_counter()
         fn(data)
         out[path] = time.perf_counter() - t
+    if name:
+        CPU_SECONDS.setdefault(name, []).append(time.thread_time() - cpu)
     return out
 
 
@@ -106,14 +114,26 @@ def time_plain(python: Path, files: list[Path]) -> dict[Path, float]:
 
 
 LAST_BUILD_BYTES_PER_IMAGE = {}
+BUILD_CPU_SECONDS: dict[str, list[float]] = {}  # "1 worker"/"2 workers": CPU of main + workers per build
+
+
+def _cpu_with_children() -> float:
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def build_time(src: Path, workers: int, stats: bool) -> float:
     out = Path(tempfile.mkdtemp(prefix="prep_bench_out"))
     try:
+        cpu = _cpu_with_children()
         t = time.perf_counter()
         report = build_shards(src, out / "o", BuildConfig(workers=workers, accumulate_stats=stats, shard_size=32))
         seconds = time.perf_counter() - t
+        if stats:  # the pool's workers are reaped when build_shards returns, so their CPU is in
+            BUILD_CPU_SECONDS.setdefault(f"{workers} worker{'s' * (workers > 1)}", []).append(
+                _cpu_with_children() - cpu)
         written = sum(r.written for r in report.splits)
         LAST_BUILD_BYTES_PER_IMAGE["build-shards"] = sum(r.bytes for r in report.splits) / max(written, 1)
         return seconds
@@ -169,15 +189,16 @@ def main() -> None:
         buckets = {p: size_bucket(*sizes[p]) for p in paths}
         python, why_not = pillow_env()
         contenders = {
-            "a_build_shards_path": lambda: time_each(files, lambda d: ours(d, True)),
-            "a_without_stats": lambda: time_each(files, lambda d: ours(d, False)),
-            "c_opencv": lambda: time_each(files, opencv_path),
-            "d_decode_only_draft": lambda: time_each(files, decode_only),
+            "a_build_shards_path": lambda: time_each(files, lambda d: ours(d, True), "a_build_shards_path"),
+            "a_without_stats": lambda: time_each(files, lambda d: ours(d, False), "a_without_stats"),
+            "c_opencv": lambda: time_each(files, opencv_path, "c_opencv"),
+            "d_decode_only_draft": lambda: time_each(files, decode_only, "d_decode_only_draft"),
         }
         if python:
             contenders["b_plain_stock_pillow"] = lambda: time_plain(python, paths)
         for fn in contenders.values():  # warm-up: page cache, imports, allocators
             fn()
+        CPU_SECONDS.clear()
         runs: dict[str, list[dict]] = {k: [] for k in contenders}
         for r in range(repeats):
             for name, fn in contenders.items():  # alternating
@@ -231,7 +252,14 @@ def main() -> None:
         "stats_overhead_whole_build": common.ratio_summary(builds["1 worker, no stats"], builds["1 worker"]),
         "two_workers_over_one": common.ratio_summary(builds["2 workers"], builds["1 worker"]),
     }
-    for k in ("stats_overhead_per_image", "stats_overhead_whole_build"):  # as a cost: ratio - 1
+    if len(BUILD_CPU_SECONDS.get("2 workers", [])) >= repeats:  # CPU spent per image, 2 workers over 1
+        per_repeat["two_workers_cpu_over_one"] = common.ratio_summary(BUILD_CPU_SECONDS["2 workers"][-repeats:],
+                                                                      BUILD_CPU_SECONDS["1 worker"][-repeats:])
+    cpu = CPU_SECONDS  # the same ratios from CPU time, per repeat
+    per_repeat["a_over_d_cpu_time"] = common.ratio_summary(cpu["d_decode_only_draft"], cpu["a_build_shards_path"])
+    per_repeat["stats_overhead_per_image_cpu_time"] = common.ratio_summary(cpu["a_build_shards_path"],
+                                                                           cpu["a_without_stats"])
+    for k in ("stats_overhead_per_image", "stats_overhead_whole_build", "stats_overhead_per_image_cpu_time"):
         per_repeat[k] = {key: (v - 1 if isinstance(v, float) else [x - 1 for x in v] if isinstance(v, list) else v)
                          for key, v in per_repeat[k].items()}
     if "ffcv writer, 1 worker" in builds:
@@ -277,6 +305,7 @@ def main() -> None:
         "ratios_per_repeat": per_repeat,
         "targets": targets,
         "output_bytes_per_image": dict(LAST_BUILD_BYTES_PER_IMAGE),
+        "per_image_cpu_ms_one_core": {k: summary([1e3 * v / len(paths) for v in vs]) for k, vs in CPU_SECONDS.items()},
         "ffcv": {**ffcv_info, "field": "RGBImageField(write_mode='jpg', max_resolution=256, jpeg_quality=95): "
                                       "longer side capped at 256, aspect ratio kept (ours: a 256x256 crop)",
                  "dataset": "PIL Image.open(path).convert('RGB') per index (torchvision ImageFolder's loader)"},
