@@ -75,15 +75,18 @@ def write_result(name: str, payload: dict, out: Path | None = None) -> Path:
 
 
 def publish(name: str, out: Path | None = None) -> list[Path]:
-    """Copy `<name>.json` and `<name>.png` (and `<name>_<variant>.*`, e.g. the CUDA run's)
-    from `out` into benchmarks/results/."""
+    """Copy `<name>.json` and `<name>.png`, and the CUDA run's `<name>_cuda.*`, whichever
+    exist, from `out` into benchmarks/results/ (nothing else: a skip report never replaces
+    real numbers there)."""
     out = Path(out) if out is not None else OUT
     PUBLISHED.mkdir(parents=True, exist_ok=True)
     copied = []
-    for src in sorted([*out.glob(f"{name}.*"), *out.glob(f"{name}_*.*")]):
-        if src.suffix in (".json", ".png") and src.resolve() != (PUBLISHED / src.name).resolve():
-            shutil.copyfile(src, PUBLISHED / src.name)
-            copied.append(PUBLISHED / src.name)
+    for stem in (name, f"{name}_cuda"):
+        for suffix in (".json", ".png"):
+            src = out / f"{stem}{suffix}"
+            if src.exists() and src.resolve() != (PUBLISHED / src.name).resolve():
+                shutil.copyfile(src, PUBLISHED / src.name)
+                copied.append(PUBLISHED / src.name)
     return copied
 
 

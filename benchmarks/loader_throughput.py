@@ -465,8 +465,8 @@ def main(argv=None) -> dict:
             print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         names = list(runners)
         # On a machine others keep busy, waiting longer does not make it idle: --quick
-        # gives up after 5 s (the contenders' own prefetching settles within ~2 s).
-        idle_limit = 5.0 if args.quick else 15.0
+        # gives up after 2.5 s (the contenders' own prefetching settles within ~2 s).
+        idle_limit = 2.5 if args.quick else 15.0
         skip = max(2, 2 * workers)  # the deepest prefetch queue here: a DataLoader's workers x 2
         busy_runs = 0
         for r in range(repeats):
