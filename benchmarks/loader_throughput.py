@@ -1,7 +1,7 @@
 """Training-loader throughput, images/s, every contender doing the same augmentations.
 
-    .venv/bin/python benchmarks/loader_throughput.py --quick          # ~2-3 min on 2 cores
-    .venv/bin/python benchmarks/loader_throughput.py --device cuda    # the same on a GPU
+    .venv/bin/python -m benchmarks.loader_throughput --quick          # ~3-4 min on 2 cores
+    .venv/bin/python -m benchmarks.loader_throughput --device cuda    # the same on a GPU
 
 Per image, everywhere: a 224x224 crop at one of 33x33 offsets of the 256x256 image, a
 flip with p = 0.5, the mean image's window subtracted, PCA lighting added; batches of
@@ -19,15 +19,21 @@ float32 NCHW tensors (on the GPU with --device cuda). Contenders:
 - imagefolder-256: the same code over the 256x256 JPEG files (the loader alone);
 - webdataset: tar shards of the 256x256 JPEGs through webdataset, if it installs
   (`pip install --target /tmp/benchdeps webdataset`; found there when present);
-- ffcv: tried, and the reason it is absent recorded.
+- ffcv-jpeg, ffcv-raw: FFCV's `Loader` (OrderOption.RANDOM, its JPEG decoder, the same
+  work per image as an FFCV Operation, `benchmarks/ffcv_side.py`) over the same 256x256
+  pixels written to .beton files (JPEG q95, and raw), in FFCV's own venv (`make
+  ffcv-env`), as a subprocess that this one drives run by run; where that venv cannot be
+  made, the reason is recorded. CPU only. PCA lighting is on for every contender, FFCV's
+  included.
 
 Method: all contenders are built and warmed up, then run in alternating order in this
 one process, `--repeats` times each. Before each run the machine is let go idle (the
 others' workers fill their prefetch queues and stop) and the timed loader's own queue is
 drained untimed; the run then times `--batches` batches of a never-ending stream of
 epochs (epoch restarts included). Every contender uses all cores (threads or worker
-processes). Reported: median images/s and the spread. Writes
-benchmarks/results/loader_throughput.json and .png.
+processes). Reported: median images/s and the spread, and each ratio per repeat (both
+contenders timed in the same repeat) with its spread. Writes loader_throughput.json and
+.png into --out (benchmarks/out/; --publish: also benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -47,34 +54,19 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import common
+
 BENCHDEPS = Path("/tmp/benchdeps")  # where optional contenders are pip-installed with --target
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ---------------------------------------------------------------------------- data
 def prepare(work: Path, n: int, workers: int) -> dict:
     """The corpus, its shard builds and statistics, and the same images as files and tars."""
-    from alexprep.imagenet_prep.build import BuildConfig, build_shards
-    from alexprep.imagenet_prep.sample_data import write_corpus
     from alexprep.imagenet_prep.shards import image_bytes_column, open_shard, read_split
-    from alexprep.imagenet_prep.stats import DatasetStats, PartialStats
-    from alexprep.imagenet_prep.transform import ImageSpec
 
     t0 = time.perf_counter()
-    src = work / "original"
-    write_corpus(src, n)
-    builds = {}
-    for encoding in ("jpeg", "raw"):
-        out = work / f"out-{encoding}"
-        build_shards(src, out, BuildConfig(spec=ImageSpec(encoding=encoding), shard_size=128, workers=workers))
-        index = read_split(out, "train")
-        merged = None
-        for shard in index.shards:
-            with np.load(index.partial_path(shard)) as z:
-                partial = PartialStats.from_arrays(z)
-            merged = partial if merged is None else merged.merge(partial)
-        DatasetStats.from_partial(merged, build_id=index.build_id).save(out / "stats.npz")
-        builds[encoding] = out
+    prepared = common.prepared_build(work, n, encodings=("jpeg", "raw"), shard_size=128, workers=workers)
+    builds, src = prepared["builds"], prepared["src"]
     # The JPEG shards' bytes, as files (class folders) and as webdataset tars.
     index = read_split(builds["jpeg"], "train")
     files = work / "files256" / "train"
@@ -98,8 +90,8 @@ def prepare(work: Path, n: int, workers: int) -> dict:
                     info = tarfile.TarInfo(stem + suffix)
                     info.size, info.mode, info.mtime = len(payload), 0o444, 0
                     tar.addfile(info, io.BytesIO(payload))
-    stats = DatasetStats.load(builds["jpeg"] / "stats.npz")
-    return {"src": src / "train", "builds": builds, "files": files, "tars": sorted(tars.glob("*.tar")),
+    stats = prepared["stats"]
+    return {"src": src, "builds": builds, "files": files, "tars": sorted(tars.glob("*.tar")),
             "stats": stats, "seconds": time.perf_counter() - t0, "images": len(records)}
 
 
@@ -214,7 +206,6 @@ def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -
         dl = wds.WebLoader(ds, batch_size=None, num_workers=workers, persistent_workers=True,
                            pin_memory=device == "cuda", prefetch_factor=2)
         made["webdataset"] = to_device(forever(lambda: iter(dl)), torch_device)
-    notes["ffcv"] = ffcv_status()
     return made
 
 
@@ -283,13 +274,85 @@ def _optional(name: str):
     return None
 
 
-def ffcv_status() -> str:
-    if _optional("ffcv") is not None:
-        return "ffcv imports, but no contender is written for it yet"
-    return ("not installed: ffcv publishes no wheels, only an sdist whose setup.py needs system opencv4 and "
-            "libturbojpeg found through pkg-config (FFCV's instructions use a conda environment); "
-            "`pip install --target /tmp/benchdeps_ffcv ffcv` fails here with "
-            "'RuntimeError: Could not find required package: opencv4'")
+class FfcvServer:
+    """FFCV's loaders, in FFCV's venv (benchmarks/ffcv_side.py serve), timed run by run on
+    request so that they alternate with the in-process contenders."""
+
+    def __init__(self, python: Path, betons: dict, mean: Path, lighting: Path, batch: int, workers: int):
+        cmd = [str(python), str(common.FFCV_SIDE), "serve", "--mean", str(mean), "--lighting", str(lighting),
+               "--batch", str(batch), "--workers", str(workers)] + [f"{k}={v}" for k, v in betons.items()]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._answer()["ready"]
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"ffcv_side.py serve ended (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def runner(self, name: str):
+        def run(batches: int, skip: int) -> tuple[float, int]:
+            self.proc.stdin.write(f"run {name} {batches} {skip}\n")
+            self.proc.stdin.flush()
+            got = self._answer()
+            return got["seconds"], got["images"]
+
+        return run
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+def ffcv_contenders(data: dict, work: Path, device: str, batch: int, workers: int, notes: dict):
+    """(FfcvServer or None, {name: runner}): FFCV's Loader over the same 256x256 pixels
+    written as .beton files, JPEG q95 and raw."""
+    if device != "cpu":
+        notes["ffcv"] = "CPU only here (FFCV's GPU path needs cupy; not set up)"
+        return None, {}
+    python, info = common.ffcv_python()
+    if python is None:
+        notes["ffcv"] = info["skipped"]
+        return None, {}
+    from alexprep.imagenet_prep.samples import SplitSamples
+    from alexprep.imagenet_prep.shards import read_split
+
+    t0 = time.perf_counter()
+    folder = work / "ffcv"
+    folder.mkdir()
+    samples = SplitSamples(read_split(data["builds"]["raw"], "train"))  # the exact pixels the JPEG shards encode
+    pixels = np.stack([samples.view(i) for i in range(len(samples))]).reshape(len(samples), 256, 256, 3)
+    np.save(folder / "pixels.npy", pixels)
+    np.save(folder / "labels.npy", samples.labels)
+    stats = data["stats"]
+    np.save(folder / "mean.npy", np.asarray(stats.mean_image, np.float32))
+    np.save(folder / "lighting.npy", (stats.eigvecs * np.sqrt(np.clip(stats.eigvals, 0, None))).astype(np.float32))
+    betons, written = {}, {}
+    for mode, name in (("jpg", "ffcv-jpeg"), ("raw", "ffcv-raw")):
+        betons[name] = folder / f"{name}.beton"
+        got = subprocess.run([str(python), str(common.FFCV_SIDE), "write-array", str(folder / "pixels.npy"),
+                              str(folder / "labels.npy"), str(betons[name]), "--mode", mode, "--quality", "95",
+                              "--workers", str(workers)], capture_output=True, text=True)
+        if got.returncode:
+            notes["ffcv"] = f"writing {name}.beton failed: {got.stderr.strip()[-500:]}"
+            return None, {}
+        written[name] = json.loads(got.stdout.strip().splitlines()[-1])
+    try:
+        server = FfcvServer(python, betons, folder / "mean.npy", folder / "lighting.npy", batch, workers)
+    except (RuntimeError, OSError, ValueError) as exc:
+        notes["ffcv"] = f"FFCV's loader did not start: {exc}"
+        return None, {}
+    notes["ffcv"] = {**info, "betons": {k: {"bytes_per_image": v["bytes"] / v["images"]} for k, v in written.items()},
+                     "warm_up": server.ready, "set_up_s": time.perf_counter() - t0,
+                     "pipeline": "SimpleRGBImageDecoder -> PaperAugment (ffcv_side.py: 33x33 crop offsets, flip 0.5, "
+                                 "minus mean image window, PCA lighting 0.1, float32 CHW) -> ToTensor; "
+                                 "OrderOption.RANDOM, drop_last, os_cache, FFCV's default batches_ahead"}
+    return server, {name: server.runner(name) for name in betons}
 
 
 # ---------------------------------------------------------------------------- timing
@@ -337,39 +400,24 @@ def time_run(stream, batches: int, sync, skip: int = 0) -> tuple[float, int]:
 
 def machine(device: str) -> dict:
     """benchmarks/common.py's machine report, plus the device and webdataset's version."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import machine as common_machine
-
     wds = sys.modules.get("webdataset") or _optional("webdataset")
-    return {**common_machine(), "device": device, "platform": platform.platform(),
+    return {**common.machine(), "device": device, "platform": platform.platform(),
             "webdataset": getattr(wds, "__version__", None) if wds else None}
 
 
 def plot(results: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(results)
-    med = [results[n]["median"] for n in names]
-    lo = [results[n]["median"] - results[n]["min"] for n in names]
-    hi = [results[n]["max"] - results[n]["median"] for n in names]
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.5))
-    ax.barh(names, med, xerr=[lo, hi], color=["tab:green" if n.startswith("dali-arrow") else "tab:gray" for n in names])
-    for y, m in enumerate(med):
-        ax.text(m, y, f" {m:.0f}", va="center")
-    ax.invert_yaxis()
-    ax.set_xlabel("images/s (median; bars: min-max over repeats)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.bar_chart(path, names, {"images/s": [results[n]["median"] for n in names]},
+                     spread={"images/s": [(results[n]["min"], results[n]["max"]) for n in names]},
+                     colors=["tab:green" if n.startswith("dali-arrow") else
+                             "tab:orange" if n.startswith("ffcv") else "tab:gray" for n in names],
+                     horizontal=True, value_labels=True, figsize=(9, 0.5 * len(names) + 1.5), title=title,
+                     value_axis="images/s (median; bars: min-max over repeats)")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small corpus, few repeats (~2-3 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="small corpus, few repeats (~3-4 min on 2 cores)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--images", type=int, help="corpus size (default 512 quick, 2048 full)")
     parser.add_argument("--batch-size", type=int, help="default 64 quick, 128 full")
@@ -377,7 +425,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, help="timed runs per contender (default 5 quick, 9 full)")
     parser.add_argument("--workers", type=int, help="threads/worker processes for every contender (default: all CPUs)")
     parser.add_argument("--only", help="comma-separated contender names")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    common.add_output_args(parser)
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed)")
     args = parser.parse_args(argv)
 
@@ -395,6 +443,7 @@ def main(argv=None) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix="alexprep-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     notes: dict = {}
+    server = None
     try:
         print(f"preparing {n} images in {work} ...", flush=True)
         data = prepare(work, n, workers)
@@ -404,33 +453,45 @@ def main(argv=None) -> dict:
             keep = set(args.only.split(","))
             streams = {k: v for k, v in streams.items() if k in keep}
         sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-        runs: dict[str, list[float]] = {name: [] for name in streams}
-        for name, stream in streams.items():  # warm-up: workers started, pipelines primed, caches hot
+        runners = {name: (lambda b, skip, stream=stream: time_run(stream, b, sync, skip=skip))
+                   for name, stream in streams.items()}
+        if not args.only or "ffcv" in args.only:
+            server, remote = ffcv_contenders(data, work, args.device, batch, workers, notes)
+            runners.update({k: v for k, v in remote.items() if not args.only or k in keep})
+        runs: dict[str, list[float]] = {name: [] for name in runners}
+        for name, run in runners.items():  # warm-up: workers started, pipelines primed, caches hot
             t0 = time.perf_counter()
-            time_run(stream, per_run, sync)
+            run(per_run, 0)
             print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-        names = list(streams)
+        names = list(runners)
+        # On a machine others keep busy, waiting longer does not make it idle: --quick
+        # gives up after 2.5 s (the contenders' own prefetching settles within ~2 s).
+        idle_limit = 2.5 if args.quick else 15.0
         skip = max(2, 2 * workers)  # the deepest prefetch queue here: a DataLoader's workers x 2
         busy_runs = 0
         for r in range(repeats):
             order = names if r % 2 == 0 else names[::-1]  # alternate, so drift hits everyone alike
             for name in order:
-                busy_runs += not wait_idle()
-                seconds, images = time_run(streams[name], per_run, sync, skip=skip)
+                busy_runs += not wait_idle(idle_limit)
+                seconds, images = runners[name](per_run, skip)
                 runs[name].append(images / seconds)
             print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {runs[k][-1]:.0f}" for k in names), flush=True)
         results = {k: {"median": statistics.median(v), "min": min(v), "max": max(v),
                        "iqr": float(np.subtract(*np.percentile(v, [75, 25]))), "runs": v} for k, v in runs.items()}
     finally:
+        if server is not None:
+            server.close()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     med = {k: v["median"] for k, v in results.items()}
-    checks = {}
-    if "dali-arrow" in med and "dali-files" in med:
-        checks["dali_arrow_over_dali_files"] = med["dali-arrow"] / med["dali-files"]
-    for base in ("imagefolder-original", "imagefolder-256"):
-        if "dali-arrow" in med and base in med:
-            checks[f"dali_arrow_over_{base.replace('-', '_')}"] = med["dali-arrow"] / med[base]
+    checks, spreads = {}, {}
+    pairs = [("dali-arrow", "dali-files"), ("dali-arrow", "imagefolder-original"), ("dali-arrow", "imagefolder-256"),
+             ("dali-arrow", "ffcv-jpeg"), ("dali-arrow-raw", "ffcv-raw"), ("torch-twin", "ffcv-jpeg")]
+    for a, b in pairs:
+        if a in med and b in med:
+            key = f"{a}_over_{b}".replace("-", "_")
+            checks[key] = med[a] / med[b]
+            spreads[key] = common.ratio_summary(runs[a], runs[b])  # per repeat: a and b timed in the same one
     report = {
         "benchmark": "loader_throughput",
         "unit": "images/s",
@@ -441,18 +502,19 @@ def main(argv=None) -> dict:
                    "augmentation": "224 crop of 256 (33x33 offsets), flip 0.5, minus mean image, PCA lighting 0.1"},
         "results": results,
         "ratios": checks,
+        "ratios_per_repeat": spreads,
         "targets": {"dali_arrow >= dali_files": checks.get("dali_arrow_over_dali_files", 0) >= 1,
                     "dali_arrow >= 2x imagefolder-original":
-                        checks.get("dali_arrow_over_imagefolder_original", 0) >= 2},
-        "notes": notes | {"runs_started_on_a_busy_machine": busy_runs,
+                        checks.get("dali_arrow_over_imagefolder_original", 0) >= 2,
+                    "dali_arrow >= ffcv_jpeg (CPU)": checks.get("dali_arrow_over_ffcv_jpeg", 0) >= 1,
+                    "dali_arrow_raw >= ffcv_raw (CPU)": checks.get("dali_arrow_raw_over_ffcv_raw", 0) >= 1},
+        "notes": notes | {"runs_started_on_a_busy_machine": busy_runs, "idle_wait_limit_s": idle_limit,
                           "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "loader_throughput" if args.device == "cpu" else "loader_throughput_cuda"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     m = report["machine"]
-    plot(results, args.out / f"{stem}.png",
-         f"{m['cpu']}, {m['cores']} cores, {args.device}; batch {batch}, {data['images']} images")
+    title = f"{m['cpu']}, {m['cores']} cores, {args.device}; batch {batch}, {data['images']} images"
+    common.finish(stem, report, args, plot=lambda r, png: plot(r["results"], png, title))
     print(json.dumps({"median images/s": {k: round(v) for k, v in med.items()}, "ratios": checks,
                       "notes": notes}, indent=2))
     return report

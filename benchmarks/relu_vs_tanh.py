@@ -36,11 +36,12 @@ so far (it would not win), or at the epoch cap; the rate with the lowest median 
 to 25% wins. The winners are then run with fresh seeds for the reported numbers and the
 curves.
 
-    python benchmarks/relu_vs_tanh.py --quick   # ~2 min on 2 cores
-    python benchmarks/relu_vs_tanh.py           # ~4-5 min
-    python benchmarks/relu_vs_tanh.py --setup cuda-convnet   # one set-up
+    python -m benchmarks.relu_vs_tanh --quick   # ~2 min on 2 cores
+    python -m benchmarks.relu_vs_tanh           # ~4-5 min
+    python -m benchmarks.relu_vs_tanh --setup cuda-convnet   # one set-up
 
-Writes benchmarks/results/relu_vs_tanh.json and relu_vs_tanh.png.
+Writes relu_vs_tanh.json and relu_vs_tanh.png into --out (benchmarks/out/; --publish:
+also benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -57,8 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_result  # noqa: E402
+from benchmarks.common import add_output_args, finish, machine
 
 TARGET = 0.25  # the paper's threshold: 25% training error
 BATCH = 128  # cuda-convnet's minibatch for CIFAR-10
@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--setup", choices=sorted(SETUPS), action="append",
                         help="run only this set-up (repeatable; default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     if args.threads:
@@ -322,9 +323,6 @@ def main(argv=None) -> int:
     log = lambda text: print(text, flush=True)  # noqa: E731
     started = time.perf_counter()
     setups = {name: run_setup(name, SETUPS[name], mode, log) for name in (args.setup or SETUPS)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    png = RESULTS / "relu_vs_tanh.png"
-    plot(png, setups)
     payload = {
         "benchmark": "relu_vs_tanh",
         "what": "epochs for a four-layer conv net to reach 25% training error with ReLU vs tanh (paper Figure 1)",
@@ -344,8 +342,8 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine() | {"torch_threads": torch.get_num_threads()},
     }
-    path = write_result("relu_vs_tanh", payload)
-    log(f"tanh/ReLU epochs to 25%: {payload['ratios_tanh_over_relu']} (paper: 6); {path}, {png} "
+    path = finish("relu_vs_tanh", payload, args, plot=lambda _, png: plot(png, setups))
+    log(f"tanh/ReLU epochs to 25%: {payload['ratios_tanh_over_relu']} (paper: 6); {path} and its .png "
         f"in {payload['seconds']} s")
     return 0
 

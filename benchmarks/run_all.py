@@ -1,11 +1,13 @@
 """`make bench`: every benchmark, one after another, then a table of the headline ratios.
 
-Run: python benchmarks/run_all.py [--quick] [--device cuda:0]
+Run: python -m benchmarks.run_all [--quick] [--device cuda:0] [--out DIR] [--publish]
+     python -m benchmarks.run_all --publish-only     # `make bench-publish`
 
 Each benchmark runs in its own process (so one's imports and threads do not disturb the
-next), writes benchmarks/results/<name>.json and .png, and says in its JSON when a
-contender could not run here (no GPU, no DALI) instead of faking it. `--quick` keeps the
-whole run under ~10 minutes on 2 cores.
+next), writes <name>.json and .png into --out (default benchmarks/out/, git-ignored), and
+says in its JSON when a contender could not run here (no GPU, no DALI) instead of faking
+it. --publish (or --publish-only, after a run) copies them into the tracked
+benchmarks/results/. `--quick` keeps the whole run under ~10 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.common import HERE, OUT, PUBLISHED, publish
+
 BENCHMARKS = ["prep_throughput", "loader_throughput", "train_throughput", "train_step", "relu_vs_tanh"]
 
 
@@ -25,27 +28,38 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N (for those that take one)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--publish", action="store_true", help="copy each result into benchmarks/results/")
+    parser.add_argument("--publish-only", action="store_true",
+                        help="run nothing: copy the results already in --out into benchmarks/results/")
     args = parser.parse_args()
+    names = args.only or BENCHMARKS
+    if args.publish_only:
+        copied = [p for name in names for p in publish(name, args.out)]
+        print("\n".join(f"published {p}" for p in copied) or f"nothing to publish in {args.out}")
+        print(headlines(PUBLISHED, names))
+        return
     failed = []
-    for name in args.only or BENCHMARKS:
-        cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if args.quick else [])
+    for name in names:
+        cmd = [sys.executable, "-m", f"benchmarks.{name}", "--out", str(args.out)]
+        cmd += (["--quick"] if args.quick else []) + (["--publish"] if args.publish else [])
         if args.device != "cpu" and name in ("loader_throughput", "train_throughput", "train_step"):
-            cmd += ["--device", args.device if name != "train_throughput" else "cuda"]
+            cmd += ["--device", args.device if name == "train_step" else "cuda"]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         started = time.perf_counter()
-        if subprocess.run(cmd).returncode != 0:
+        if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
             failed.append(name)
         print(f"== {name}: {time.perf_counter() - started:.0f} s", flush=True)
-    print(headlines())
+    print(headlines(args.out, names))
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
 
-def headlines() -> str:
-    """The ratios people compare pipelines by, from the latest results."""
+def headlines(folder: Path, names=BENCHMARKS) -> str:
+    """The ratios people compare pipelines by, from the results in `folder`."""
     lines = ["| benchmark | headline | machine |", "| --- | --- | --- |"]
-    for name in BENCHMARKS:
-        path = HERE / "results" / f"{name}.json"
+    for name in names:
+        path = Path(folder) / f"{name}.json"
         if not path.exists():
             continue
         result = json.loads(path.read_text())

@@ -1,30 +1,25 @@
 """End to end: the trainer's real step fed by the real loader. Is the accelerator waiting?
 
-Run: python benchmarks/train_step.py [--quick] [--device cuda:0] [--backend torch]
+Run: python -m benchmarks.train_step [--quick] [--device cuda:0] [--backend torch]
 
 Builds shards from real-photo JPEGs, computes the statistics, then runs `alexprep train`'s
 own loop (model/train.py) for a fixed number of steps per loader backend, alternating
 backends, and reads images/s and the fraction of step time spent waiting for data from
 the run's metrics.jsonl (the first steps are warm-up and not counted). Writes
-benchmarks/results/train_step.json and .png. Goal on a GPU: data wait under 5%.
+train_step.json and .png into --out (benchmarks/out/; --publish: also benchmarks/results/).
+Goal on a GPU: data wait under 5%.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, summary, write_result  # noqa: E402
-
-from alexprep.imagenet_prep.build import BuildConfig, build_shards  # noqa: E402
-from alexprep.imagenet_prep.sample_data import write_corpus  # noqa: E402
-from alexprep.imagenet_prep.stats import compute_stats, write_stats  # noqa: E402
-from alexprep.model.config import TrainConfig  # noqa: E402
-from alexprep.model.train import train  # noqa: E402
+from alexprep.model.config import TrainConfig
+from alexprep.model.train import train
+from benchmarks.common import add_output_args, bar_chart, finish, machine, prepared_build, summary
 
 WARMUP_STEPS = 2
 
@@ -69,6 +64,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--encoding", default="jpeg", choices=["jpeg", "raw"])
+    add_output_args(parser)
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     batch = args.batch_size or (16 if args.quick else 128)
@@ -82,21 +78,16 @@ def main() -> None:
     runnable = [b for b, why in status.items() if not why]
     work = Path(tempfile.mkdtemp(prefix="train_step_bench"))
     try:
-        if runnable:
-            write_corpus(work / "src", images, seed=0)
-            write_corpus(work / "valsrc", 64, seed=1)  # the trainer validates every epoch
-            shutil.move(str(work / "valsrc" / "train"), str(work / "src" / "val"))
-            from alexprep.imagenet_prep.transform import ImageSpec
-
-            build_shards(work / "src", work / "out", BuildConfig(spec=ImageSpec(encoding=args.encoding), shard_size=64))
-            write_stats(work / "out", compute_stats(work / "out"))
+        out = None
+        if runnable:  # 64 val images: the trainer validates every epoch
+            out = prepared_build(work, images, encodings=(args.encoding,), val_images=64)["builds"][args.encoding]
         config = TrainConfig(batch_size=batch, epochs=1, max_steps=steps, log_every=1, final_crops=0,
                              bias_init="caffe", devices=(args.device,), precision=args.precision,
                              channels_last=gpu)
         per_backend: dict[str, list[list[dict]]] = {b: [] for b in runnable}
         for r in range(repeats):
             for b in runnable:  # alternating
-                per_backend[b].append(run_once(work / "out", b, TrainConfig(**{**config.to_json(), "backend": b})))
+                per_backend[b].append(run_once(out, b, TrainConfig(**{**config.to_json(), "backend": b})))
                 print(f"  repeat {r + 1}/{repeats} {b} done", flush=True)
         for b, runs in per_backend.items():
             counted = [row for rows in runs for row in rows[WARMUP_STEPS:]]
@@ -108,32 +99,19 @@ def main() -> None:
             }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    path = write_result("train_step", result)
-    plot(result, RESULTS / "train_step.png")
+    finish("train_step", result, args, plot=plot)
     print(json.dumps({"device": args.device, "skipped": result["skipped"],
                       **{b: {"images_per_s": v["images_per_s"]["median"], "data_wait_fraction": v["data_wait_fraction"]}
                          for b, v in result["backends"].items()}}, indent=1))
-    print(f"wrote {path}")
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(result["backends"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if names:
-        ax.bar(names, [result["backends"][n]["images_per_s"]["median"] for n in names])
-        for i, n in enumerate(names):
-            wait = result["backends"][n]["data_wait_fraction"] or 0
-            ax.text(i, 0, f"data wait {100 * wait:.0f}%", ha="center", va="bottom")
-    ax.set_ylabel("training images/s (median)")
     m = result["machine"]
-    ax.set_title(f"train step, batch {result['batch_size']} on {result['device']} — {m['gpu'] or m['cpu']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    bar_chart(path, names, {"images/s": [result["backends"][n]["images_per_s"]["median"] for n in names]},
+              notes=[f"data wait {100 * (result['backends'][n]['data_wait_fraction'] or 0):.0f}%" for n in names],
+              value_axis="training images/s (median)", figsize=(6, 3.5),
+              title=f"train step, batch {result['batch_size']} on {result['device']} — {m['gpu'] or m['cpu']}")
 
 
 if __name__ == "__main__":

@@ -9,18 +9,19 @@ between contenders (round-robin, order rotated every round) so that drifts in cl
 speed or memory state fall on all of them alike; each contender reports the median step
 and the spread (fastest and slowest step).
 
-    python benchmarks/train_throughput.py --quick            # ~2 min on 2 CPU cores
-    python benchmarks/train_throughput.py                    # all contenders, batch 128
-    python benchmarks/train_throughput.py --device cuda      # on a GPU
+    python -m benchmarks.train_throughput --quick            # ~2 min on 2 CPU cores
+    python -m benchmarks.train_throughput                    # all contenders, batch 128
+    python -m benchmarks.train_throughput --device cuda      # on a GPU
 
 A step is: forward under the contender's precision, cross-entropy on random labels,
 backward; gradients are dropped (set to None) before the clock starts. No optimiser
 step: the SGD update is the same for every contender. Inputs are random tensors already
 on the device: this measures the network, not the data pipeline.
 
-Writes benchmarks/results/train_throughput.json (and .png beside it when matplotlib is
-importable). With --device cuda and no CUDA it prints a JSON saying why and writes
-nothing, so real numbers are never replaced by a skip.
+Writes train_throughput.json (and .png beside it when matplotlib is importable) into --out
+(benchmarks/out/; --publish: also benchmarks/results/). With --device cuda and no CUDA it
+prints a JSON saying why and writes it (as train_throughput_skipped.json, never
+published) only when --out is given, so real numbers are never replaced by a skip.
 """
 
 from __future__ import annotations
@@ -41,11 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexprep.model.alexnet import AlexNet
+from benchmarks.common import add_output_args, bar_chart, finish, machine, out_dir, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common` when imported
-from common import machine  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+NAME = "train_throughput"
 # bf16 is "much faster" when it buys at least this much over fp32: below it, the
 # faithful fp32 stays the trainer's default.
 BF16_WORTH_IT = 1.3
@@ -426,32 +425,15 @@ def print_table(rows: list[dict], header: str) -> None:
             print(f"{r['name']:<58} skipped: {r['skipped']}")
 
 
-def plot(rows: list[dict], path: Path, title: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     done = [r for r in rows if "images_per_s" in r]
     if not done:
         return None
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(done) + 1.5))
-    ys = range(len(done))
-    med = [r["images_per_s"] for r in done]
-    lo = [r["images_per_s"] - r["images_per_s_min"] for r in done]
-    hi = [r["images_per_s_max"] - r["images_per_s"] for r in done]
-    colors = ["tab:gray" if r["model"] == "reference" else "tab:blue" for r in done]
-    ax.barh(list(ys), med, xerr=[lo, hi], color=colors)
-    ax.set_yticks(list(ys), [r["name"] for r in done], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("images/s (forward + backward; bars: median, whiskers: slowest/fastest step)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return bar_chart(path, [r["name"] for r in done], {"images/s": [r["images_per_s"] for r in done]},
+                     spread={"images/s": [(r["images_per_s_min"], r["images_per_s_max"]) for r in done]},
+                     colors=["tab:gray" if r["model"] == "reference" else "tab:blue" for r in done],
+                     horizontal=True, figsize=(9, 0.35 * len(done) + 1.5), title=title,
+                     value_axis="images/s (forward + backward; bars: median, whiskers: slowest/fastest step)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per contender first (default 2, 1 quick)")
     parser.add_argument("--filter", action="append", default=[],
                         help="time only contenders whose name contains this (repeatable), e.g. alexprep/one-device")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {RESULTS})")
+    add_output_args(parser)
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing contenders")
     args = parser.parse_args(argv)
     if args.batch_size is None:
@@ -484,9 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
         }
         print(json.dumps(skip, indent=2))
-        if args.out is not None:  # only where asked: never replace real numbers by a skip
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(skip, indent=2) + "\n")
+        if args.out is not None:  # only where asked, under a name never published: never replace real numbers
+            write_result(f"{NAME}_skipped", skip, out_dir(args))
         return 0
 
     try:
@@ -535,18 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     if load_before is not None:
         result["load_average_1min"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}
 
-    out = args.out or RESULTS
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     title = (f"AlexNet training throughput, batch {args.batch_size}, {info['gpu'] or info['cpu']} "
              f"({info['torch_threads']} threads), torch {info['torch']}")
-    png = plot(rows, out.with_suffix(".png"), title)
+    out = finish(NAME, result, args, plot=lambda _, png: plot(rows, png, title))
     print_table(rows, title)
     print(f"reference: {meta['reference']}")
     print(f"recommended defaults: {json.dumps(result['recommended_trainer_defaults'])}")
     if "gpu_cpu_split_check" in result:
         print(f"(cuda:0, cpu) placement check: {json.dumps(result['gpu_cpu_split_check'])}")
-    print(f"wrote {out}" + (f" and {png}" if png else "") + f" in {result['wall_s']} s")
+    print(f"wrote {out} in {result['wall_s']} s")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from alexprep.imagenet_prep import archives, layout
 from alexprep.imagenet_prep.atomic import remove_leftovers, write_bytes_atomic, write_text_atomic
@@ -476,7 +478,7 @@ def _finish(src: Path, out: Path, config: BuildConfig, classes: ClassList, build
             "skipped": report.skipped,
             # Ignored files are listed (and counted) once, by part 0, so that parts add up.
             "ignored": listings[split].ignored if config.part == 0 else [],
-            "software": {"pil": pil_flavour(), "pyarrow": __import__("pyarrow").__version__},
+            "software": _software(),
         }
         write_text_atomic(out / split / manifest_name(config.part, config.parts), json.dumps(manifest, indent=1) + "\n")
     return BuildReport(out, build, list(reports.values()), time.perf_counter() - started)
@@ -492,6 +494,18 @@ def _name_archives(skipped: list[dict], listing: layout.SplitListing) -> None:
         member = source.get(entry["key"])
         if isinstance(member, archives.Member):
             entry["archive"] = member.describe()
+
+
+@functools.lru_cache(maxsize=1)
+def _software_cached() -> str:
+    return json.dumps({"pil": pil_flavour(), "pyarrow": pa.__version__})
+
+
+def _software() -> dict:
+    """Which PIL and pyarrow wrote the shards, for the manifests. Looked up once per
+    process: pil_flavour scans every installed distribution (~0.1 s of CPU), a serial
+    step after the workers that a second build in the same process need not repeat."""
+    return json.loads(_software_cached())
 
 
 def _run_all(args: list, workers: int, total: int, progress):

@@ -69,7 +69,12 @@ class SplitSamples:
         return self._buffers[self._chunk[i]][self._start[i]:self._stop[i]]
 
     def views(self, indices) -> list[np.ndarray]:
-        return [self.view(i) for i in indices]
+        """The views of a batch: their buffers and bounds looked up in one numpy call each,
+        then sliced with plain ints (numpy scalars cost ~3x as much per slice)."""
+        idx = np.asarray(indices, np.int64)
+        buffers = self._buffers
+        return [buffers[c][a:b] for c, a, b in zip(self._chunk[idx].tolist(), self._start[idx].tolist(),
+                                                   self._stop[idx].tolist())]
 
     def where(self, i: int) -> str:
         """"train-00003-of-01252.arrow row 17": where sample i lives, for error reports."""

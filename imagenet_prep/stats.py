@@ -53,7 +53,7 @@ from alexprep.imagenet_prep.transform import decode
 # accumulates into a uint16 buffer (6x less memory traffic than int64) and flushes it into
 # the int64 sums before it can overflow.
 _PENDING_MAX = 257
-_BLOCK = 256  # pixels per exact float32 block in outer_sum: 256 * 255^2 < 2^24
+_ROWS = 256  # rows summed per column in outer_sum: 256 * 255^2 < 2^24, exact in float32
 
 PIXELS_NOTE = "every pixel of the {s}x{s} centre crop of every {split} image, {how}, on the 0-255 RGB scale"
 PIXELS_NOTE_KEEP_ASPECT = ("every pixel of every {split} image, resized whole (--resize keep-aspect: sizes differ), "
@@ -218,29 +218,36 @@ class PartialStats:
 def outer_sum(pixels: np.ndarray) -> np.ndarray:
     """(3, 3) int64: the sum over the pixels of an (..., 3) uint8 array of x x^T, exactly.
 
-    The channel planes in float32, multiplied and summed in blocks of 256 pixels: every
-    product is an integer <= 255^2 and every partial sum within a block an integer
-    <= 256 * 255^2 < 2^24, so float32 holds each exactly whatever the summation order;
-    the block sums are added in float64 (exact below 2^53). numpy's einsum, not BLAS:
-    about 3x faster than `x.T @ x` here, and OpenBLAS's own threads would fight the
+    The interleaved RGB bytes, in float32, are laid out as 256 rows of whole pixels (zero
+    pixels pad the last row; they add nothing). Each of the three einsums multiplies the
+    rows by themselves shifted by 0, 1 or 2 values (R*R, G*G, B*B; R*G, G*B; R*B at the
+    columns that hold them) and sums down the 256 rows: every column sum is an integer
+    <= 256 * 255^2 < 2^24 and every partial sum of non-negative terms is at most that, so
+    float32 holds each exactly whatever the summation order. The column sums are added
+    in float64 (exact below 2^53). Three contiguous passes over the pixels, where one per
+    channel pair over transposed planes cost 1.3x as much; numpy's einsum, not BLAS,
+    whose thin products here were slower still and whose own threads would fight the
     caller's (build workers, --recompute threads) for the cores.
     """
-    flat = pixels.reshape(-1, 3)
-    n = flat.shape[0]
+    flat = pixels.reshape(-1)
+    if flat.size % 3:
+        raise ValueError(f"expected (..., 3) pixels, got {pixels.shape}")
+    n = flat.size // 3
     if n * 255 * 255 >= 2**53:
         raise ValueError("too many pixels to sum exactly in one call")
-    planes = flat.T.astype(np.float32, order="C")  # (3, n)
-    head = n - n % _BLOCK
-    blocks = planes[:, :head].reshape(3, -1, _BLOCK)
-    tail = planes[:, head:]
-    out = np.empty((3, 3), np.int64)
-    for i in range(3):
-        for j in range(i, 3):
-            total = np.einsum("bk,bk->b", blocks[i], blocks[j]).sum(dtype=np.float64)
-            if head < n:
-                total += float(np.einsum("k,k->", tail[i], tail[j]))
-            out[i, j] = out[j, i] = int(total)
-    return out
+    width = 3 * -(-n // _ROWS)  # whole pixels per row
+    if n % _ROWS == 0:
+        rows = flat.astype(np.float32).reshape(_ROWS, width)
+    else:
+        rows = np.zeros((_ROWS, width), np.float32)
+        rows.reshape(-1)[:flat.size] = flat
+    same = np.einsum("ij,ij->j", rows, rows).reshape(-1, 3).sum(axis=0, dtype=np.float64)  # R*R, G*G, B*B
+    next1 = np.einsum("ij,ij->j", rows[:, :-1], rows[:, 1:])  # R*G at columns 3p, G*B at 3p + 1
+    next2 = np.einsum("ij,ij->j", rows[:, :-2], rows[:, 2:])  # R*B at columns 3p
+    rg, gb, rb = (int(next1[0::3].sum(dtype=np.float64)), int(next1[1::3].sum(dtype=np.float64)),
+                  int(next2[0::3].sum(dtype=np.float64)))
+    rr, gg, bb = (int(v) for v in same)
+    return np.array([[rr, rg, rb], [rg, gg, gb], [rb, gb, bb]], np.int64)
 
 
 STATS_KEYS = ("mean_image", "channel_mean", "channel_std", "rgb_cov", "eigvals", "eigvecs", "count")

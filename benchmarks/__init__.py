@@ -1,0 +1,1 @@
+"""alexprep's benchmarks, each runnable as `python -m benchmarks.<name>` from the repository root."""
