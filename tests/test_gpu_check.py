@@ -30,7 +30,6 @@ def smoke(tmp_path_factory) -> dict:
     return result
 
 
-@pytest.mark.slow
 def test_every_section_ran_or_says_why(smoke):
     sections = smoke["sections"]
     assert list(sections) == SECTIONS
@@ -44,7 +43,6 @@ def test_every_section_ran_or_says_why(smoke):
     assert "gpu_check on cpu" in smoke["_stdout"]
 
 
-@pytest.mark.slow
 def test_what_must_run_on_the_cpu_ran(smoke):
     sections = smoke["sections"]
     ours = [r for r in sections["model"]["rows"] if r["model"] == "alexprep"]
@@ -64,7 +62,6 @@ def test_what_must_run_on_the_cpu_ran(smoke):
     assert sections["machine"]["imported_alexprep"]
 
 
-@pytest.mark.slow
 def test_resume_is_exact_on_the_cpu(smoke):
     (row,) = smoke["sections"]["resume"]["rows"]
     assert row["mode"] == "default_new_process"  # resumed in a fresh process, as a real resume
