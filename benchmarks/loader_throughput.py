@@ -50,6 +50,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -415,7 +416,19 @@ def plot(results: dict, path: Path, title: str) -> None:
                      value_axis="images/s (median; bars: min-max over repeats)")
 
 
-def main(argv=None) -> dict:
+@dataclass
+class Config:
+    """The run's sizes, from the flags and their --quick/full defaults."""
+    images: int
+    batch: int
+    per_run: int  # batches per timed run
+    repeats: int
+    workers: int
+    idle_limit: float  # seconds wait_idle waits before a run
+    skip: int  # untimed batches before each run
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small corpus, few repeats (~3-4 min on 2 cores)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -427,63 +440,65 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", help="comma-separated contender names")
     common.add_output_args(parser)
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed)")
-    args = parser.parse_args(argv)
+    return parser
 
-    import torch
 
+def make_config(args) -> Config:
     from alexprep.imagenet_prep.devices import available_cpus
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
-    n = args.images or (512 if args.quick else 2048)
-    batch = args.batch_size or (64 if args.quick else 128)
-    per_run = args.batches or (12 if args.quick else 24)
-    repeats = args.repeats or (5 if args.quick else 9)
     workers = args.workers or available_cpus()
-    work = args.work or Path(tempfile.mkdtemp(prefix="alexprep-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    notes: dict = {}
-    server = None
-    try:
-        print(f"preparing {n} images in {work} ...", flush=True)
-        data = prepare(work, n, workers)
-        print(f"  {data['seconds']:.1f} s", flush=True)
-        streams = contenders(data, args.device, batch, workers, notes)
-        if args.only:
-            keep = set(args.only.split(","))
-            streams = {k: v for k, v in streams.items() if k in keep}
-        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-        runners = {name: (lambda b, skip, stream=stream: time_run(stream, b, sync, skip=skip))
-                   for name, stream in streams.items()}
-        if not args.only or "ffcv" in args.only:
-            server, remote = ffcv_contenders(data, work, args.device, batch, workers, notes)
-            runners.update({k: v for k, v in remote.items() if not args.only or k in keep})
-        runs: dict[str, list[float]] = {name: [] for name in runners}
-        for name, run in runners.items():  # warm-up: workers started, pipelines primed, caches hot
-            t0 = time.perf_counter()
-            run(per_run, 0)
-            print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-        names = list(runners)
+    return Config(
+        images=args.images or (512 if args.quick else 2048),
+        batch=args.batch_size or (64 if args.quick else 128),
+        per_run=args.batches or (12 if args.quick else 24),
+        repeats=args.repeats or (5 if args.quick else 9),
+        workers=workers,
         # On a machine others keep busy, waiting longer does not make it idle: --quick
         # gives up after 2.5 s (the contenders' own prefetching settles within ~2 s).
-        idle_limit = 2.5 if args.quick else 15.0
-        skip = max(2, 2 * workers)  # the deepest prefetch queue here: a DataLoader's workers x 2
-        busy_runs = 0
-        for r in range(repeats):
-            order = names if r % 2 == 0 else names[::-1]  # alternate, so drift hits everyone alike
-            for name in order:
-                busy_runs += not wait_idle(idle_limit)
-                seconds, images = runners[name](per_run, skip)
-                runs[name].append(images / seconds)
-            print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {runs[k][-1]:.0f}" for k in names), flush=True)
-        results = {k: {"median": statistics.median(v), "min": min(v), "max": max(v),
-                       "iqr": float(np.subtract(*np.percentile(v, [75, 25]))), "runs": v} for k, v in runs.items()}
-    finally:
-        if server is not None:
-            server.close()
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
-    med = {k: v["median"] for k, v in results.items()}
+        idle_limit=2.5 if args.quick else 15.0,
+        skip=max(2, 2 * workers),  # the deepest prefetch queue here: a DataLoader's workers x 2
+    )
+
+
+def local_runners(data: dict, args, cfg: Config, notes: dict, sync) -> dict:
+    """name -> run(batches, skip) for the contenders in this process (--only applied)."""
+    streams = contenders(data, args.device, cfg.batch, cfg.workers, notes)
+    if args.only:
+        keep = set(args.only.split(","))
+        streams = {k: v for k, v in streams.items() if k in keep}
+    return {name: (lambda b, skip, stream=stream: time_run(stream, b, sync, skip=skip))
+            for name, stream in streams.items()}
+
+
+def warm_up(runners: dict, per_run: int) -> None:
+    for name, run in runners.items():  # warm-up: workers started, pipelines primed, caches hot
+        t0 = time.perf_counter()
+        run(per_run, 0)
+        print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def time_repeats(runners: dict, cfg: Config) -> tuple[dict[str, list[float]], int]:
+    """images/s per contender per repeat, and how many runs started on a busy machine."""
+    runs: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    busy_runs = 0
+    for r in range(cfg.repeats):
+        order = names if r % 2 == 0 else names[::-1]  # alternate, so drift hits everyone alike
+        for name in order:
+            busy_runs += not wait_idle(cfg.idle_limit)
+            seconds, images = runners[name](cfg.per_run, cfg.skip)
+            runs[name].append(images / seconds)
+        print(f"  repeat {r + 1}/{cfg.repeats}: " + ", ".join(f"{k} {runs[k][-1]:.0f}" for k in names), flush=True)
+    return runs, busy_runs
+
+
+def summarize(runs: dict[str, list[float]]) -> dict:
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v),
+                "iqr": float(np.subtract(*np.percentile(v, [75, 25]))), "runs": v} for k, v in runs.items()}
+
+
+def ratios(runs: dict[str, list[float]], med: dict[str, float]) -> tuple[dict, dict]:
+    """Ratios of the medians, and the same ratios per repeat with their spread."""
     checks, spreads = {}, {}
     pairs = [("dali-arrow", "dali-files"), ("dali-arrow", "imagefolder-original"), ("dali-arrow", "imagefolder-256"),
              ("dali-arrow", "ffcv-jpeg"), ("dali-arrow-raw", "ffcv-raw"), ("torch-twin", "ffcv-jpeg")]
@@ -492,13 +507,18 @@ def main(argv=None) -> dict:
             key = f"{a}_over_{b}".replace("-", "_")
             checks[key] = med[a] / med[b]
             spreads[key] = common.ratio_summary(runs[a], runs[b])  # per repeat: a and b timed in the same one
-    report = {
+    return checks, spreads
+
+
+def build_report(args, cfg: Config, data: dict, runs: dict, results: dict, notes: dict, busy_runs: int) -> dict:
+    checks, spreads = ratios(runs, {k: v["median"] for k, v in results.items()})
+    return {
         "benchmark": "loader_throughput",
         "unit": "images/s",
         "machine": machine(args.device),
-        "config": {"images": data["images"], "batch_size": batch, "batches_per_run": per_run, "repeats": repeats,
-                   "untimed_batches_before_each_run": skip,
-                   "workers": workers, "device": args.device, "quick": args.quick,
+        "config": {"images": data["images"], "batch_size": cfg.batch, "batches_per_run": cfg.per_run,
+                   "repeats": cfg.repeats, "untimed_batches_before_each_run": cfg.skip,
+                   "workers": cfg.workers, "device": args.device, "quick": args.quick,
                    "augmentation": "224 crop of 256 (33x33 offsets), flip 0.5, minus mean image, PCA lighting 0.1"},
         "results": results,
         "ratios": checks,
@@ -508,14 +528,47 @@ def main(argv=None) -> dict:
                         checks.get("dali_arrow_over_imagefolder_original", 0) >= 2,
                     "dali_arrow >= ffcv_jpeg (CPU)": checks.get("dali_arrow_over_ffcv_jpeg", 0) >= 1,
                     "dali_arrow_raw >= ffcv_raw (CPU)": checks.get("dali_arrow_raw_over_ffcv_raw", 0) >= 1},
-        "notes": notes | {"runs_started_on_a_busy_machine": busy_runs, "idle_wait_limit_s": idle_limit,
+        "notes": notes | {"runs_started_on_a_busy_machine": busy_runs, "idle_wait_limit_s": cfg.idle_limit,
                           "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
     }
+
+
+def main(argv=None) -> dict:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    cfg = make_config(args)
+    work = args.work or Path(tempfile.mkdtemp(prefix="alexprep-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    notes: dict = {}
+    server = None
+    try:
+        print(f"preparing {cfg.images} images in {work} ...", flush=True)
+        data = prepare(work, cfg.images, cfg.workers)
+        print(f"  {data['seconds']:.1f} s", flush=True)
+        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+        runners = local_runners(data, args, cfg, notes, sync)
+        if not args.only or "ffcv" in args.only:
+            server, remote = ffcv_contenders(data, work, args.device, cfg.batch, cfg.workers, notes)
+            runners.update({k: v for k, v in remote.items() if not args.only or k in set(args.only.split(","))})
+        warm_up(runners, cfg.per_run)
+        runs, busy_runs = time_repeats(runners, cfg)
+        results = summarize(runs)
+    finally:
+        if server is not None:
+            server.close()
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report = build_report(args, cfg, data, runs, results, notes, busy_runs)
     stem = "loader_throughput" if args.device == "cpu" else "loader_throughput_cuda"
     m = report["machine"]
-    title = f"{m['cpu']}, {m['cores']} cores, {args.device}; batch {batch}, {data['images']} images"
+    title = f"{m['cpu']}, {m['cores']} cores, {args.device}; batch {cfg.batch}, {data['images']} images"
     common.finish(stem, report, args, plot=lambda r, png: plot(r["results"], png, title))
-    print(json.dumps({"median images/s": {k: round(v) for k, v in med.items()}, "ratios": checks,
+    print(json.dumps({"median images/s": {k: round(v["median"]) for k, v in results.items()}, "ratios": report["ratios"],
                       "notes": notes}, indent=2))
     return report
 

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -171,79 +172,105 @@ def peak_rss_of_build(src: Path) -> float:
         shutil.rmtree(out)
 
 
-def main() -> None:
+@dataclass
+class PerImage:
+    """The per-image contenders' timings over the small corpus."""
+    paths: list[Path]
+    buckets: dict[Path, str]  # size bucket of each image
+    bucket_names: list[str]
+    runs: dict[str, list[dict]]  # contender -> per repeat, seconds per image
+    per_image: dict[str, dict]  # contender -> "all" and each bucket -> images/s summary
+    why_not: str  # why stock Pillow (b) was skipped, "" if it was not
+
+
+@dataclass
+class WholeBuilds:
+    """Whole builds (ours and FFCV's writer) over the larger corpus."""
+    images: int
+    builds: dict[str, list[float]]  # name -> images/s per repeat
+    whole: dict[str, dict]  # name -> summary of builds[name]
+    ffcv_info: dict
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller RSS corpus")
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=None)
     common.add_output_args(parser)
-    args = parser.parse_args()
-    repeats = args.repeats or (2 if args.quick else 3)
-    rss_sizes = (args.images, args.images * (4 if args.quick else 10))
-    work = Path(tempfile.mkdtemp(prefix="prep_bench"))
-    try:
-        print(f"writing a corpus of {args.images} real-photo JPEGs ...", flush=True)
-        paths = common.corpus(work / "corpus", args.images, seed=0)
-        files = {p: p.read_bytes() for p in paths}
-        sizes = {p: Image.open(p).size for p in paths}
-        buckets = {p: size_bucket(*sizes[p]) for p in paths}
-        python, why_not = pillow_env()
-        contenders = {
-            "a_build_shards_path": lambda: time_each(files, lambda d: ours(d, True), "a_build_shards_path"),
-            "a_without_stats": lambda: time_each(files, lambda d: ours(d, False), "a_without_stats"),
-            "c_opencv": lambda: time_each(files, opencv_path, "c_opencv"),
-            "d_decode_only_draft": lambda: time_each(files, decode_only, "d_decode_only_draft"),
-        }
-        if python:
-            contenders["b_plain_stock_pillow"] = lambda: time_plain(python, paths)
-        for fn in contenders.values():  # warm-up: page cache, imports, allocators
-            fn()
-        CPU_SECONDS.clear()
-        runs: dict[str, list[dict]] = {k: [] for k in contenders}
-        for r in range(repeats):
-            for name, fn in contenders.items():  # alternating
-                runs[name].append(fn())
-            print(f"  repeat {r + 1}/{repeats} done", flush=True)
+    return parser.parse_args()
 
-        def rate(name: str, subset) -> dict:
-            per_repeat = [len(subset) / sum(run[p] for p in subset) for run in runs[name]]
-            return summary(per_repeat)
 
-        bucket_names = sorted(set(buckets.values()))
-        per_image = {name: {"all": rate(name, paths), **{b: rate(name, [p for p in paths if buckets[p] == b])
-                                                         for b in bucket_names}} for name in contenders}
-        big = work / "big"
-        big_paths = common.corpus(big, rss_sizes[1], seed=1)
-        ffcv_python, ffcv_info = common.ffcv_python()
-        items = work / "ffcv-items.json"
-        wnids = sorted({p.parent.name for p in big_paths})
-        items.write_text(json.dumps([[str(p), wnids.index(p.parent.name)] for p in big_paths]))
-        # Whole builds on the larger corpus, in shards of 32, so that shard imbalance and the
-        # fixed costs (listing, pool start, manifests) do not hide how the workers scale.
-        print(f"whole builds of {len(big_paths)} images (1 and 2 workers, with and without statistics"
-              + (", FFCV's writer" if ffcv_python else "") + ") ...", flush=True)
-        whole_builds = {"1 worker": lambda: build_time(big, 1, True),
-                        "1 worker, no stats": lambda: build_time(big, 1, False),
-                        "2 workers": lambda: build_time(big, 2, True)}
-        if ffcv_python:
-            whole_builds["ffcv writer, 1 worker"] = lambda: ffcv_write_time(ffcv_python, items, 1)
-            whole_builds["ffcv writer, 2 workers"] = lambda: ffcv_write_time(ffcv_python, items, 2)
-        builds: dict[str, list[float]] = {k: [] for k in whole_builds}
-        for name in ("1 worker", "ffcv writer, 1 worker"):  # warm-up: page cache, imports
-            if name in whole_builds:
-                whole_builds[name]()
-        for r in range(repeats):
-            for name, fn in (whole_builds.items() if r % 2 == 0 else reversed(whole_builds.items())):
-                builds[name].append(len(big_paths) / fn())
-            print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in builds.items()),
-                  flush=True)
-        whole = {k: summary(v) for k, v in builds.items()}
-        print("peak RSS ...", flush=True)
-        rss = {str(rss_sizes[0]): peak_rss_of_build(work / "corpus"), str(rss_sizes[1]): peak_rss_of_build(big)}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def measure_per_image(work: Path, images: int, repeats: int) -> PerImage:
+    print(f"writing a corpus of {images} real-photo JPEGs ...", flush=True)
+    paths = common.corpus(work / "corpus", images, seed=0)
+    files = {p: p.read_bytes() for p in paths}
+    sizes = {p: Image.open(p).size for p in paths}
+    buckets = {p: size_bucket(*sizes[p]) for p in paths}
+    python, why_not = pillow_env()
+    contenders = {
+        "a_build_shards_path": lambda: time_each(files, lambda d: ours(d, True), "a_build_shards_path"),
+        "a_without_stats": lambda: time_each(files, lambda d: ours(d, False), "a_without_stats"),
+        "c_opencv": lambda: time_each(files, opencv_path, "c_opencv"),
+        "d_decode_only_draft": lambda: time_each(files, decode_only, "d_decode_only_draft"),
+    }
+    if python:
+        contenders["b_plain_stock_pillow"] = lambda: time_plain(python, paths)
+    for fn in contenders.values():  # warm-up: page cache, imports, allocators
+        fn()
+    CPU_SECONDS.clear()
+    runs: dict[str, list[dict]] = {k: [] for k in contenders}
+    for r in range(repeats):
+        for name, fn in contenders.items():  # alternating
+            runs[name].append(fn())
+        print(f"  repeat {r + 1}/{repeats} done", flush=True)
 
-    med = lambda name: per_image[name]["all"]["median"]  # noqa: E731
+    def rate(name: str, subset) -> dict:
+        per_repeat = [len(subset) / sum(run[p] for p in subset) for run in runs[name]]
+        return summary(per_repeat)
+
+    bucket_names = sorted(set(buckets.values()))
+    per_image = {name: {"all": rate(name, paths), **{b: rate(name, [p for p in paths if buckets[p] == b])
+                                                     for b in bucket_names}} for name in contenders}
+    return PerImage(paths, buckets, bucket_names, runs, per_image, why_not)
+
+
+def measure_whole_builds(work: Path, big: Path, images: int, repeats: int) -> WholeBuilds:
+    big_paths = common.corpus(big, images, seed=1)
+    ffcv_python, ffcv_info = common.ffcv_python()
+    items = work / "ffcv-items.json"
+    wnids = sorted({p.parent.name for p in big_paths})
+    items.write_text(json.dumps([[str(p), wnids.index(p.parent.name)] for p in big_paths]))
+    # Whole builds on the larger corpus, in shards of 32, so that shard imbalance and the
+    # fixed costs (listing, pool start, manifests) do not hide how the workers scale.
+    print(f"whole builds of {len(big_paths)} images (1 and 2 workers, with and without statistics"
+          + (", FFCV's writer" if ffcv_python else "") + ") ...", flush=True)
+    whole_builds = {"1 worker": lambda: build_time(big, 1, True),
+                    "1 worker, no stats": lambda: build_time(big, 1, False),
+                    "2 workers": lambda: build_time(big, 2, True)}
+    if ffcv_python:
+        whole_builds["ffcv writer, 1 worker"] = lambda: ffcv_write_time(ffcv_python, items, 1)
+        whole_builds["ffcv writer, 2 workers"] = lambda: ffcv_write_time(ffcv_python, items, 2)
+    builds: dict[str, list[float]] = {k: [] for k in whole_builds}
+    for name in ("1 worker", "ffcv writer, 1 worker"):  # warm-up: page cache, imports
+        if name in whole_builds:
+            whole_builds[name]()
+    for r in range(repeats):
+        for name, fn in (whole_builds.items() if r % 2 == 0 else reversed(whole_builds.items())):
+            builds[name].append(len(big_paths) / fn())
+        print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in builds.items()),
+              flush=True)
+    whole = {k: summary(v) for k, v in builds.items()}
+    return WholeBuilds(len(big_paths), builds, whole, ffcv_info)
+
+
+def _minus_one(ratio: dict) -> dict:
+    """An overhead from a ratio: every value (and per-repeat value) less 1."""
+    return {key: (v - 1 if isinstance(v, float) else [x - 1 for x in v] if isinstance(v, list) else v)
+            for key, v in ratio.items()}
+
+
+def ratios_per_repeat(runs: dict[str, list[dict]], builds: dict[str, list[float]], repeats: int) -> dict:
     per_repeat = {  # each a ratio of two contenders timed in the same repeat: its spread over repeats
         "a_over_d": common.ratio_summary([1 / sum(r.values()) for r in runs["a_build_shards_path"]],
                                          [1 / sum(r.values()) for r in runs["d_decode_only_draft"]]),
@@ -260,8 +287,7 @@ def main() -> None:
     per_repeat["stats_overhead_per_image_cpu_time"] = common.ratio_summary(cpu["a_build_shards_path"],
                                                                            cpu["a_without_stats"])
     for k in ("stats_overhead_per_image", "stats_overhead_whole_build", "stats_overhead_per_image_cpu_time"):
-        per_repeat[k] = {key: (v - 1 if isinstance(v, float) else [x - 1 for x in v] if isinstance(v, list) else v)
-                         for key, v in per_repeat[k].items()}
+        per_repeat[k] = _minus_one(per_repeat[k])
     if "ffcv writer, 1 worker" in builds:
         per_repeat["build_shards_over_ffcv_writer_1_worker"] = common.ratio_summary(builds["1 worker"],
                                                                                     builds["ffcv writer, 1 worker"])
@@ -269,6 +295,11 @@ def main() -> None:
                                                                                      builds["ffcv writer, 2 workers"])
         per_repeat["ffcv_writer_2_workers_over_1"] = common.ratio_summary(builds["ffcv writer, 2 workers"],
                                                                           builds["ffcv writer, 1 worker"])
+    return per_repeat
+
+
+def median_ratios(per_image: dict[str, dict], whole: dict[str, dict]) -> dict:
+    med = lambda name: per_image[name]["all"]["median"]  # noqa: E731
     ratios = {
         "a_over_d (target >= 0.6)": med("a_build_shards_path") / med("d_decode_only_draft"),
         "a_over_c_opencv": med("a_build_shards_path") / med("c_opencv"),
@@ -283,6 +314,10 @@ def main() -> None:
             whole["1 worker"]["median"] / whole["ffcv writer, 1 worker"]["median"])
         ratios["build_shards_over_ffcv_writer_2_workers"] = (
             whole["2 workers"]["median"] / whole["ffcv writer, 2 workers"]["median"])
+    return ratios
+
+
+def check_targets(ratios: dict, whole: dict[str, dict]) -> dict:
     targets = {  # issue #13's targets, each against the median ratio of this run
         "a_over_d >= 0.6": ratios["a_over_d (target >= 0.6)"] >= 0.6,
         "stats_overhead_per_image <= 0.10": ratios["stats_overhead_per_image (target <= 0.15)"] <= 0.10,
@@ -291,32 +326,59 @@ def main() -> None:
     if "ffcv writer, 1 worker" in whole:
         targets["build_shards_over_ffcv_writer_1_worker >= 1.5"] = (
             ratios["build_shards_over_ffcv_writer_1_worker (target >= 1.5)"] >= 1.5)
-    per_core = whole["1 worker"]["median"]
+    return targets
+
+
+def build_result(pi: PerImage, wb: WholeBuilds, repeats: int, rss: dict) -> dict:
+    ratios = median_ratios(pi.per_image, wb.whole)
+    per_core = wb.whole["1 worker"]["median"]
     hours_16 = IMAGENET_IMAGES / (per_core * 16 * min(1.0, ratios["two_workers_over_one (target >= 1.8)"] / 2)) / 3600
-    result = {
+    paths, buckets = pi.paths, pi.buckets
+    return {
         "benchmark": "prep_throughput",
         "machine": machine(),
-        "whole_build_images": len(big_paths),
-        "corpus": {"images": len(paths), "buckets": {b: sum(1 for p in paths if buckets[p] == b) for b in bucket_names}},
+        "whole_build_images": wb.images,
+        "corpus": {"images": len(paths), "buckets": {b: sum(1 for p in paths if buckets[p] == b)
+                                                     for b in pi.bucket_names}},
         "repeats": repeats,
-        "per_image_images_per_s_one_core": per_image,
-        "whole_build_images_per_s": whole,
+        "per_image_images_per_s_one_core": pi.per_image,
+        "whole_build_images_per_s": wb.whole,
         "ratios": ratios,
-        "ratios_per_repeat": per_repeat,
-        "targets": targets,
+        "ratios_per_repeat": ratios_per_repeat(pi.runs, wb.builds, repeats),
+        "targets": check_targets(ratios, wb.whole),
         "output_bytes_per_image": dict(LAST_BUILD_BYTES_PER_IMAGE),
         "per_image_cpu_ms_one_core": {k: summary([1e3 * v / len(paths) for v in vs]) for k, vs in CPU_SECONDS.items()},
-        "ffcv": {**ffcv_info, "field": "RGBImageField(write_mode='jpg', max_resolution=256, jpeg_quality=95): "
-                                      "longer side capped at 256, aspect ratio kept (ours: a 256x256 crop)",
+        "ffcv": {**wb.ffcv_info, "field": "RGBImageField(write_mode='jpg', max_resolution=256, jpeg_quality=95): "
+                                         "longer side capped at 256, aspect ratio kept (ours: a 256x256 crop)",
                  "dataset": "PIL Image.open(path).convert('RGB') per index (torchvision ImageFolder's loader)"},
         "peak_rss_mb": rss,
         "imagenet_1k_hours_on_16_cores_extrapolated": hours_16,
-        "plain_pillow": {"version": getattr(time_plain, "version", None), "skipped": why_not or None},
+        "plain_pillow": {"version": getattr(time_plain, "version", None), "skipped": pi.why_not or None},
     }
+
+
+def main() -> None:
+    args = parse_args()
+    repeats = args.repeats or (2 if args.quick else 3)
+    rss_sizes = (args.images, args.images * (4 if args.quick else 10))
+    work = Path(tempfile.mkdtemp(prefix="prep_bench"))
+    try:
+        pi = measure_per_image(work, args.images, repeats)
+        big = work / "big"
+        wb = measure_whole_builds(work, big, rss_sizes[1], repeats)
+        print("peak RSS ...", flush=True)
+        rss = {str(rss_sizes[0]): peak_rss_of_build(work / "corpus"), str(rss_sizes[1]): peak_rss_of_build(big)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = build_result(pi, wb, repeats, rss)
     common.finish("prep_throughput", result, args, plot=plot)
-    print(json.dumps({"ratios": ratios, "targets": targets, "bytes_per_image": result["output_bytes_per_image"], "whole_build_images_per_s": {k: v["median"] for k, v in whole.items()},
-                      "per_image_all": {k: v["all"]["median"] for k, v in per_image.items()},
-                      "peak_rss_mb": rss, "imagenet_hours_16_cores": hours_16}, indent=1))
+    print(json.dumps({"ratios": result["ratios"], "targets": result["targets"],
+                      "bytes_per_image": result["output_bytes_per_image"],
+                      "whole_build_images_per_s": {k: v["median"] for k, v in wb.whole.items()},
+                      "per_image_all": {k: v["all"]["median"] for k, v in pi.per_image.items()},
+                      "peak_rss_mb": rss, "imagenet_hours_16_cores": result["imagenet_1k_hours_on_16_cores_extrapolated"]},
+                     indent=1))
 
 
 def plot(result: dict, path: Path) -> None:

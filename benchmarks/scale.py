@@ -39,6 +39,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -625,14 +627,8 @@ def stage_imagenet_index(p: dict) -> dict:
     build-shards writes them. Then, timed: read_split, SplitSamples (warm, and with the page
     cache dropped: bytes read), train_loader and eval_loader construction, the epoch plan,
     every batch plan of an epoch, the first batch; tracemalloc's bytes per sample."""
-    import tracemalloc
-
-    from PIL import Image
-
-    from alexprep.imagenet_prep.classes import ClassList, save_classes
-    from alexprep.imagenet_prep.loaders import eval_loader, train_loader
-    from alexprep.imagenet_prep.samples import SplitSamples
-    from alexprep.imagenet_prep.shards import ShardRecord, ShardWriter, build_id, read_split, shard_name, shard_schema
+    from alexprep.imagenet_prep.classes import ClassList
+    from alexprep.imagenet_prep.shards import build_id
     from alexprep.imagenet_prep.stats import DatasetStats
     from alexprep.imagenet_prep.transform import ImageSpec
 
@@ -642,34 +638,56 @@ def stage_imagenet_index(p: dict) -> dict:
     build = build_id(spec, 1024, 0, classes)
     r: dict = {}
     if not (root / "train" / "manifest.json").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        (root / "train").mkdir(parents=True)
-        save_classes(classes, root / "classes.json")
-        buf = io.BytesIO()
-        Image.new("RGB", (256, 256), (120, 110, 100)).save(buf, "JPEG", quality=95)
-        image = buf.getvalue()
-        count = -(-n // 1024)
-        bounds = [j * n // count for j in range(count + 1)]
-        schema = shard_schema(classes, spec, build, "train")
-        records = []
-        with Clock() as c:
-            for j in range(count):
-                writer = ShardWriter(root / "train" / shard_name("train", j, count), schema)
-                for i in range(bounds[j], bounds[j + 1]):
-                    w = classes.wnids[i % IMAGENET_CLASSES]
-                    writer.add(image, i % IMAGENET_CLASSES, w, f"train/{w}/{w}_{i}.JPEG")
-                size, sha = writer.finish()
-                writer.commit()
-                records.append(ShardRecord(shard_name("train", j, count), j, writer.rows, size, sha).to_json())
-            manifest = {"format": "alexprep-shards", "version": 1, "split": "train", "build_id": build, "part": 0,
-                        "parts": 1, "shard_count": count, "image": {"size": spec.size, "encoding": spec.encoding,
-                        "quality": spec.quality, "resample": spec.resample}, "classes": IMAGENET_CLASSES,
-                        "shards": records, "skipped": [], "ignored": []}
-            (root / "train" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        r["written_s"] = c.wall
+        r["written_s"] = _write_imagenet_index(root, n, classes, spec, build)
     mean = np.full((256, 256, 3), 120.0)
     cov = np.diag([3000.0, 200.0, 50.0])
     stats = DatasetStats(mean, mean.mean(axis=(0, 1)), np.full(3, 60.0), cov, np.diag(cov).copy(), np.eye(3), n, build)
+    r.update(_time_imagenet_index(root))
+    for backend in p["backends"]:
+        r[backend] = _time_imagenet_loaders(root, n, stats, backend)
+    return r
+
+
+def _write_imagenet_index(root: Path, n: int, classes, spec, build: str) -> float:
+    """Write the n-row index's shards and manifest into root/train; the seconds it took."""
+    from PIL import Image
+
+    from alexprep.imagenet_prep.classes import save_classes
+    from alexprep.imagenet_prep.shards import ShardRecord, ShardWriter, shard_name, shard_schema
+
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "train").mkdir(parents=True)
+    save_classes(classes, root / "classes.json")
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (120, 110, 100)).save(buf, "JPEG", quality=95)
+    image = buf.getvalue()
+    count = -(-n // 1024)
+    bounds = [j * n // count for j in range(count + 1)]
+    schema = shard_schema(classes, spec, build, "train")
+    records = []
+    with Clock() as c:
+        for j in range(count):
+            writer = ShardWriter(root / "train" / shard_name("train", j, count), schema)
+            for i in range(bounds[j], bounds[j + 1]):
+                w = classes.wnids[i % IMAGENET_CLASSES]
+                writer.add(image, i % IMAGENET_CLASSES, w, f"train/{w}/{w}_{i}.JPEG")
+            size, sha = writer.finish()
+            writer.commit()
+            records.append(ShardRecord(shard_name("train", j, count), j, writer.rows, size, sha).to_json())
+        manifest = {"format": "alexprep-shards", "version": 1, "split": "train", "build_id": build, "part": 0,
+                    "parts": 1, "shard_count": count, "image": {"size": spec.size, "encoding": spec.encoding,
+                    "quality": spec.quality, "resample": spec.resample}, "classes": IMAGENET_CLASSES,
+                    "shards": records, "skipped": [], "ignored": []}
+        (root / "train" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return c.wall
+
+
+def _time_imagenet_index(root: Path) -> dict:
+    """read_split, then SplitSamples warm and with the page cache dropped (bytes read)."""
+    from alexprep.imagenet_prep.samples import SplitSamples
+    from alexprep.imagenet_prep.shards import read_split
+
+    r: dict = {}
     with Clock() as c:
         index = read_split(root, "train")
     r["read_split_s"] = c.wall
@@ -688,35 +706,43 @@ def stage_imagenet_index(p: dict) -> dict:
         SplitSamples(index)
     r["split_samples_cold_s"], r["cold_read_mb"] = c.wall, (read_bytes() - read0) / 1e6
     r["shard_mb"] = sum(f.stat().st_size for f in files) / 1e6
-    for backend in p["backends"]:
-        b: dict = {}
-        tracemalloc.start()
-        with Clock() as c:
-            loader = train_loader(root, batch_size=128, device="cpu", seed=0, stats=stats, backend=backend, workers=2)
-        b["train_loader_s"] = c.wall
-        with Clock() as c:
-            plan = loader.plan(0)
-        b["plan_s"] = c.wall
-        loader.plan(1)
-        held, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        b["held_bytes_per_sample"], b["peak_bytes_per_sample"] = held / n, peak / n
-        with Clock() as c:
-            for _ in plan:
-                pass
-        b["epoch_batch_plans_s"] = c.wall
-        with Clock() as c:
-            it = iter(loader)
-            next(it)
-        b["first_batch_s"] = c.wall
-        loader.close()
-        del it, loader
-        with Clock() as c:
-            ev = eval_loader(root, batch_size=128, device="cpu", split="train", stats=stats, backend=backend, workers=2)
-        b["eval_loader_s"] = c.wall
-        ev.close()
-        r[backend] = b
     return r
+
+
+def _time_imagenet_loaders(root: Path, n: int, stats, backend: str) -> dict:
+    """train_loader's construction, epoch plan, batch plans, first batch and bytes per
+    sample (tracemalloc); eval_loader's construction."""
+    import tracemalloc
+
+    from alexprep.imagenet_prep.loaders import eval_loader, train_loader
+
+    b: dict = {}
+    tracemalloc.start()
+    with Clock() as c:
+        loader = train_loader(root, batch_size=128, device="cpu", seed=0, stats=stats, backend=backend, workers=2)
+    b["train_loader_s"] = c.wall
+    with Clock() as c:
+        plan = loader.plan(0)
+    b["plan_s"] = c.wall
+    loader.plan(1)
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    b["held_bytes_per_sample"], b["peak_bytes_per_sample"] = held / n, peak / n
+    with Clock() as c:
+        for _ in plan:
+            pass
+    b["epoch_batch_plans_s"] = c.wall
+    with Clock() as c:
+        it = iter(loader)
+        next(it)
+    b["first_batch_s"] = c.wall
+    loader.close()
+    del it, loader
+    with Clock() as c:
+        ev = eval_loader(root, batch_size=128, device="cpu", split="train", stats=stats, backend=backend, workers=2)
+    b["eval_loader_s"] = c.wall
+    ev.close()
+    return b
 
 
 STAGES = {"build": stage_build, "stats": stage_stats, "verify": stage_verify, "index": stage_index,
@@ -927,7 +953,21 @@ def targets(costs: list[dict], rss: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------- main
-def main() -> None:
+@dataclass
+class Setup:
+    """What main's steps share: the flags, the folders, the loader backends, the log."""
+    args: argparse.Namespace
+    sizes: list[int]
+    backends: list[str]
+    cache: Path  # generated images of this class count
+    builds: Path  # builds, under cache
+    out: Path
+    log: Callable[[str], None]
+    val_out: Path | None = None  # the validation build, linked into each size's build
+    small_out: Path | None = None  # the small validation build for the neighbours stage
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="sizes 10k and 30k")
     ap.add_argument("--sizes", help="comma-separated training-set sizes (default 10000,30000,100000)")
@@ -945,10 +985,10 @@ def main() -> None:
                     help="skip the direct measurement of the index at 1.28 M rows (2.2 GB of shards, ~2 min)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.stage:
-        return stage_main(args.stage, args.params)
+    return ap.parse_args()
 
+
+def make_setup(args: argparse.Namespace) -> Setup:
     sizes = [int(s) for s in (args.sizes or ("10000,30000" if args.quick else "10000,30000,100000")).split(",")]
     if args.backends:
         backends = args.backends.split(",")
@@ -961,67 +1001,73 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     builds = cache / "builds"
     builds.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     log = lambda m: print(m, flush=True)  # noqa: E731
-    info = {"machine": machine(), "sizes": sizes, "classes": args.classes, "backends": backends,
-            "build_workers": BUILD_WORKERS, "loader_workers": LOADER_WORKERS, "batch": args.batch}
-    n_val = args.classes * args.val_per_class
-    info["generation"] = generate(cache, args.classes, max(sizes), n_val, args.gen_workers, log)
-    sample = sorted(set(range(0, max(sizes), max(1, max(sizes) // 2000))) | {CMYK_FIRST, PNG_AT})
-    info["source"] = source_stats([pool_path(cache, args.classes, k) for k in sample if k < max(sizes)])
-    log(f"source: {info['source']}")
+    return Setup(args, sizes, backends, cache, builds, out, log)
 
+
+def prepare_source(st: Setup, info: dict, n_val: int) -> None:
+    """Generate (or reuse) the source images; their statistics into info."""
+    args, sizes = st.args, st.sizes
+    info["generation"] = generate(st.cache, args.classes, max(sizes), n_val, args.gen_workers, st.log)
+    sample = sorted(set(range(0, max(sizes), max(1, max(sizes) // 2000))) | {CMYK_FIRST, PNG_AT})
+    info["source"] = source_stats([pool_path(st.cache, args.classes, k) for k in sample if k < max(sizes)])
+    st.log(f"source: {info['source']}")
+
+
+def build_val(st: Setup, n_val: int) -> dict:
+    """The validation builds (full and small) where missing; the full one's build stage result."""
     # The validation build: built once (same classes and options as every train build, so the
     # same build id), linked into each size's build folder.
-    val_out = builds / f"val-{n_val}"
+    st.val_out = st.builds / f"val-{n_val}"
     val_info = {}
-    if not (val_out / "val" / "manifest.json").exists():
-        log(f"building the validation split ({n_val} images)")
-        val_info = run_stage("build", {"src": str(cache / "val"), "out": str(val_out), "split": "val",
-                                       "workers": BUILD_WORKERS}, log)
+    if not (st.val_out / "val" / "manifest.json").exists():
+        st.log(f"building the validation split ({n_val} images)")
+        val_info = run_stage("build", {"src": str(st.cache / "val"), "out": str(st.val_out), "split": "val",
+                                       "workers": BUILD_WORKERS}, st.log)
     small_n = min(n_val, 128)
-    small_out = builds / f"val-small-{small_n}"
-    if not (small_out / "val" / "manifest.json").exists():
-        run_stage("build", {"src": str(small_val_tree(cache, args.classes, small_n)), "out": str(small_out),
-                            "split": "val", "workers": BUILD_WORKERS}, log)
-    info["val_build"] = val_info
-    if not args.no_imagenet_index:
-        log("ImageNet-1k's index (1,281,167 rows of small JPEGs, 1,252 shards), measured directly")
-        info["imagenet_index"] = run_stage("imagenet_index", {"root": str(args.cache.expanduser() / "imagenet-index"),
-                                                              "backends": backends}, log)
+    st.small_out = st.builds / f"val-small-{small_n}"
+    if not (st.small_out / "val" / "manifest.json").exists():
+        run_stage("build", {"src": str(small_val_tree(st.cache, st.args.classes, small_n)), "out": str(st.small_out),
+                            "split": "val", "workers": BUILD_WORKERS}, st.log)
+    return val_info
 
-    results: dict[int, dict] = {}
-    for n in sizes:
-        log(f"N = {n}")
-        tree = train_tree(cache, args.classes, n)
-        bout = builds / f"train-{n}"
-        r = results[n] = {}
-        r["build"] = run_stage("build", {"src": str(tree), "out": str(bout), "split": "train",
-                                         "workers": BUILD_WORKERS}, log)
-        r["stats"] = run_stage("stats", {"out": str(bout)}, log)
-        r["verify"] = run_stage("verify", {"out": str(bout)}, log)
-        (bout / "val").symlink_to((val_out / "val").resolve())
-        r["index"] = run_stage("index", {"out": str(bout)}, log)
-        r["index_cold"] = run_stage("index", {"out": str(bout), "cold": True}, log)
-        for b in backends:
-            r[f"loader_{b}"] = run_stage("loader", {"out": str(bout), "backend": b, "batch": args.batch,
-                                                    "batches": args.batches, "workers": LOADER_WORKERS}, log)
-        ckpt = builds / "scale-checkpoint.pt"
-        r["train"] = run_stage("train", {"out": str(bout), "run_dir": str(builds / "run"), "batch": 32,
-                                         "steps": args.train_steps, "backend": backends[0],
-                                         "workers": LOADER_WORKERS, "threads": 2, "ckpt_copy": str(ckpt)}, log)
-        r["evaluate"] = run_stage("evaluate", {"val_root": str(val_out), "ckpt": str(ckpt), "images": args.eval_images,
-                                               "backend": backends[0], "workers": LOADER_WORKERS, "threads": 2}, log)
-        r["neighbors"] = run_stage("neighbors", {"root": str(small_out), "ckpt": str(ckpt), "base_rows": n,
-                                                 "cache_dir": str(builds / "features"), "backend": backends[0],
-                                                 "workers": LOADER_WORKERS, "threads": 2}, log)
-        shutil.rmtree(builds / "run", ignore_errors=True)
-        payload = {**info, "results": {str(k): v for k, v in results.items()}}
-        (out / "scale.json").write_text(json.dumps(payload, indent=1) + "\n")  # partial, in case of a later failure
 
+def measure_size(st: Setup, n: int) -> dict:
+    """Every stage at training-set size n, each in its own subprocess."""
+    args, backends, builds, log = st.args, st.backends, st.builds, st.log
+    log(f"N = {n}")
+    tree = train_tree(st.cache, args.classes, n)
+    bout = builds / f"train-{n}"
+    r: dict = {}
+    r["build"] = run_stage("build", {"src": str(tree), "out": str(bout), "split": "train",
+                                     "workers": BUILD_WORKERS}, log)
+    r["stats"] = run_stage("stats", {"out": str(bout)}, log)
+    r["verify"] = run_stage("verify", {"out": str(bout)}, log)
+    (bout / "val").symlink_to((st.val_out / "val").resolve())
+    r["index"] = run_stage("index", {"out": str(bout)}, log)
+    r["index_cold"] = run_stage("index", {"out": str(bout), "cold": True}, log)
+    for b in backends:
+        r[f"loader_{b}"] = run_stage("loader", {"out": str(bout), "backend": b, "batch": args.batch,
+                                                "batches": args.batches, "workers": LOADER_WORKERS}, log)
+    ckpt = builds / "scale-checkpoint.pt"
+    r["train"] = run_stage("train", {"out": str(bout), "run_dir": str(builds / "run"), "batch": 32,
+                                     "steps": args.train_steps, "backend": backends[0],
+                                     "workers": LOADER_WORKERS, "threads": 2, "ckpt_copy": str(ckpt)}, log)
+    r["evaluate"] = run_stage("evaluate", {"val_root": str(st.val_out), "ckpt": str(ckpt), "images": args.eval_images,
+                                           "backend": backends[0], "workers": LOADER_WORKERS, "threads": 2}, log)
+    r["neighbors"] = run_stage("neighbors", {"root": str(st.small_out), "ckpt": str(ckpt), "base_rows": n,
+                                             "cache_dir": str(builds / "features"), "backend": backends[0],
+                                             "workers": LOADER_WORKERS, "threads": 2}, log)
+    shutil.rmtree(builds / "run", ignore_errors=True)
+    return r
+
+
+def write_report(st: Setup, info: dict, results: dict[int, dict], started: float) -> None:
+    """Fits, targets, scale.json, scale.png, scale.txt, and the summary on stdout."""
+    out = st.out
     done = sorted(results)
-    costs = analyse(done, results, backends, info["machine"]["cores"])
-    rss = rss_table(done, results, backends)
+    costs = analyse(done, results, st.backends, info["machine"]["cores"])
+    rss = rss_table(done, results, st.backends)
     info["machine"]["loadavg_at_end"] = os.getloadavg()
     payload = {**info, "wall_s": time.perf_counter() - started, "costs": costs, "rss": rss,
                "targets": targets(costs, rss), "results": {str(k): v for k, v in results.items()}}
@@ -1035,6 +1081,31 @@ def main() -> None:
     print(text)
     print(json.dumps(payload["targets"], indent=1))
     print(f"wrote {out / 'scale.json'}, {out / 'scale.png'} in {payload['wall_s'] / 60:.1f} min")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.stage:
+        return stage_main(args.stage, args.params)
+
+    st = make_setup(args)
+    started = time.perf_counter()
+    info = {"machine": machine(), "sizes": st.sizes, "classes": args.classes, "backends": st.backends,
+            "build_workers": BUILD_WORKERS, "loader_workers": LOADER_WORKERS, "batch": args.batch}
+    n_val = args.classes * args.val_per_class
+    prepare_source(st, info, n_val)
+    info["val_build"] = build_val(st, n_val)
+    if not args.no_imagenet_index:
+        st.log("ImageNet-1k's index (1,281,167 rows of small JPEGs, 1,252 shards), measured directly")
+        info["imagenet_index"] = run_stage("imagenet_index", {"root": str(args.cache.expanduser() / "imagenet-index"),
+                                                              "backends": st.backends}, st.log)
+
+    results: dict[int, dict] = {}
+    for n in st.sizes:
+        results[n] = measure_size(st, n)
+        payload = {**info, "results": {str(k): v for k, v in results.items()}}
+        (st.out / "scale.json").write_text(json.dumps(payload, indent=1) + "\n")  # partial, in case of a later failure
+    write_report(st, info, results, started)
 
 
 if __name__ == "__main__":

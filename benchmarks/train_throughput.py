@@ -436,7 +436,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
                      value_axis="images/s (forward + backward; bars: median, whiskers: slowest/fastest step)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true",
@@ -455,21 +455,23 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = 2 if args.quick else (20 if args.device == "cuda" else 5)
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
+    return args
 
-    info = machine_info()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        skip = {
-            "benchmark": "train_throughput",
-            "skipped": True,
-            "reason": f"--device cuda but CUDA is not available (torch {torch.__version__}, "
-            f"built with CUDA {torch.version.cuda})",
-            "machine": info,
-        }
-        print(json.dumps(skip, indent=2))
-        if args.out is not None:  # only where asked, under a name never published: never replace real numbers
-            write_result(f"{NAME}_skipped", skip, out_dir(args))
-        return 0
 
+def report_no_cuda(args, info: dict) -> None:
+    skip = {
+        "benchmark": "train_throughput",
+        "skipped": True,
+        "reason": f"--device cuda but CUDA is not available (torch {torch.__version__}, "
+        f"built with CUDA {torch.version.cuda})",
+        "machine": info,
+    }
+    print(json.dumps(skip, indent=2))
+    if args.out is not None:  # only where asked, under a name never published: never replace real numbers
+        write_result(f"{NAME}_skipped", skip, out_dir(args))
+
+
+def raise_recompile_limit() -> None:
     try:
         import torch._dynamo.config as dynamo_config
 
@@ -480,18 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
 
-    device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
-    started = time.time()
-    # Other processes on the machine show up as spread; record how busy it was.
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    contenders, meta = build_contenders(args, device)
-    devices = {str(device), *meta["two_device_placement"]}
-    print(f"{len(contenders)} contenders, batch {args.batch_size}, {args.warmup} warm-up + "
-          f"{args.steps} timed steps each, on {info['gpu'] or info['cpu']}", file=sys.stderr)
-    run(contenders, args, device, devices)
-    rows = [summarise(c, args.batch_size) for c in contenders]
-    relative_to_reference(rows)
 
+def build_result(args, device: torch.device, info: dict, meta: dict, rows: list[dict], started: float,
+                 load_before) -> dict:
     result = {
         "benchmark": "train_throughput",
         "what": "forward + backward (cross-entropy on random labels), images/s; median over timed steps",
@@ -515,16 +508,43 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = round(time.time() - started, 1)
     if load_before is not None:
         result["load_average_1min"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}
+    return result
 
-    title = (f"AlexNet training throughput, batch {args.batch_size}, {info['gpu'] or info['cpu']} "
-             f"({info['torch_threads']} threads), torch {info['torch']}")
-    out = finish(NAME, result, args, plot=lambda _, png: plot(rows, png, title))
+
+def print_summary(rows: list[dict], title: str, meta: dict, result: dict, out: Path) -> None:
     print_table(rows, title)
     print(f"reference: {meta['reference']}")
     print(f"recommended defaults: {json.dumps(result['recommended_trainer_defaults'])}")
     if "gpu_cpu_split_check" in result:
         print(f"(cuda:0, cpu) placement check: {json.dumps(result['gpu_cpu_split_check'])}")
     print(f"wrote {out} in {result['wall_s']} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = machine_info()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        report_no_cuda(args, info)
+        return 0
+    raise_recompile_limit()
+
+    device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
+    started = time.time()
+    # Other processes on the machine show up as spread; record how busy it was.
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    contenders, meta = build_contenders(args, device)
+    devices = {str(device), *meta["two_device_placement"]}
+    print(f"{len(contenders)} contenders, batch {args.batch_size}, {args.warmup} warm-up + "
+          f"{args.steps} timed steps each, on {info['gpu'] or info['cpu']}", file=sys.stderr)
+    run(contenders, args, device, devices)
+    rows = [summarise(c, args.batch_size) for c in contenders]
+    relative_to_reference(rows)
+    result = build_result(args, device, info, meta, rows, started, load_before)
+
+    title = (f"AlexNet training throughput, batch {args.batch_size}, {info['gpu'] or info['cpu']} "
+             f"({info['torch_threads']} threads), torch {info['torch']}")
+    out = finish(NAME, result, args, plot=lambda _, png: plot(rows, png, title))
+    print_summary(rows, title, meta, result, out)
     return 0
 
 
