@@ -16,6 +16,7 @@ Decisions a user should know (also in the README):
 from __future__ import annotations
 
 import importlib.metadata
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -124,31 +125,17 @@ def load_keep_aspect(data: bytes, spec: ImageSpec) -> np.ndarray:
     `spec.max_side`, (H, W, 3) uint8. The same filter and the same DCT-scaled decoding as
     the centre crop: libjpeg reduces only while both sides stay >= the target, so the
     resize is always a downscale (or an upscale of a small image), as there."""
-    if not data:
-        raise UnreadableImage("empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
+    with _readable(data) as img:
         target = spec.target_size(*img.size)  # from the file's own size, whatever draft does
         if img.format == "JPEG":
             img.draft("RGB", target)
         img.load()
-        img = _to_rgb(img)
-        out = img.resize(target, RESAMPLE_FILTERS[spec.resample])
-    except UnreadableImage:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise UnreadableImage(f"too large to decode safely: {exc}") from None
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
-        raise UnreadableImage(_reason(exc)) from None
-    return np.asarray(out, dtype=np.uint8)
+        return np.asarray(_to_rgb(img).resize(target, RESAMPLE_FILTERS[spec.resample]), dtype=np.uint8)
 
 
 def load_center_crop(data: bytes, spec: ImageSpec) -> np.ndarray:
     """Decode file bytes (any format PIL knows) into the central (size, size, 3) uint8 crop."""
-    if not data:
-        raise UnreadableImage("empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
+    with _readable(data) as img:
         if img.format == "JPEG":
             # DCT-scaled decoding: libjpeg picks the largest 1/2^k reduction whose result is
             # still at least size x size, so both sides stay >= the target.
@@ -158,18 +145,24 @@ def load_center_crop(data: bytes, spec: ImageSpec) -> np.ndarray:
         w, h = img.size
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
-        out = img.resize(
-            (spec.size, spec.size),
-            RESAMPLE_FILTERS[spec.resample],
-            box=(left, top, left + side, top + side),
-        )
+        out = img.resize((spec.size, spec.size), RESAMPLE_FILTERS[spec.resample],
+                         box=(left, top, left + side, top + side))
+        return np.asarray(out, dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _readable(data: bytes):
+    """The opened image; any way it fails to decode becomes UnreadableImage with its reason."""
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)")
+    try:
+        yield Image.open(io.BytesIO(data))
     except UnreadableImage:
         raise
     except Image.DecompressionBombError as exc:
         raise UnreadableImage(f"too large to decode safely: {exc}") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
         raise UnreadableImage(_reason(exc)) from None
-    return np.asarray(out, dtype=np.uint8)
 
 
 def _reason(exc: Exception) -> str:
