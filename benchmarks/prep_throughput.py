@@ -29,6 +29,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from alexprep.imagenet_prep import archives
 from alexprep.imagenet_prep.build import BuildConfig, build_shards
 from alexprep.imagenet_prep.sample_data import size_bucket
 from alexprep.imagenet_prep.stats import PartialStats
@@ -142,6 +144,32 @@ def build_time(src: Path, workers: int, stats: bool) -> float:
         shutil.rmtree(out)
 
 
+def pack_as_downloaded(tree: Path, downloads: Path) -> Path:
+    """tree/train/<wnid>/* as image-net.org ships it: ILSVRC2012_img_train.tar, a tar of one
+    uncompressed tar per class (issue #17: build-shards reads it in place)."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    train_tar = downloads / archives.TRAIN_TAR
+    with tarfile.open(train_tar, "w", format=tarfile.GNU_FORMAT) as outer:
+        for cls in sorted((tree / "train").iterdir()):
+            class_tar = downloads / f"{cls.name}.tar"
+            with tarfile.open(class_tar, "w", format=tarfile.GNU_FORMAT) as inner:
+                for path in sorted(cls.iterdir()):
+                    inner.add(path, arcname=path.name, recursive=False)
+            outer.add(class_tar, arcname=class_tar.name)
+            class_tar.unlink()
+    return train_tar
+
+
+def listing_us_per_image(train_tar: Path, images: int, repeats: int = 3) -> dict:
+    """Reading the train tar's index (headers only, one process): microseconds per image."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        archives.splits_in_archive(train_tar)["train"].scan()
+        times.append(1e6 * (time.perf_counter() - t) / images)
+    return summary(times)
+
+
 def ffcv_write_time(python: Path, items: Path, workers: int) -> float:
     """Seconds for FFCV's DatasetWriter over the source JPEGs listed in `items` (its own
     process start and imports not counted; its worker pool's start is)."""
@@ -190,6 +218,7 @@ class WholeBuilds:
     builds: dict[str, list[float]]  # name -> images/s per repeat
     whole: dict[str, dict]  # name -> summary of builds[name]
     ffcv_info: dict
+    archive_listing_us_per_image: dict  # reading the train tar's headers, one process
 
 
 def parse_args() -> argparse.Namespace:
@@ -245,14 +274,18 @@ def measure_whole_builds(work: Path, big: Path, images: int, repeats: int) -> Wh
     # fixed costs (listing, pool start, manifests) do not hide how the workers scale.
     print(f"whole builds of {len(big_paths)} images (1 and 2 workers, with and without statistics"
           + (", FFCV's writer" if ffcv_python else "") + ") ...", flush=True)
+    downloads = work / "downloads"
+    train_tar = pack_as_downloaded(big, downloads)
     whole_builds = {"1 worker": lambda: build_time(big, 1, True),
                     "1 worker, no stats": lambda: build_time(big, 1, False),
-                    "2 workers": lambda: build_time(big, 2, True)}
+                    "2 workers": lambda: build_time(big, 2, True),
+                    "1 worker, archive": lambda: build_time(downloads, 1, True),
+                    "2 workers, archive": lambda: build_time(downloads, 2, True)}
     if ffcv_python:
         whole_builds["ffcv writer, 1 worker"] = lambda: ffcv_write_time(ffcv_python, items, 1)
         whole_builds["ffcv writer, 2 workers"] = lambda: ffcv_write_time(ffcv_python, items, 2)
     builds: dict[str, list[float]] = {k: [] for k in whole_builds}
-    for name in ("1 worker", "ffcv writer, 1 worker"):  # warm-up: page cache, imports
+    for name in ("1 worker", "1 worker, archive", "ffcv writer, 1 worker"):  # warm-up: page cache, imports
         if name in whole_builds:
             whole_builds[name]()
     for r in range(repeats):
@@ -261,7 +294,8 @@ def measure_whole_builds(work: Path, big: Path, images: int, repeats: int) -> Wh
         print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in builds.items()),
               flush=True)
     whole = {k: summary(v) for k, v in builds.items()}
-    return WholeBuilds(len(big_paths), builds, whole, ffcv_info)
+    listing = listing_us_per_image(train_tar, len(big_paths))
+    return WholeBuilds(len(big_paths), builds, whole, ffcv_info, listing)
 
 
 def _minus_one(ratio: dict) -> dict:
@@ -278,6 +312,8 @@ def ratios_per_repeat(runs: dict[str, list[dict]], builds: dict[str, list[float]
                                                          [sum(r.values()) for r in runs["a_without_stats"]]),
         "stats_overhead_whole_build": common.ratio_summary(builds["1 worker, no stats"], builds["1 worker"]),
         "two_workers_over_one": common.ratio_summary(builds["2 workers"], builds["1 worker"]),
+        "archive_over_tree_1_worker": common.ratio_summary(builds["1 worker, archive"], builds["1 worker"]),
+        "archive_over_tree_2_workers": common.ratio_summary(builds["2 workers, archive"], builds["2 workers"]),
     }
     if len(BUILD_CPU_SECONDS.get("2 workers", [])) >= repeats:  # CPU spent per image, 2 workers over 1
         per_repeat["two_workers_cpu_over_one"] = common.ratio_summary(BUILD_CPU_SECONDS["2 workers"][-repeats:],
@@ -306,6 +342,10 @@ def median_ratios(per_image: dict[str, dict], whole: dict[str, dict]) -> dict:
         "stats_overhead_per_image (target <= 0.15)": med("a_without_stats") / med("a_build_shards_path") - 1,
         "stats_overhead_whole_build": whole["1 worker, no stats"]["median"] / whole["1 worker"]["median"] - 1,
         "two_workers_over_one (target >= 1.8)": whole["2 workers"]["median"] / whole["1 worker"]["median"],
+        "archive_over_tree_1_worker (target >= 0.9)": (
+            whole["1 worker, archive"]["median"] / whole["1 worker"]["median"]),
+        "archive_over_tree_2_workers (target >= 0.9)": (
+            whole["2 workers, archive"]["median"] / whole["2 workers"]["median"]),
     }
     if "b_plain_stock_pillow" in per_image:
         ratios["a_over_b_plain (target >= 2)"] = med("a_build_shards_path") / med("b_plain_stock_pillow")
@@ -322,6 +362,8 @@ def check_targets(ratios: dict, whole: dict[str, dict]) -> dict:
         "a_over_d >= 0.6": ratios["a_over_d (target >= 0.6)"] >= 0.6,
         "stats_overhead_per_image <= 0.10": ratios["stats_overhead_per_image (target <= 0.15)"] <= 0.10,
         "two_workers_over_one >= 1.8": ratios["two_workers_over_one (target >= 1.8)"] >= 1.8,
+        "archive_over_tree >= 0.9 (issue #17)": min(ratios["archive_over_tree_1_worker (target >= 0.9)"],
+                                                    ratios["archive_over_tree_2_workers (target >= 0.9)"]) >= 0.9,
     }
     if "ffcv writer, 1 worker" in whole:
         targets["build_shards_over_ffcv_writer_1_worker >= 1.5"] = (
@@ -352,6 +394,9 @@ def build_result(pi: PerImage, wb: WholeBuilds, repeats: int, rss: dict) -> dict
                                          "longer side capped at 256, aspect ratio kept (ours: a 256x256 crop)",
                  "dataset": "PIL Image.open(path).convert('RGB') per index (torchvision ImageFolder's loader)"},
         "peak_rss_mb": rss,
+        "archive": {"what": "the larger corpus packed as ILSVRC2012_img_train.tar (a tar of per-class tars), "
+                            "built in place; ratios archive_over_tree_* above",
+                    "listing_us_per_image_one_process": wb.archive_listing_us_per_image},
         "imagenet_1k_hours_on_16_cores_extrapolated": hours_16,
         "plain_pillow": {"version": getattr(time_plain, "version", None), "skipped": pi.why_not or None},
     }

@@ -119,7 +119,9 @@ def tree_build(tmp_path_factory, imagenet) -> Path:
     return out
 
 
-def test_archives_build_the_same_bytes_as_the_extracted_tree(imagenet, tree_build, tmp_path):
+@pytest.mark.parametrize("pool_min", [archives.POOL_MIN_ITEMS, 1], ids=["indexed-here", "indexed-in-a-pool"])
+def test_archives_build_the_same_bytes_as_the_extracted_tree(imagenet, tree_build, tmp_path, monkeypatch, pool_min):
+    monkeypatch.setattr(archives, "POOL_MIN_ITEMS", pool_min)  # ImageNet's 1,000 class tars take the pool
     tree, downloads = imagenet
     out = tmp_path / "out"
     build(downloads, out, workers=2)
