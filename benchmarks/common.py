@@ -140,18 +140,10 @@ def bar_chart(path: Path, categories: list[str], series: dict[str, list[float]],
             ax.barh(where, values, width, xerr=err, color=color, label=label)
         else:
             ax.bar(where, values, width, yerr=err, color=color, label=label)
-        if value_labels:
-            for w, v in zip(where, values):
-                if horizontal:
-                    ax.text(v, w, f" {v:.0f}", va="center", fontsize=8)
-                else:
-                    ax.text(w, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    if notes:
-        for w, text in zip(base, notes):
-            if horizontal:
-                ax.text(0, w, f" {text}", va="center", fontsize=8)
-            else:
-                ax.text(w, 0, text, ha="center", va="bottom", fontsize=8)
+        for w, v in zip(where, values) if value_labels else ():
+            _bar_text(ax, horizontal, w, v, f"{v:.0f}")
+    for w, text in zip(base, notes or ()):
+        _bar_text(ax, horizontal, w, 0, text)
     if horizontal:
         ax.set_yticks(base, categories, fontsize=8)
         ax.invert_yaxis()
@@ -166,6 +158,14 @@ def bar_chart(path: Path, categories: list[str], series: dict[str, list[float]],
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return Path(path)
+
+
+def _bar_text(ax, horizontal: bool, position: float, value: float, text: str) -> None:
+    """`text` at a bar's `value` end (or foot, for 0), beside or above it."""
+    if horizontal:
+        ax.text(value, position, f" {text}", va="center", fontsize=8)
+    else:
+        ax.text(position, value, text, ha="center", va="bottom", fontsize=8)
 
 
 # ---------------------------------------------------------------------------- the data

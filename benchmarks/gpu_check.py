@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -520,35 +519,9 @@ class Check:
         g = torch.Generator().manual_seed(1)
         x = torch.randn(s.batch, 3, 224, 224, generator=g).to(device)
         y = torch.randint(0, 1000, (s.batch,), generator=g).to(device)
-        logits = {}
-        for name, m in (("one", one), ("split", split)):
-            m.train()
-            logits[name] = m(x)
-            F.cross_entropy(logits[name], y).backward()
-        ref = logits["one"].detach()
-        out_abs = (logits["split"].detach() - ref).abs().max().item()
-        out_rel = out_abs / max(ref.abs().max().item(), 1e-30)
-        worst_name, worst_rel, worst_abs = None, 0.0, 0.0
-        for (name, p), q in zip(one.named_parameters(), split.parameters()):
-            diff = (q.grad.to(p.device) - p.grad).abs().max().item()
-            rel = diff / max(p.grad.abs().max().item(), 1e-30)
-            if rel >= worst_rel:
-                worst_name, worst_rel, worst_abs = name, rel, diff
-        tol_out, tol_grad = 1e-4, 1e-3
-        out["compare"] = {
-            "what": "logits and every parameter's gradient of cross-entropy, same weights and input; "
-                    "fp32, TF32 off, dropout 0; error = max |difference| / max |reference|",
-            "output_max_abs": out_abs, "output_rel": out_rel, "grad_rel_worst": worst_rel,
-            "grad_abs_worst": worst_abs, "grad_worst_parameter": worst_name,
-            "tolerance": {"output_rel": tol_out, "grad_rel": tol_grad,
-                          "why": "the CPU's and cuDNN's convolutions sum in different orders: float32 "
-                                 "rounding, ~1e-6 per layer, grows through 8 layers and the backward pass"},
-            "ok": out_rel <= tol_out and worst_rel <= tol_grad,
-            "bit_identical_output": out_abs == 0.0,
-        }
+        out["compare"] = compare_placements(one, split, x, y)
         one.zero_grad(set_to_none=True)
         split.zero_grad(set_to_none=True)
-        logits = ref = None
         for name, m in (("one_device", one), ("two_device", split)):
             if time.monotonic() > deadline:
                 out[name] = {"skipped": "out of this section's time"}
@@ -582,7 +555,7 @@ class Check:
             row.update(workers=loader.config.threads, decoder=getattr(backend, "decoder", None),
                        mode=getattr(backend, "mode", None), batches_per_epoch=len(loader))
             with Peak(device) as peak:
-                got, times, first = 0, [], None
+                got, first = 0, None
                 t_block = None
                 while got < s.loader_warmup + s.loader_batches and time.monotonic() < deadline:
                     for images, labels in loader:
@@ -874,6 +847,37 @@ class Check:
 
 
 # ----------------------------------------------------------------------------- pieces
+def compare_placements(one, split, x, y) -> dict:
+    """Logits and every parameter's gradient of two placements of the same weights, fed
+    the same batch: the largest differences, and whether they are within tolerance."""
+    logits = {}
+    for name, m in (("one", one), ("split", split)):
+        m.train()
+        logits[name] = m(x)
+        F.cross_entropy(logits[name], y).backward()
+    ref = logits["one"].detach()
+    out_abs = (logits["split"].detach() - ref).abs().max().item()
+    out_rel = out_abs / max(ref.abs().max().item(), 1e-30)
+    worst_name, worst_rel, worst_abs = None, 0.0, 0.0
+    for (name, p), q in zip(one.named_parameters(), split.parameters()):
+        diff = (q.grad.to(p.device) - p.grad).abs().max().item()
+        rel = diff / max(p.grad.abs().max().item(), 1e-30)
+        if rel >= worst_rel:
+            worst_name, worst_rel, worst_abs = name, rel, diff
+    tol_out, tol_grad = 1e-4, 1e-3
+    return {
+        "what": "logits and every parameter's gradient of cross-entropy, same weights and input; "
+                "fp32, TF32 off, dropout 0; error = max |difference| / max |reference|",
+        "output_max_abs": out_abs, "output_rel": out_rel, "grad_rel_worst": worst_rel,
+        "grad_abs_worst": worst_abs, "grad_worst_parameter": worst_name,
+        "tolerance": {"output_rel": tol_out, "grad_rel": tol_grad,
+                      "why": "the CPU's and cuDNN's convolutions sum in different orders: float32 "
+                             "rounding, ~1e-6 per layer, grows through 8 layers and the backward pass"},
+        "ok": out_rel <= tol_out and worst_rel <= tol_grad,
+        "bit_identical_output": out_abs == 0.0,
+    }
+
+
 def resume_in_new_process(root: Path, run_dir: Path, max_steps: int, deterministic: bool) -> None:
     """train(resume=True) in a fresh Python, importing alexprep the way this one did."""
     import subprocess

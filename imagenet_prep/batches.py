@@ -4,6 +4,7 @@ prefetching runs on across epoch boundaries, and is restarted when an iteration 
 continue where the stream stands (docs/design.md, "Loaders")."""
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -68,7 +69,7 @@ def stream_position(plan: EpochPlan, start: int) -> tuple[int, int]:
     return (plan.epoch, start) if start < len(plan) else (plan.epoch + 1, 0)
 
 
-class BatchStream:
+class BatchStream(abc.ABC):
     """What the DALI and torch backends share: one endless feed of batch plans, restarted
     only when an iteration does not follow on, and batches checked against the plan.
 
@@ -106,11 +107,13 @@ class BatchStream:
                 images = images.to(dtype)
             yield images, labels
 
+    @abc.abstractmethod
     def _restart(self, feed: Iterator[Batch]) -> None:
-        raise NotImplementedError
+        """Drop what was prefetched and start on `feed`."""
 
-    def _produce(self):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _produce(self) -> tuple:
+        """The stream's next batch: ((epoch, number), images, labels)."""
 
     def close(self) -> None:
         self._next = None
