@@ -165,7 +165,8 @@ def listing_us_per_image(train_tar: Path, images: int, repeats: int = 3) -> dict
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        archives.splits_in_archive(train_tar)["train"].scan()
+        for _ in archives.splits_in_archive(train_tar)["train"].scan()[1]:
+            pass
         times.append(1e6 * (time.perf_counter() - t) / images)
     return summary(times)
 

@@ -264,21 +264,19 @@ class ArchiveSplit:
             if info.filename.startswith(self.prefix):
                 yield info.filename[len(self.prefix):]
 
-    def scan(self) -> tuple[set[str], list[tuple[str, object]], list[dict]]:
-        """(top-level folders, [(path relative to the split folder, Member)], problems)."""
+    def scan(self):
+        """(top-level folders, an iterator of (path relative to the split folder, Member),
+        problems). The members stream out one class tar at a time, so that a listing never
+        holds ImageNet's 1.28 million as objects; `problems` is complete once they have."""
         archive = str(self.archive)
         if self.kind == "zip":
-            dirs, entries = set(), []
-            for info in self.zip_infos:
-                if not info.filename.startswith(self.prefix):
-                    continue
-                rel = info.filename[len(self.prefix):]
-                if "/" in rel:
-                    dirs.add(rel.split("/", 1)[0])
-                if info.is_dir() or not rel:
-                    continue
-                entries.append((rel, Member(archive, info.header_offset, info.compress_size, info.filename,
-                                            info.compress_type, info.CRC, info.file_size)))
+            dirs = {rel.split("/", 1)[0] for rel in self._zip_rels() if "/" in rel}
+            entries = ((info.filename[len(self.prefix):],
+                        Member(archive, info.header_offset, info.compress_size, info.filename,
+                               info.compress_type, info.CRC, info.file_size))
+                       for info in self.zip_infos
+                       if info.filename.startswith(self.prefix) and not info.is_dir()
+                       and info.filename != self.prefix)
             return dirs, entries, []
         outer = self._outer()
         problems = []
@@ -286,37 +284,43 @@ class ArchiveSplit:
             problems.append({"key": self.prefix.rstrip("/"), "reason": f"{outer.problem} (later members, if any, "
                              "are missing: download the archive again)", "archive": archive})
         if self.kind == "flat":
-            return set(), [(n, Member(archive, o, s, n)) for n, o, s in outer.members], problems
-        dirs, entries, class_tars = set(), [], []
+            return set(), ((n, Member(archive, o, s, n)) for n, o, s in outer.members), problems
+        dirs, loose, class_tars = set(), [], []
         for name, offset, size in outer.members:
             if "/" not in name and name.endswith(".tar"):
                 dirs.add(name[:-4])
                 class_tars.append((archive, name, offset, size))
             else:
-                entries.append((name, Member(archive, offset, size, name)))
+                loose.append((name, Member(archive, offset, size, name)))
+        return dirs, self._nested_entries(loose, class_tars, problems), problems
+
+    def _nested_entries(self, loose: list, class_tars: list, problems: list):
+        yield from loose
+        archive = str(self.archive)
         for name, index in _map(_index_class_tar, class_tars, self.workers):
             if index.problem:
                 problems.append({"key": self.prefix + name, "reason": f"class tar {index.problem}"
                                  + ("" if index.members else ": none of its images can be read"), "archive": archive})
             for inner, offset, size in index.members:
-                entries.append((f"{name[:-4]}/{inner}", Member(archive, offset, size, f"{name}/{inner}")))
-        return dirs, entries, problems
+                yield f"{name[:-4]}/{inner}", Member(archive, offset, size, f"{name}/{inner}")
 
 
 POOL_MIN_ITEMS = 64  # below this many class tars, a pool's start costs more than it saves
 
 
 def _map(func, items: list, workers: int):
-    """func over items, in a pool of processes when there are many (ImageNet's 1,000 class
-    tars are indexed in parallel: each is ~1,300 random 4 KB reads). Starting a pool takes
-    ~0.1-0.2 s, which for a few class tars is more than indexing them here."""
+    """func over items, in order, streamed: in a pool of processes when there are many
+    (ImageNet's 1,000 class tars are indexed in parallel: each is ~1,300 random 4 KB reads).
+    Starting a pool takes ~0.1-0.2 s, which for a few class tars is more than indexing them
+    here."""
     if workers <= 1 or len(items) < POOL_MIN_ITEMS:
-        return [func(i) for i in items]
+        yield from map(func, items)
+        return
     context = mp.get_context("fork" if os.name == "posix" else "spawn")
     with frozen_gc():
         pool = context.Pool(min(workers, len(items)))
     with pool:
-        return pool.map(func, items, chunksize=max(1, len(items) // (workers * 8)))
+        yield from pool.imap(func, items, chunksize=max(1, len(items) // (workers * 8)))
 
 
 # ---------------------------------------------------------------------------- finding archives

@@ -130,21 +130,30 @@ class ShardJob:
     split: str
     index: int
     count: int
-    samples: tuple[tuple[str, object, int, str], ...]  # (key, source: a path or an archives.Member, label, wnid)
+    rows: np.ndarray  # the listing's rows that go into this shard, in order
 
 
-def plan_shards(listing: layout.SplitListing, classes: ClassList, shard_size: int, seed: int) -> list[ShardJob]:
+def plan_shards(listing: layout.SplitListing, shard_size: int, seed: int) -> list[ShardJob]:
     """Split the samples into shards: a seeded permutation cut into near-equal pieces."""
-    n = len(listing.samples)
+    n = len(listing)
     count = max(1, math.ceil(n / shard_size)) if n else 0
     rng = np.random.Generator(np.random.PCG64([seed, layout.SPLITS.index(listing.split)]))
     order = rng.permutation(n)
-    rows = [(s.key, s.source, classes.index(s.wnid), s.wnid) for s in listing.samples]
     bounds = [j * n // count for j in range(count + 1)] if count else [0]
-    return [
-        ShardJob(listing.split, j, count, tuple(rows[i] for i in order[bounds[j]:bounds[j + 1]]))
-        for j in range(count)
-    ]
+    return [ShardJob(listing.split, j, count, order[bounds[j]:bounds[j + 1]]) for j in range(count)]
+
+
+def job_samples(job: ShardJob, listing: layout.SplitListing, labels: np.ndarray) -> tuple:
+    """(key, source, label, wnid) of each of a job's samples, made as the job goes to a
+    worker: only the shards in flight are ever held as objects (docs/design.md, Memory)."""
+    codes = listing.codes()
+    return tuple((listing.key(i), listing.source(i), int(labels[codes[i]]), listing.wnids[codes[i]])
+                 for i in map(int, job.rows))
+
+
+def class_labels(listing: layout.SplitListing, classes: ClassList) -> np.ndarray:
+    """The class index of each of the listing's wnids (a DataError names a wnid not in the list)."""
+    return np.array([classes.index(w) for w in listing.wnids], np.int64)
 
 
 # ---------------------------------------------------------------------------- workers
@@ -162,7 +171,7 @@ def _init_pool_worker(counter) -> None:
     _init_worker(counter)
 
 
-def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: ClassList, build: str,
+def build_one_shard(job: ShardJob, samples: tuple, out_split: str, spec: ImageSpec, classes: ClassList, build: str,
                     accumulate_stats: bool) -> dict:
     """Build one shard and its statistics partial; returns its record. Runs in a worker."""
     folder = Path(out_split)
@@ -171,7 +180,7 @@ def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: Cla
     partial = PartialStats.empty_for(spec)
     skipped = []
     try:
-        for key, source, label, wnid in job.samples:
+        for key, source, label, wnid in samples:
             try:
                 data = archives.read_source(source)
                 pixels = load_image(data, spec)
@@ -196,7 +205,7 @@ def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: Cla
     record = {
         "build_id": build,
         "shard": ShardRecord(name, job.index, writer.rows, size, sha).to_json(),
-        "inputs": len(job.samples),
+        "inputs": len(samples),
         "skipped": skipped,
         "has_stats": accumulate_stats,
     }
@@ -206,8 +215,8 @@ def build_one_shard(job: ShardJob, out_split: str, spec: ImageSpec, classes: Cla
     return record
 
 
-def _run_job(args) -> dict:
-    return build_one_shard(*args)
+def _run_job(args) -> tuple[dict, str]:
+    return build_one_shard(*args), args[0].split
 
 
 def read_shard_record(folder: Path, name: str) -> dict | None:
@@ -317,7 +326,7 @@ def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), prog
     with tempfile.TemporaryDirectory(prefix="alexprep-labels-") as tmp, _archive_names(tmp) as shown:
         labels = _label_source(src, config, wanted, Path(tmp), shown)
         listings = {s: layout.list_split(s, f, src, labels) for s, f in wanted.items()}
-        if not any(l.samples for l in listings.values()):
+        if not any(len(l) for l in listings.values()):
             raise DataError(f"SRC {src}: no image files found in {', '.join(str(f) for f in wanted.values())}")
         _prepare_out(out)
         try:
@@ -394,7 +403,8 @@ def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, list
     _check_out(out, config.overwrite, build)
     if config.overwrite:
         _clear_build(out)
-    plans = {s: plan_shards(listings[s], classes, config.shard_size, config.seed) for s in listings}
+    labels_of = {s: class_labels(listings[s], classes) for s in listings}
+    plans = {s: plan_shards(listings[s], config.shard_size, config.seed) for s in listings}
     mine = {s: [j for j in jobs if j.index % config.parts == config.part] for s, jobs in plans.items()}
 
     reports = {s: SplitReport(s, shards_total=len(plans[s]), ignored=len(listings[s].ignored) if config.part == 0 else 0)
@@ -417,17 +427,17 @@ def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, list
                 reports[split].shards_reused += 1
             else:
                 todo.append(job)
-    _check_disk(out, config.spec, sum(len(j.samples) for j in todo))
-
-    total = sum(len(j.samples) for j in todo)
-    args = [(j, str(out / j.split), config.spec, classes, build, config.accumulate_stats) for j in todo]
+    total = sum(len(j.rows) for j in todo)
+    _check_disk(out, config.spec, total)
+    args = ((j, job_samples(j, listings[j.split], labels_of[j.split]), str(out / j.split), config.spec, classes,
+             build, config.accumulate_stats) for j in todo)
     done = {"shards": 0, "bytes": 0}
     try:
         if not (out / "classes.json").exists():
             save_classes(classes, out / "classes.json")
-        for record, job in _run_all(args, config.workers, total, progress):
-            records[job.split].append(record)
-            reports[job.split].shards_built += 1
+        for record, split in _run_all(args, len(todo), config.workers, total, progress):
+            records[split].append(record)
+            reports[split].shards_built += 1
             done["shards"] += 1
             done["bytes"] += record["shard"]["bytes"]
         return _finish(src, out, config, classes, build, listings, reports, records, started)
@@ -487,13 +497,12 @@ def _finish(src: Path, out: Path, config: BuildConfig, classes: ClassList, build
 def _name_archives(skipped: list[dict], listing: layout.SplitListing) -> None:
     """Beside a skipped member's key and reason (the same as for the extracted file), the
     archive it lies in."""
-    if not skipped or not any(isinstance(s.source, archives.Member) for s in listing.samples[:1]):
+    if not skipped or not len(listing) or not isinstance(listing.source(0), archives.Member):
         return
-    source = {s.key: s.source for s in listing.samples}
     for entry in skipped:
-        member = source.get(entry["key"])
-        if isinstance(member, archives.Member):
-            entry["archive"] = member.describe()
+        row = listing.index_of(entry["key"])
+        if row is not None:
+            entry["archive"] = listing.source(row).describe()
 
 
 @functools.lru_cache(maxsize=1)
@@ -508,28 +517,28 @@ def _software() -> dict:
     return json.loads(_software_cached())
 
 
-def _run_all(args: list, workers: int, total: int, progress):
-    """Yield (record, job) as shards finish, in a pool of `workers` processes (or inline)."""
-    if not args:
+def _run_all(args, jobs: int, workers: int, total: int, progress):
+    """Yield (record, split) as shards finish, in a pool of `workers` processes (or inline).
+    `args` is consumed lazily (by the pool's feeder thread): each job's samples are made
+    only as it is sent."""
+    if not jobs:
         return
     counter = mp.Value("q", 0)
     if workers == 1:
         _init_worker(counter)
         try:
             with _progress_reporter(counter, total, progress):
-                for a in args:
-                    yield _run_job(a), a[0]
+                yield from map(_run_job, args)
         finally:
             _init_worker(None)
         return
     context = mp.get_context("fork" if os.name == "posix" else "spawn")
     with frozen_gc():  # the workers must never collect a caller's DALI pipeline (forking.py)
-        pool = context.Pool(min(workers, len(args)), initializer=_init_pool_worker, initargs=(counter,))
+        pool = context.Pool(min(workers, jobs), initializer=_init_pool_worker, initargs=(counter,))
     with pool:
         # The reporter thread starts after the fork: forking with live threads risks deadlock.
         with _progress_reporter(counter, total, progress):
-            for record, a in zip(pool.imap(_run_job, args), args):
-                yield record, a[0]
+            yield from pool.imap(_run_job, args)
 
 
 class _progress_reporter:

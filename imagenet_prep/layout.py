@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from alexprep.imagenet_prep import archives
 from alexprep.imagenet_prep.archives import ArchiveSplit
 from alexprep.imagenet_prep.classes import ClassList, read_devkit_meta, read_synset_mapping
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.listing import ListingBuilder, SplitListing
 
 SPLITS = ("train", "val")
 # Extensions that are never images; everything else is opened and judged by content.
@@ -36,24 +37,6 @@ KAGGLE_VAL_CSV = "LOC_val_solution.csv"
 KAGGLE_SYNSETS = "LOC_synset_mapping.txt"
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    key: str  # path relative to SRC (as extracted, for an archive), '/'-separated: stable across machines
-    source: "str | archives.Member"  # where to read it: a file path, or a member of an archive
-    wnid: str
-
-
-@dataclass
-class SplitListing:
-    """The candidate samples of one split, sorted by key, and the files ignored."""
-
-    split: str
-    folder: Path
-    samples: list[Sample] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    problems: list[dict] = field(default_factory=list)  # damaged archives: {"key", "reason", "archive"}
 
 
 @dataclass(frozen=True)
@@ -123,53 +106,59 @@ def list_split(split: str, folder, src: Path, labels: ValLabelSource = ValLabelS
     `folder` is a folder, or an ArchiveSplit listed the same way as its files extracted."""
     if isinstance(folder, ArchiveSplit):
         dirs, entries, problems = folder.scan()
-        listing = _list_entries(split, folder, folder.prefix, dirs, entries, src, labels)
+        listing = _list_entries(SplitListing(split, folder, folder.prefix), dirs, entries, src, labels)
         listing.problems = problems
         return listing
     class_dirs = {e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")}
-    entries = [(e.name, str(folder / e.name)) for e in os.scandir(folder) if e.is_file()]
+    prefix = _key(str(folder), src) + "/" if Path(folder) != Path(src) else ""
+    return _list_entries(SplitListing(split, folder, prefix), class_dirs, _tree_entries(folder, class_dirs), src, labels)
+
+
+def _tree_entries(folder: Path, class_dirs: set):
+    """(path relative to folder, path) of its files and of every file in its class folders,
+    one class folder at a time."""
+    for e in os.scandir(folder):
+        if e.is_file():
+            yield e.name, str(folder / e.name)
     for wnid in class_dirs:
         for path, _ in _walk_files(folder / wnid):
-            entries.append((Path(os.path.relpath(path, folder)).as_posix(), path))
-    prefix = _key(str(folder), src) + "/" if Path(folder) != Path(src) else ""
-    return _list_entries(split, folder, prefix, class_dirs, entries, src, labels)
+            yield Path(os.path.relpath(path, folder)).as_posix(), path
 
 
-def _list_entries(split: str, folder, prefix: str, dirs: set, entries: list, src: Path,
-                  labels: ValLabelSource) -> SplitListing:
-    """The listing of a split folder given as (path relative to it, source) pairs and its
-    top-level folders, whether the files are on disk or in an archive: one rule for both."""
-    listing = SplitListing(split, folder)
-    class_dirs = sorted(d for d in dirs if not d.startswith("."))
-    flat = sorted((rel, source) for rel, source in entries if "/" not in rel)
-    flat_images = [(rel, source) for rel, source in flat if not _is_ignored(rel)]
-    listing.ignored += [prefix + rel for rel, _ in flat if _is_ignored(rel)]
-    if flat_images and not class_dirs:
-        wnid_of = read_val_labels(src, labels)
-        unlabelled = [rel for rel, _ in flat_images if Path(rel).stem not in wnid_of]
-        if unlabelled:
-            more = f" and {len(unlabelled) - 3} more" if len(unlabelled) > 3 else ""
-            raise DataError(
-                f"{split}: no label for {', '.join(unlabelled[:3])}{more} in {describe_label_source(src, labels)}"
-            )
-        for rel, source in flat_images:
-            listing.samples.append(Sample(prefix + rel, source, wnid_of[Path(rel).stem]))
-    else:
-        # ImageFolder: files outside a class folder belong to no class; ignore and count them.
-        listing.ignored += [prefix + rel for rel, _ in flat_images]
-        wanted = set(class_dirs)
-        for rel, source in entries:
-            parts = rel.split("/")
-            # Files in hidden folders are skipped (as os.walk is told to), not counted.
-            if len(parts) < 2 or parts[0] not in wanted or any(p.startswith(".") for p in parts[1:-1]):
-                continue
-            if _is_ignored(parts[-1]):
+def _list_entries(listing: SplitListing, dirs: set, entries, src: Path, labels: ValLabelSource) -> SplitListing:
+    """Fill `listing` from (path relative to its folder, source) pairs and the folder's
+    top-level folders, whether the files are on disk or in an archive: one rule for both.
+    Files directly in the split folder are its images when it has no class folders (labelled
+    from a label file), else they belong to no class and are ignored and counted."""
+    prefix, split = listing.prefix, listing.split
+    class_dirs = {d for d in dirs if not d.startswith(".")}
+    builder, unlabelled, wnid_of = ListingBuilder(listing), [], None
+    for rel, source in entries:
+        if "/" not in rel:
+            if _is_ignored(rel) or class_dirs:
                 listing.ignored.append(prefix + rel)
+                continue
+            wnid_of = read_val_labels(src, labels) if wnid_of is None else wnid_of
+            wnid = wnid_of.get(Path(rel).stem)
+            if wnid is None:
+                unlabelled.append(rel)
             else:
-                listing.samples.append(Sample(prefix + rel, source, parts[0]))
-    listing.samples.sort(key=lambda s: s.key)
+                builder.add(rel, source, wnid)
+            continue
+        parts = rel.split("/")
+        # Files in hidden folders are skipped (as os.walk is told to), not counted.
+        if parts[0] not in class_dirs or any(p.startswith(".") for p in parts[1:-1]):
+            continue
+        if _is_ignored(parts[-1]):
+            listing.ignored.append(prefix + rel)
+        else:
+            builder.add(rel, source, parts[0])
+    if unlabelled:
+        unlabelled.sort()
+        more = f" and {len(unlabelled) - 3} more" if len(unlabelled) > 3 else ""
+        raise DataError(f"{split}: no label for {', '.join(unlabelled[:3])}{more} in {describe_label_source(src, labels)}")
     listing.ignored.sort()
-    return listing
+    return builder.finish()
 
 
 def _auto_label_source(src: Path, labels: ValLabelSource) -> ValLabelSource:
@@ -264,6 +253,6 @@ def infer_class_list(src: Path, folders: dict[str, Path], listings: dict[str, Sp
         return ClassList.from_wnids(read_devkit_meta(found.devkit)[1].keys(), names)
     if names:
         return ClassList.from_wnids(names.keys(), names)
-    if "val" in listings and listings["val"].samples:
-        return ClassList.from_wnids([s.wnid for s in listings["val"].samples], names)
+    if "val" in listings and len(listings["val"]):
+        return ClassList.from_wnids(listings["val"].wnids, names)
     raise DataError("cannot tell the class list: build the train split first, or give --classes FILE")

@@ -252,6 +252,7 @@ def test_indexing_reads_headers_not_data(imagenet, monkeypatch):
     monkeypatch.setattr(os, "pread", lambda fd, n, off: read.append(n) or real(fd, n, off))
     split = archives.splits_in_archive(downloads / archives.TRAIN_TAR)["train"]
     dirs, entries, problems = split.scan()
+    entries = list(entries)
     assert dirs == {"n00000001", "n00000002", "n00000003"} and not problems
     assert len(entries) == 4 + 4 + 4 + 7
     size = (downloads / archives.TRAIN_TAR).stat().st_size

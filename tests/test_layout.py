@@ -167,7 +167,71 @@ def test_stray_files_are_ignored_and_counted(tree):
     (tree / "train" / "n00000001" / ".hidden.JPEG").write_bytes(b"x")
     (tree / "train" / "n00000002" / "notes.xml").write_text("<a/>")
     listing = list_split("train", tree / "train", tree)
-    assert len(listing.samples) == 6
+    assert len(listing) == 6
     assert listing.ignored == sorted([
         "train/.DS_Store", "train/n00000001/.hidden.JPEG", "train/n00000001/README.txt", "train/n00000002/notes.xml",
     ])
+
+
+# ---------------------------------------------------------------------------- the listing's memory
+def _empty_tree(root: Path, classes: int, per_class: int) -> Path:
+    for c in range(classes):
+        wnid = f"n{1440764 + 7919 * c:08d}"
+        folder = root / "train" / wnid
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            (folder / f"{wnid}_{10000 + 13 * i}.JPEG").touch()
+    return root
+
+
+def _listing_bytes(root: Path) -> tuple[int, int, int]:
+    """(files, bytes held, peak bytes) of listing a tree and planning its shards."""
+    import gc
+    import tracemalloc
+
+    from alexprep.imagenet_prep.build import plan_shards
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        listing = list_split("train", root / "train", root)
+        plans = plan_shards(listing, 1000, 0)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(len(p.rows) for p in plans) == len(listing)
+    return len(listing), held, peak
+
+
+def test_listing_costs_under_100_bytes_a_file(tmp_path):
+    """ImageNet's 1.28M files listed as Python objects took ~1 KB each (benchmarks/scale.py):
+    the growth from 4,000 to 12,000 files, keys ~30 bytes, stays under 100 bytes a file."""
+    small = _listing_bytes(_empty_tree(tmp_path / "a", 20, 200))
+    large = _listing_bytes(_empty_tree(tmp_path / "b", 60, 200))
+    files = large[0] - small[0]
+    held, peak = (large[1] - small[1]) / files, (large[2] - small[2]) / files
+    assert held < 80 and peak < 100, (held, peak)
+
+
+def test_listing_sorts_rows_given_in_any_order(tmp_path):
+    """A zip lists its members in any order: rows of a class folder that come back later are
+    merged, and every row keeps its own byte range."""
+    import random
+
+    from alexprep.imagenet_prep.archives import ArchiveSplit, Member
+    from alexprep.imagenet_prep.listing import ListingBuilder, SplitListing
+
+    split = ArchiveSplit(tmp_path / "k.zip", "zip", "ILSVRC/Data/CLS-LOC/train/")
+    rels = [f"{w}/{w}_{i}.JPEG" for w in ("n02", "n01", "n01-x") for i in (3, 1, 2)]
+    random.Random(0).shuffle(rels)
+    builder = ListingBuilder(SplitListing("train", split, split.prefix))
+    for n, rel in enumerate(rels):
+        builder.add(rel, Member(str(split.archive), 100 * n, n + 1, split.prefix + rel, 8, n, 7 * n), rel.split("/")[0])
+    listing = builder.finish()
+    keys = [split.prefix + r for r in rels]
+    assert listing.keys() == sorted(keys) and listing.wnids == ["n01", "n01-x", "n02"]
+    for i, key in enumerate(listing.keys()):
+        n = keys.index(key)
+        assert listing.source(i) == Member(str(split.archive), 100 * n, n + 1, key, 8, n, 7 * n)
+        assert listing.wnid(i) == key.split("/")[-2] and listing.index_of(key) == i
+    assert listing.index_of(split.prefix + "n01/missing.JPEG") is None
