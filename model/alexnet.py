@@ -138,16 +138,45 @@ def _pow_neg(d: Tensor, beta: float) -> Tensor:
     return d.pow(-beta)
 
 
+def _lrn_denominator(xw: Tensor, size: int, alpha: float, k: float, groups: int) -> Tensor:
+    """D = k + α Σ_window a², in a new tensor (in place adds on channel-shifted views)."""
+    d = torch.full_like(xw, k)
+    d5, x5 = _grouped(d, groups), _grouped(xw, groups)
+    d5.addcmul_(x5, x5, value=alpha)
+    for to, frm in _window_offsets(size):
+        d5[:, :, to].addcmul_(x5[:, :, frm], x5[:, :, frm], value=alpha)  # D = k + α Σ_i a_i²
+    return d
+
+
+def _lrn_input_grad(grad: Tensor, xw: Tensor, d: Tensor, p: Tensor, size: int, alpha: float, beta: float,
+                    groups: int, out: Tensor | None = None) -> Tensor:
+    """∂L/∂a_j = g_j D_j^-β - 2αβ a_j Σ_{i: j in window(i)} g_i b_i / D_i (into `out` if given).
+
+    window(i) ∋ j exactly when window(j) ∋ i (a centred window), so the second sum is the
+    same window sum as the forward's, written as in-place adds."""
+    grad_x = torch.mul(grad, p, out=out) if out is not None else grad * p  # g D^-β
+    gb_over_d = (grad_x * xw).div_(d)  # g_i b_i / D_i
+    g5, t5, x5 = (_grouped(t, groups) for t in (grad_x, gb_over_d, xw))
+    scale = -2.0 * alpha * beta
+    g5.addcmul_(t5, x5, value=scale)
+    for to, frm in _window_offsets(size):
+        g5[:, :, to].addcmul_(t5[:, :, frm], x5[:, :, to], value=scale)  # -2αβ a_j Σ_i t_i
+    return grad_x
+
+
+def _widened(x: Tensor) -> Tensor:
+    """float64 stays float64; bf16/fp16 are widened once (mixed-dtype ops are slow)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class _LocalResponseNorm(torch.autograd.Function):
     """b = a · D^-β with D = k + α Σ_window a², and its gradient written out.
 
-    The gradient in closed form, as cuda-convnet computed it, is
-        ∂L/∂a_j = g_j D_j^-β - 2αβ a_j Σ_{i: j in window(i)} g_i b_i / D_i,
-    and window(i) ∋ j exactly when window(j) ∋ i (a centred window), so the second
-    sum is the same window sum as the forward's. Both are written as in-place adds
-    into tensors that must be allocated anyway: five activation-sized allocations per
-    forward + backward, where autograd of the expression makes about twice as many.
-    The tests check it against autograd of the formula and against gradcheck.
+    The gradient in closed form, as cuda-convnet computed it (`_lrn_input_grad`). Every
+    sum is an in-place add into tensors that must be allocated anyway: five
+    activation-sized allocations per forward + backward, where autograd of the
+    expression makes about twice as many. The tests check it against autograd of the
+    formula and against gradcheck.
 
     D and D^-β are computed in float32 at least (a bf16 Σa², 8-bit mantissa, is off by up
     to ~0.4%); the output and the input's gradient come back in the input's dtype.
@@ -157,13 +186,8 @@ class _LocalResponseNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> Tensor:
-        # float64 stays float64; bf16/fp16 are widened once (mixed-dtype ops are slow).
-        xw = x.to(torch.promote_types(x.dtype, torch.float32))
-        d = torch.full_like(xw, k)
-        d5, x5 = _grouped(d, groups), _grouped(xw, groups)
-        d5.addcmul_(x5, x5, value=alpha)
-        for to, frm in _window_offsets(size):
-            d5[:, :, to].addcmul_(x5[:, :, frm], x5[:, :, frm], value=alpha)  # D = k + α Σ_i a_i²
+        xw = _widened(x)
+        d = _lrn_denominator(xw, size, alpha, k, groups)
         p = _pow_neg(d, beta)  # D^-β
         ctx.save_for_backward(xw, d, p)
         ctx.constants = (size, alpha, beta, groups, x.dtype)
@@ -174,14 +198,47 @@ class _LocalResponseNorm(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         xw, d, p = ctx.saved_tensors
         size, alpha, beta, groups, dtype = ctx.constants
-        grad_x = grad * p  # g D^-β, then the window sum is added into it
-        gb_over_d = (grad_x * xw).div_(d)  # g_i b_i / D_i
-        g5, t5, x5 = (_grouped(t, groups) for t in (grad_x, gb_over_d, xw))
-        scale = -2.0 * alpha * beta
-        g5.addcmul_(t5, x5, value=scale)
-        for to, frm in _window_offsets(size):
-            g5[:, :, to].addcmul_(t5[:, :, frm], x5[:, :, to], value=scale)  # -2αβ a_j Σ_i t_i
-        return grad_x.to(dtype), None, None, None, None, None
+        return _lrn_input_grad(grad, xw, d, p, size, alpha, beta, groups).to(dtype), None, None, None, None, None
+
+
+class _NormPool(torch.autograd.Function):
+    """Response normalisation, then overlapping max pooling, in slices of the batch.
+
+    What training runs (`AlexNet._lrn_pool`). Only the input and the pooling's indices are
+    kept for backward, which recomputes D and D^-β slice by slice: a slice's temporaries
+    (`chunk` images) are small enough for the allocator to reuse from step to step,
+    where batch-sized ones (37 MB for conv1's maps at batch 32) are fresh pages every
+    time on the CPU, faulted in at about the cost of the arithmetic. Per element the
+    same operations as `local_response_norm` then `max_pool2d`, so the same numbers.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int, chunk: int) -> Tensor:
+        xw = _widened(x)
+        pooled, indices = [], []
+        for xc in xw.split(chunk):
+            b = xc * _pow_neg(_lrn_denominator(xc, size, alpha, k, groups), beta)
+            o, i = F.max_pool2d(b, POOL_KERNEL, POOL_STRIDE, return_indices=True)
+            pooled.append(o)
+            indices.append(i)
+        ctx.save_for_backward(xw, torch.cat(indices))
+        ctx.constants = (size, alpha, beta, k, groups, chunk, x.dtype)
+        return torch.cat(pooled).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        xw, indices = ctx.saved_tensors
+        size, alpha, beta, k, groups, chunk, dtype = ctx.constants
+        grad_x = torch.empty_like(xw)
+        for start in range(0, xw.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            xc = xw[rows]
+            gb = torch.ops.aten.max_pool2d_with_indices_backward(
+                grad[rows].to(xw.dtype), xc, [POOL_KERNEL] * 2, [POOL_STRIDE] * 2, [0, 0], [1, 1], False, indices[rows])
+            d = _lrn_denominator(xc, size, alpha, k, groups)
+            _lrn_input_grad(gb, xc, d, _pow_neg(d, beta), size, alpha, beta, groups, out=grad_x[rows])
+        return grad_x.to(dtype), None, None, None, None, None, None
 
 
 def local_response_norm(
@@ -206,6 +263,10 @@ def local_response_norm(
     layout, except under autocast, where it computes and returns float32 as autocast's
     own float32 ops do. Differentiable once (no double backward).
     """
+    return _LocalResponseNorm.apply(_checked_lrn_input(x, size, groups), size, alpha, beta, k, groups)
+
+
+def _checked_lrn_input(x: Tensor, size: int, groups: int) -> Tensor:
     if size % 2 != 1:
         raise ValueError(f"size must be odd (a window centred on each channel), got {size}")
     if x.shape[1] % groups:
@@ -215,7 +276,26 @@ def local_response_norm(
         # normalised in float32, and the float32 result keeps its precision through the
         # max pool; the next convolution casts it back down.
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return _LocalResponseNorm.apply(x, size, alpha, beta, k, groups)
+    return x
+
+
+# On the CPU, _NormPool works in slices of about this many bytes of activations: below
+# glibc's largest mmap threshold (32 MiB), so freed slices are reused, not unmapped.
+CPU_SLICE_BYTES = 8 << 20
+
+
+def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
+                                 beta: float = LRN_BETA, k: float = LRN_K, groups: int = 1,
+                                 chunk: int | None = None) -> Tensor:
+    """`max_pool2d(local_response_norm(x, ...), 3, 2)` without keeping the normalised maps.
+
+    `chunk`: images per slice; by default the whole batch on a GPU (whose caching allocator
+    reuses memory anyway) and about CPU_SLICE_BYTES of maps per slice on the CPU."""
+    x = _checked_lrn_input(x, size, groups)
+    if chunk is None:
+        per_image = x[0].numel() * max(x.element_size(), 4)
+        chunk = x.shape[0] if x.device.type != "cpu" else max(1, CPU_SLICE_BYTES // max(per_image, 1))
+    return _NormPool.apply(x, size, alpha, beta, k, groups, chunk)
 
 
 class Tower(nn.Module):
@@ -348,10 +428,13 @@ class AlexNet(nn.Module):
             outs = [fc(_gather(hs, fc.weight.device).flatten(1)) for fc in fcs]
         return [F.dropout(F.relu(o, inplace=True), self.config.dropout, training=dropout) for o in outs]
 
-    def _lrn_pool(self, hs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """Response normalisation within each tower, then overlapping max pooling."""
+    def _lrn_pool(self, hs: list[Tensor], keep_normed: bool) -> tuple[list[Tensor] | None, list[Tensor]]:
+        """Response normalisation within each tower, then overlapping max pooling; the
+        normalised maps themselves only when asked for (`stages`)."""
         groups = 2 // len(hs)  # both towers in one tensor: normalise each separately
         alpha = self.config.lrn_alpha
+        if not keep_normed:
+            return None, [local_response_norm_max_pool(h, alpha=alpha, groups=groups) for h in hs]
         normed = [local_response_norm(h, alpha=alpha, groups=groups) for h in hs]
         return normed, [F.max_pool2d(h, POOL_KERNEL, POOL_STRIDE) for h in normed]
 
@@ -366,11 +449,11 @@ class AlexNet(nn.Module):
         hs = [F.pad(x, CONV1_PAD)]  # (N, 3, 227, 227)
         # conv1 "mixes" in that both towers see all three colour channels of the image.
         hs = keep("conv1", self._conv("conv1", hs, mixes=True))  # (N, 96, 55, 55)
-        normed, hs = self._lrn_pool(hs)
+        normed, hs = self._lrn_pool(hs, stages is not None)
         keep("norm1", normed)  # (N, 96, 55, 55)
         keep("pool1", hs)  # (N, 96, 27, 27)
         hs = keep("conv2", self._conv("conv2", hs, mixes=False))  # (N, 256, 27, 27)
-        normed, hs = self._lrn_pool(hs)
+        normed, hs = self._lrn_pool(hs, stages is not None)
         keep("norm2", normed)  # (N, 256, 27, 27)
         keep("pool2", hs)  # (N, 256, 13, 13)
         hs = keep("conv3", self._conv("conv3", hs, mixes=True))  # (N, 384, 13, 13)

@@ -23,6 +23,7 @@ from alexprep.model.alexnet import (
     AlexNet,
     AlexNetConfig,
     local_response_norm,
+    local_response_norm_max_pool,
 )
 
 ONE = ("cpu",)
@@ -274,6 +275,67 @@ def test_lrn_under_torch_compile_equals_eager():
     eager, eager_grad = run(lrn)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
+
+
+def _norm_pool_pair(a: torch.Tensor, upstream: torch.Tensor, fused, chunk=None, **kw):
+    t = a.clone().requires_grad_()
+    if fused:
+        out = local_response_norm_max_pool(t, alpha=0.3, groups=2, chunk=chunk, **kw)
+    else:
+        out = F.max_pool2d(local_response_norm(t, alpha=0.3, groups=2, **kw), 3, 2)
+    return out, torch.autograd.grad(out, t, upstream.to(out.dtype))[0]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, None])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_norm_pool_in_slices_equals_norm_then_pool(chunk, fmt):
+    """The fused, sliced normalisation + pooling that training runs gives the same numbers
+    as local_response_norm then max_pool2d, for any slicing of the batch (5 images: the
+    slices of 3 leave a short one), in either memory layout."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.relu(torch.randn(5, 16, 11, 11, generator=g)) * 30).contiguous(memory_format=fmt)
+    upstream = torch.randn(5, 16, 5, 5, generator=g)
+    out, grad = _norm_pool_pair(a, upstream, fused=True, chunk=chunk)
+    want, want_grad = _norm_pool_pair(a, upstream, fused=False)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
+    assert grad.is_contiguous(memory_format=fmt)
+
+
+def test_norm_pool_under_bf16_autocast_and_torch_compile():
+    """Under autocast it pools float32 maps as norm-then-pool does; it compiles into one
+    graph with the same values."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.relu(torch.randn(3, 8, 7, 7, generator=g)) * 30
+    upstream = torch.randn(3, 8, 3, 3, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grad = _norm_pool_pair(a.bfloat16(), upstream, fused=True, chunk=2)
+        want, want_grad = _norm_pool_pair(a.bfloat16(), upstream, fused=False)
+    assert out.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
+
+    def fused(t):
+        return local_response_norm_max_pool(t, alpha=0.3, groups=2, chunk=2)
+
+    t = a.clone().requires_grad_()
+    compiled = torch.compile(fused, fullgraph=True)(t)
+    (compiled_grad,) = torch.autograd.grad(compiled, t, upstream)
+    eager, eager_grad = _norm_pool_pair(a, upstream, fused=True, chunk=2)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_training_keeps_only_the_pooled_maps_and_the_input():
+    """The model's forward keeps, for the two normalisations' backward, no activation-sized
+    tensor of their own: the 55x55 maps saved are conv1's output (for its ReLU and the
+    normalisation) and not also D, D^-β and the normalised maps (the old code's three)."""
+    model = make(ONE)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        model(images(2))
+    full = {s.data_ptr() for s in saved if s.dim() == 4 and tuple(s.shape[1:]) == (96, 55, 55)}
+    assert len(full) == 1, len(full)
 
 
 @PLACEMENTS
