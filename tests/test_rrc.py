@@ -399,6 +399,22 @@ def test_torchvision_decoding_path_agrees_with_pil(jpeg_keep, monkeypatch):
     assert d.max() <= 1.001 and d.mean() <= 0.2, (d.max(), d.mean())  # measured: 1 and 0.14
 
 
+def test_gpu_windows_path_renders_like_the_cpu_path(jpeg_keep):
+    """The torch backend's CUDA-with-PIL path (workers hand over resized, flipped uint8
+    windows; `render` normalises them batched), run on the CPU: bit for bit the per-image
+    CPU path's tensors."""
+    from alexprep.imagenet_prep.render import norm_tensors, render
+    from alexprep.imagenet_prep.torch_backend import ShardBatches
+
+    loader = train_loader(jpeg_keep, batch_size=9, device="cpu", seed=1, backend="torch", workers=0, recipe="rrc",
+                          lighting_std=0.1)
+    batch = loader.plan(0)[2]
+    finished = ShardBatches(loader.samples, 224, "render", norm=loader.norm, rrc=True)[batch].pixels
+    crops, _, windows, cmn, _, _, _ = ShardBatches(loader.samples, 224, "windows", rrc=True)[batch]
+    assert crops.shape == (9, 1, 224, 224, 3) and crops.dtype == torch.uint8
+    assert torch.equal(render(crops, windows, cmn, *norm_tensors(loader.norm, torch.device("cpu"))), finished)
+
+
 # ---------------------------------------------------------------------------- misuse
 def test_recipes_and_builds_that_do_not_go_together(raw_keep, stats_build_raw):
     kw = dict(batch_size=4, device="cpu", seed=0, backend="torch", workers=0)
