@@ -178,12 +178,13 @@ def corpus(folder: Path, images: int, seed: int = 0) -> list[Path]:
 
 
 def prepared_build(work: Path, images: int, *, encodings=("jpeg",), val_images: int = 0, shard_size: int = 64,
-                   workers: int | None = None, seed: int = 0) -> dict:
+                   workers: int | None = None, seed: int = 0, resize: str = "center-crop") -> dict:
     """The corpus -> build-shards -> statistics set-up every loader and trainer benchmark
     needs: `images` train JPEGs (and `val_images` val ones) in work/src, one build per
     encoding in work/out-<encoding> (shards of `shard_size`), each with OUT/stats.npz from
-    its partials. Returns {"src": train folder, "builds": {encoding: OUT}, "stats":
-    DatasetStats of the first build, "images": train images}."""
+    its partials. resize="keep-aspect": whole images, shorter side 256, longer at most 512
+    (the RandomResizedCrop recipe's builds). Returns {"src": train folder, "builds":
+    {encoding: OUT}, "stats": DatasetStats of the first build, "images": train images}."""
     from alexprep.imagenet_prep.build import BuildConfig, build_shards
     from alexprep.imagenet_prep.stats import compute_stats
     from alexprep.imagenet_prep.transform import ImageSpec
@@ -198,7 +199,7 @@ def prepared_build(work: Path, images: int, *, encodings=("jpeg",), val_images: 
     builds, stats = {}, None
     for encoding in encodings:
         out = work / f"out-{encoding}"
-        config = BuildConfig(spec=ImageSpec(encoding=encoding), shard_size=shard_size,
+        config = BuildConfig(spec=ImageSpec(encoding=encoding, resize=resize), shard_size=shard_size,
                              **({"workers": workers} if workers else {}))
         build_shards(src, out, config)
         builds[encoding] = out

@@ -4,6 +4,7 @@
     ... ffcv_side.py write-files LIST.json OUT.beton --workers 1      # prep: source JPEGs -> .beton
     ... ffcv_side.py write-array PIXELS.npy LABELS.npy OUT.beton --mode jpg|raw
     ... ffcv_side.py serve --mean MEAN.npy --lighting L.npy --batch 64 --workers 2 NAME=X.beton ...
+    ... ffcv_side.py serve --recipe rrc --mean MEAN.npy --std STD.npy --batch 64 --workers 2 NAME=X.beton
 
 Needs only numpy, PIL, torch and ffcv (made by `make ffcv-env`, never in .venv): FFCV
 pins its own numba and builds against system OpenCV and libturbojpeg. Everything prints
@@ -13,7 +14,9 @@ one JSON line per answer on stdout.
 decoder `SimpleRGBImageDecoder`, then `PaperAugment` below, then ToTensor), warms each up,
 then answers `run NAME BATCHES SKIP` lines from stdin (SKIP untimed batches, then BATCHES
 timed ones) so that the calling benchmark can alternate FFCV with its in-process
-contenders under the same idle-machine rule.
+contenders under the same idle-machine rule. `--recipe rrc`: FFCV's own
+`RandomResizedCropRGBImageDecoder((size, size))` (torchvision's scale and ratio; OpenCV's
+INTER_AREA resize) instead, then `FlipNormalize` below.
 """
 from __future__ import annotations
 
@@ -134,24 +137,76 @@ def paper_augment_class():
     return PaperAugment
 
 
-def loader(path: str, *, batch: int, workers: int, augment):
+def flip_normalize_class():
+    """The rest of the RandomResizedCrop recipe as an FFCV Operation: a horizontal flip with
+    p = 0.5 and (x - channel mean) / channel std, written as float32 CHW (what our loaders
+    give). One numba-compiled loop per batch, parallel over images."""
+    import numpy as np
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+
+    class FlipNormalize(Operation):
+        def __init__(self, mean, std):
+            super().__init__()
+            self.mean = np.ascontiguousarray(mean, np.float32)
+            self.inv_std = (np.float32(1) / np.asarray(std, np.float32)).astype(np.float32)
+
+        def generate_code(self):
+            each = Compiler.get_iterator()
+            mean, inv_std = self.mean, self.inv_std
+
+            def flip_normalize(images, dst):
+                h, w = images.shape[1], images.shape[2]
+                for i in each(images.shape[0]):
+                    flip = np.random.random() < 0.5
+                    for k in range(3):
+                        for y in range(h):
+                            for x in range(w):
+                                sx = w - 1 - x if flip else x
+                                dst[i, k, y, x] = (np.float32(images[i, y, sx, k]) - mean[k]) * inv_std[k]
+                return dst
+
+            flip_normalize.is_parallel = True
+            return flip_normalize
+
+        def declare_state_and_memory(self, previous_state):
+            h, w = previous_state.shape[:2]
+            dtype = np.dtype("float32")
+            return replace(previous_state, shape=(3, h, w), dtype=dtype), AllocationQuery((3, h, w), dtype)
+
+    return FlipNormalize
+
+
+def loader(path: str, *, batch: int, workers: int, augment, decoder=None):
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
 
     return Loader(path, batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, drop_last=True,
-                  os_cache=True, pipelines={"image": [SimpleRGBImageDecoder(), augment, ToTensor()],
+                  os_cache=True, pipelines={"image": [decoder or SimpleRGBImageDecoder(), augment, ToTensor()],
                                             "label": [IntDecoder(), ToTensor()]})
 
 
-def serve(betons: dict, *, mean_path: str, lighting_path: str, batch: int, workers: int) -> None:
+def pipeline_parts(args) -> tuple:
+    """(decoder, augment) of a .beton's pipeline: the paper's (SimpleRGBImageDecoder,
+    PaperAugment) or RandomResizedCrop's (FFCV's RRC decoder, FlipNormalize)."""
     import numpy as np
 
-    PaperAugment = paper_augment_class()
-    mean, lighting = np.load(mean_path), np.load(lighting_path)
+    if args.recipe == "rrc":
+        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+
+        return (RandomResizedCropRGBImageDecoder((args.size, args.size)),
+                flip_normalize_class()(np.load(args.mean), np.load(args.std)))
+    return None, paper_augment_class()(np.load(args.mean), np.load(args.lighting))
+
+
+def serve(betons: dict, args) -> None:
+    batch, workers = args.batch, args.workers
     streams = {}
     for name, path in betons.items():
-        ld = loader(path, batch=batch, workers=workers, augment=PaperAugment(mean, lighting))
+        decoder, augment = pipeline_parts(args)
+        ld = loader(path, batch=batch, workers=workers, augment=augment, decoder=decoder)
 
         def forever(ld=ld):
             while True:
@@ -201,8 +256,11 @@ def main(argv: list[str]) -> None:
         p.add_argument("--max-resolution", type=int, default=None)
         p.add_argument("--quality", type=int, default=95)
     sv = sub.add_parser("serve")
-    sv.add_argument("--mean", required=True)
-    sv.add_argument("--lighting", required=True)
+    sv.add_argument("--recipe", choices=["paper", "rrc"], default="paper")
+    sv.add_argument("--mean", required=True, help="paper: the mean image (S, S, 3); rrc: the channel mean (3,)")
+    sv.add_argument("--lighting", help="paper: eigvecs * sqrt(eigvals), (3, 3)")
+    sv.add_argument("--std", help="rrc: the channel std (3,)")
+    sv.add_argument("--size", type=int, default=224, help="rrc: the output size")
     sv.add_argument("--batch", type=int, required=True)
     sv.add_argument("--workers", type=int, required=True)
     sv.add_argument("betons", nargs="+", help="NAME=PATH")
@@ -225,8 +283,7 @@ def main(argv: list[str]) -> None:
         say(write(data, args.out, workers=args.workers, mode=args.mode, max_resolution=args.max_resolution,
                   quality=args.quality))
     else:
-        serve(dict(b.split("=", 1) for b in args.betons), mean_path=args.mean, lighting_path=args.lighting,
-              batch=args.batch, workers=args.workers)
+        serve(dict(b.split("=", 1) for b in args.betons), args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.loader_throughput --quick          # ~3-4 min on 2 cores
     .venv/bin/python -m benchmarks.loader_throughput --device cuda    # the same on a GPU
+    .venv/bin/python -m benchmarks.loader_throughput --quick --recipe rrc   # RandomResizedCrop
 
 Per image, everywhere: a 224x224 crop at one of 33x33 offsets of the 256x256 image, a
 flip with p = 0.5, the mean image's window subtracted, PCA lighting added; batches of
@@ -26,6 +27,19 @@ float32 NCHW tensors (on the GPU with --device cuda). Contenders:
   made, the reason is recorded. CPU only. PCA lighting is on for every contender, FFCV's
   included.
 
+`--recipe rrc` (writes loader_throughput_rrc.json): torchvision's RandomResizedCrop(224)
+recipe on a keep-aspect build of the same corpus (shorter side 256, longer at most 512),
+a flip with p = 0.5, channel mean and std, float32 NCHW, no lighting. Contenders:
+
+- rrc-dali, rrc-torch: `train_loader(recipe="rrc")` over the JPEG keep-aspect shards,
+  backend "dali" (CPU) and "torch" (PIL in DataLoader workers);
+- rrc-imagefolder-pil: the stored images as JPEG files in class folders, an ImageFolder
+  in a DataLoader whose transform is torchvision's RandomResizedCrop + RandomHorizontalFlip
+  + ToTensor + Normalize written with PIL, numpy and `random` (`PilRandomResizedCrop`:
+  torchvision does not import next to the CPU torch pin, in .venv or FFCV's venv);
+- rrc-ffcv-jpeg: FFCV's `RandomResizedCropRGBImageDecoder` then a flip-and-normalise
+  Operation (ffcv_side.py), over a .beton written from those files (JPEG q95).
+
 Method: all contenders are built and warmed up, then run in alternating order in this
 one process, `--repeats` times each. Before each run the machine is let go idle (the
 others' workers fill their prefetch queues and stop) and the timed loader's own queue is
@@ -41,6 +55,7 @@ import argparse
 import importlib
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -63,26 +78,16 @@ BENCHDEPS = Path("/tmp/benchdeps")  # where optional contenders are pip-installe
 # ---------------------------------------------------------------------------- data
 def prepare(work: Path, n: int, workers: int) -> dict:
     """The corpus, its shard builds and statistics, and the same images as files and tars."""
-    from alexprep.imagenet_prep.shards import image_bytes_column, open_shard, read_split
+    from alexprep.imagenet_prep.shards import read_split
 
     t0 = time.perf_counter()
     prepared = common.prepared_build(work, n, encodings=("jpeg", "raw"), shard_size=128, workers=workers)
     builds, src = prepared["builds"], prepared["src"]
     # The JPEG shards' bytes, as files (class folders) and as webdataset tars.
-    index = read_split(builds["jpeg"], "train")
     files = work / "files256" / "train"
     tars = work / "tars"
     tars.mkdir(parents=True)
-    records = []
-    for shard in index.shards:
-        table = open_shard(index, shard)
-        images = image_bytes_column(table).to_pylist()
-        for data, label, wnid, key in zip(images, table.column("label").to_pylist(),
-                                          table.column("wnid").to_pylist(), table.column("key").to_pylist()):
-            path = files / wnid / (Path(key).stem + ".jpg")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            records.append((Path(key).stem, data, label))
+    records = write_shard_files(read_split(builds["jpeg"], "train"), files)
     tar_count = 8  # >= workers, so that every worker gets shards
     for t in range(tar_count):
         with tarfile.open(tars / f"train-{t:04d}.tar", "w") as tar:
@@ -94,6 +99,37 @@ def prepare(work: Path, n: int, workers: int) -> dict:
     stats = prepared["stats"]
     return {"src": src, "builds": builds, "files": files, "tars": sorted(tars.glob("*.tar")),
             "stats": stats, "seconds": time.perf_counter() - t0, "images": len(records)}
+
+
+def write_shard_files(index, files: Path) -> list[tuple[str, bytes, int]]:
+    """Each image of a JPEG split as files/<wnid>/<stem>.jpg (the shards' very bytes);
+    returns (stem, bytes, label) per image."""
+    from alexprep.imagenet_prep.shards import image_bytes_column, open_shard
+
+    records = []
+    for shard in index.shards:
+        table = open_shard(index, shard)
+        images = image_bytes_column(table).to_pylist()
+        for data, label, wnid, key in zip(images, table.column("label").to_pylist(),
+                                          table.column("wnid").to_pylist(), table.column("key").to_pylist()):
+            path = files / wnid / (Path(key).stem + ".jpg")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            records.append((Path(key).stem, data, label))
+    return records
+
+
+def prepare_rrc(work: Path, n: int, workers: int) -> dict:
+    """The corpus as a keep-aspect JPEG build with statistics, and its images as files."""
+    from alexprep.imagenet_prep.shards import read_split
+
+    t0 = time.perf_counter()
+    prepared = common.prepared_build(work, n, encodings=("jpeg",), shard_size=128, workers=workers,
+                                     resize="keep-aspect")
+    files = work / "files-keep" / "train"
+    records = write_shard_files(read_split(prepared["builds"]["jpeg"], "train"), files)
+    return {"src": prepared["src"], "builds": prepared["builds"], "files": files, "stats": prepared["stats"],
+            "seconds": time.perf_counter() - t0, "images": len(records)}
 
 
 # ---------------------------------------------------------------------------- a user's loop
@@ -125,6 +161,51 @@ class UserAugment:
         x = x + (self.scale @ rng.normal(0, 0.1, 3)).astype(np.float32)
         import torch
 
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def torchvision_rrc_params(width: int, height: int, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params with Python's `random`: (x, y, w, h)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class PilRandomResizedCrop:
+    """RandomResizedCrop(224) + RandomHorizontalFlip() + ToTensor() + Normalize(mean, std)
+    as torchvision does them on PIL images (crop, bilinear resize, flip), in PIL and numpy:
+    what an ImageFolder user's transform does per sample, on 0-255 pixels as ours."""
+
+    def __init__(self, stats, size: int = 224):
+        self.mean = np.asarray(stats.channel_mean, np.float32)
+        self.inv_std = (1 / np.asarray(stats.channel_std, np.float32)).astype(np.float32)
+        self.size = size
+
+    def __call__(self, img):
+        import random
+
+        import torch
+        from PIL import Image
+
+        img = img.convert("RGB")
+        x, y, w, h = torchvision_rrc_params(img.width, img.height, random)
+        img = img.crop((x, y, x + w, y + h)).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        if random.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = (np.asarray(img, np.float32) - self.mean) * self.inv_std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
@@ -160,9 +241,34 @@ def to_device(batches, device):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -> dict:
+def user_loader(dataset, batch: int, workers: int, device: str):
+    """A user's DataLoader over a map-style dataset, endless, moved to the device."""
     from torch.utils.data import DataLoader
 
+    dl = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                    persistent_workers=workers > 0, pin_memory=device == "cuda", prefetch_factor=2 if workers else None)
+    return to_device(forever(lambda: iter(dl)), "cuda:0" if device == "cuda" else "cpu")
+
+
+def rrc_contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -> dict:
+    """--recipe rrc: ours (DALI and torch backends), and the ImageFolder loop."""
+    from alexprep.imagenet_prep import loaders
+
+    made = {}
+    build = data["builds"]["jpeg"]
+    for name, backend in (("rrc-dali", "dali"), ("rrc-torch", "torch")):
+        if backend == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+            notes["dali"] = "nvidia.dali does not import here: rrc-dali skipped"
+            continue
+        loader = loaders.train_loader(build, batch_size=batch, device="cuda:0" if device == "cuda" else "cpu",
+                                      seed=0, backend=backend, workers=workers, recipe="rrc")
+        made[name] = forever(lambda loader=loader: iter(loader))
+    made["rrc-imagefolder-pil"] = user_loader(ImageFolder(data["files"], PilRandomResizedCrop(data["stats"])),
+                                              batch, workers, device)
+    return made
+
+
+def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -> dict:
     from alexprep.imagenet_prep import loaders
 
     made = {}
@@ -187,14 +293,8 @@ def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -
     else:
         notes["dali"] = "nvidia.dali does not import here: DALI contenders skipped"
     ours("torch-twin", data["builds"]["jpeg"], "torch")
-
-    def user_loader(dataset, shuffle=True):
-        dl = DataLoader(dataset, batch_size=batch, shuffle=shuffle, num_workers=workers, drop_last=True,
-                        persistent_workers=True, pin_memory=device == "cuda", prefetch_factor=2)
-        return to_device(forever(lambda: iter(dl)), torch_device)
-
-    made["imagefolder-original"] = user_loader(ImageFolder(data["src"], UserAugment(data["stats"], resize=True)))
-    made["imagefolder-256"] = user_loader(ImageFolder(data["files"], UserAugment(data["stats"], resize=True)))
+    for name, folder in (("imagefolder-original", data["src"]), ("imagefolder-256", data["files"])):
+        made[name] = user_loader(ImageFolder(folder, UserAugment(data["stats"], resize=True)), batch, workers, device)
 
     wds = _optional("webdataset")
     if wds is None:
@@ -279,9 +379,11 @@ class FfcvServer:
     """FFCV's loaders, in FFCV's venv (benchmarks/ffcv_side.py serve), timed run by run on
     request so that they alternate with the in-process contenders."""
 
-    def __init__(self, python: Path, betons: dict, mean: Path, lighting: Path, batch: int, workers: int):
-        cmd = [str(python), str(common.FFCV_SIDE), "serve", "--mean", str(mean), "--lighting", str(lighting),
-               "--batch", str(batch), "--workers", str(workers)] + [f"{k}={v}" for k, v in betons.items()]
+    def __init__(self, python: Path, betons: dict, options: list[str], batch: int, workers: int):
+        """options: the pipeline's (`--mean M.npy --lighting L.npy`, or `--recipe rrc --mean
+        M.npy --std S.npy`)."""
+        cmd = [str(python), str(common.FFCV_SIDE), "serve", *options, "--batch", str(batch), "--workers",
+               str(workers)] + [f"{k}={v}" for k, v in betons.items()]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._answer()["ready"]
 
@@ -343,8 +445,9 @@ def ffcv_contenders(data: dict, work: Path, device: str, batch: int, workers: in
             notes["ffcv"] = f"writing {name}.beton failed: {got.stderr.strip()[-500:]}"
             return None, {}
         written[name] = json.loads(got.stdout.strip().splitlines()[-1])
+    options = ["--mean", str(folder / "mean.npy"), "--lighting", str(folder / "lighting.npy")]
     try:
-        server = FfcvServer(python, betons, folder / "mean.npy", folder / "lighting.npy", batch, workers)
+        server = FfcvServer(python, betons, options, batch, workers)
     except (RuntimeError, OSError, ValueError) as exc:
         notes["ffcv"] = f"FFCV's loader did not start: {exc}"
         return None, {}
@@ -354,6 +457,46 @@ def ffcv_contenders(data: dict, work: Path, device: str, batch: int, workers: in
                                  "minus mean image window, PCA lighting 0.1, float32 CHW) -> ToTensor; "
                                  "OrderOption.RANDOM, drop_last, os_cache, FFCV's default batches_ahead"}
     return server, {name: server.runner(name) for name in betons}
+
+
+def ffcv_rrc_contenders(data: dict, work: Path, device: str, batch: int, workers: int, notes: dict):
+    """--recipe rrc: (FfcvServer or None, {"rrc-ffcv-jpeg": runner}): FFCV's
+    RandomResizedCropRGBImageDecoder over a .beton of the stored keep-aspect images."""
+    if device != "cpu":
+        notes["ffcv"] = "CPU only here (FFCV's GPU path needs cupy; not set up)"
+        return None, {}
+    python, info = common.ffcv_python()
+    if python is None:
+        notes["ffcv"] = info["skipped"]
+        return None, {}
+    t0 = time.perf_counter()
+    folder = work / "ffcv"
+    folder.mkdir()
+    classes = sorted(d.name for d in data["files"].iterdir() if d.is_dir())
+    items = [(str(p), i) for i, c in enumerate(classes) for p in sorted((data["files"] / c).iterdir())]
+    (folder / "items.json").write_text(json.dumps(items))
+    stats = data["stats"]
+    np.save(folder / "mean.npy", np.asarray(stats.channel_mean, np.float32))
+    np.save(folder / "std.npy", np.asarray(stats.channel_std, np.float32))
+    beton = folder / "rrc-ffcv-jpeg.beton"
+    got = subprocess.run([str(python), str(common.FFCV_SIDE), "write-files", str(folder / "items.json"), str(beton),
+                          "--mode", "jpg", "--quality", "95", "--workers", str(workers)], capture_output=True, text=True)
+    if got.returncode:
+        notes["ffcv"] = f"writing rrc-ffcv-jpeg.beton failed: {got.stderr.strip()[-500:]}"
+        return None, {}
+    written = json.loads(got.stdout.strip().splitlines()[-1])
+    options = ["--recipe", "rrc", "--mean", str(folder / "mean.npy"), "--std", str(folder / "std.npy")]
+    try:
+        server = FfcvServer(python, {"rrc-ffcv-jpeg": beton}, options, batch, workers)
+    except (RuntimeError, OSError, ValueError) as exc:
+        notes["ffcv"] = f"FFCV's loader did not start: {exc}"
+        return None, {}
+    notes["ffcv"] = {**info, "bytes_per_image": written["bytes"] / written["images"], "warm_up": server.ready,
+                     "set_up_s": time.perf_counter() - t0,
+                     "pipeline": "RandomResizedCropRGBImageDecoder((224, 224)) (torchvision's scale and ratio, "
+                                 "OpenCV INTER_AREA) -> FlipNormalize (ffcv_side.py: flip 0.5, channel mean/std, "
+                                 "float32 CHW) -> ToTensor; OrderOption.RANDOM, drop_last, os_cache"}
+    return server, {"rrc-ffcv-jpeg": server.runner("rrc-ffcv-jpeg")}
 
 
 # ---------------------------------------------------------------------------- timing
@@ -410,8 +553,8 @@ def plot(results: dict, path: Path, title: str) -> None:
     names = list(results)
     common.bar_chart(path, names, {"images/s": [results[n]["median"] for n in names]},
                      spread={"images/s": [(results[n]["min"], results[n]["max"]) for n in names]},
-                     colors=["tab:green" if n.startswith("dali-arrow") else
-                             "tab:orange" if n.startswith("ffcv") else "tab:gray" for n in names],
+                     colors=["tab:green" if n.startswith(("dali-arrow", "rrc-dali", "rrc-torch")) else
+                             "tab:orange" if "ffcv" in n else "tab:gray" for n in names],
                      horizontal=True, value_labels=True, figsize=(9, 0.5 * len(names) + 1.5), title=title,
                      value_axis="images/s (median; bars: min-max over repeats)")
 
@@ -432,6 +575,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small corpus, few repeats (~3-4 min on 2 cores)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--recipe", choices=["paper", "rrc"], default="paper",
+                        help="the paper's crops (default) or RandomResizedCrop on a keep-aspect build")
     parser.add_argument("--images", type=int, help="corpus size (default 512 quick, 2048 full)")
     parser.add_argument("--batch-size", type=int, help="default 64 quick, 128 full")
     parser.add_argument("--batches", type=int, help="batches per timed run (default 12 quick, 24 full)")
@@ -462,7 +607,8 @@ def make_config(args) -> Config:
 
 def local_runners(data: dict, args, cfg: Config, notes: dict, sync) -> dict:
     """name -> run(batches, skip) for the contenders in this process (--only applied)."""
-    streams = contenders(data, args.device, cfg.batch, cfg.workers, notes)
+    make = rrc_contenders if args.recipe == "rrc" else contenders
+    streams = make(data, args.device, cfg.batch, cfg.workers, notes)
     if args.only:
         keep = set(args.only.split(","))
         streams = {k: v for k, v in streams.items() if k in keep}
@@ -501,13 +647,22 @@ def ratios(runs: dict[str, list[float]], med: dict[str, float]) -> tuple[dict, d
     """Ratios of the medians, and the same ratios per repeat with their spread."""
     checks, spreads = {}, {}
     pairs = [("dali-arrow", "dali-files"), ("dali-arrow", "imagefolder-original"), ("dali-arrow", "imagefolder-256"),
-             ("dali-arrow", "ffcv-jpeg"), ("dali-arrow-raw", "ffcv-raw"), ("torch-twin", "ffcv-jpeg")]
+             ("dali-arrow", "ffcv-jpeg"), ("dali-arrow-raw", "ffcv-raw"), ("torch-twin", "ffcv-jpeg"),
+             ("rrc-dali", "rrc-ffcv-jpeg"), ("rrc-torch", "rrc-ffcv-jpeg"), ("rrc-dali", "rrc-imagefolder-pil"),
+             ("rrc-torch", "rrc-imagefolder-pil")]
     for a, b in pairs:
         if a in med and b in med:
             key = f"{a}_over_{b}".replace("-", "_")
             checks[key] = med[a] / med[b]
             spreads[key] = common.ratio_summary(runs[a], runs[b])  # per repeat: a and b timed in the same one
     return checks, spreads
+
+
+AUGMENTATION = {
+    "paper": "224 crop of 256 (33x33 offsets), flip 0.5, minus mean image, PCA lighting 0.1",
+    "rrc": "RandomResizedCrop(224, scale=(0.08, 1), ratio=(3/4, 4/3)) of keep-aspect images (shorter side 256, "
+           "longer <= 512), flip 0.5, channel mean and std, float32 NCHW, no lighting",
+}
 
 
 def build_report(args, cfg: Config, data: dict, runs: dict, results: dict, notes: dict, busy_runs: int) -> dict:
@@ -518,12 +673,12 @@ def build_report(args, cfg: Config, data: dict, runs: dict, results: dict, notes
         "machine": machine(args.device),
         "config": {"images": data["images"], "batch_size": cfg.batch, "batches_per_run": cfg.per_run,
                    "repeats": cfg.repeats, "untimed_batches_before_each_run": cfg.skip,
-                   "workers": cfg.workers, "device": args.device, "quick": args.quick,
-                   "augmentation": "224 crop of 256 (33x33 offsets), flip 0.5, minus mean image, PCA lighting 0.1"},
+                   "workers": cfg.workers, "device": args.device, "quick": args.quick, "recipe": args.recipe,
+                   "augmentation": AUGMENTATION[args.recipe]},
         "results": results,
         "ratios": checks,
         "ratios_per_repeat": spreads,
-        "targets": {"dali_arrow >= dali_files": checks.get("dali_arrow_over_dali_files", 0) >= 1,
+        "targets": {} if args.recipe == "rrc" else {"dali_arrow >= dali_files": checks.get("dali_arrow_over_dali_files", 0) >= 1,
                     "dali_arrow >= 2x imagefolder-original":
                         checks.get("dali_arrow_over_imagefolder_original", 0) >= 2,
                     "dali_arrow >= ffcv_jpeg (CPU)": checks.get("dali_arrow_over_ffcv_jpeg", 0) >= 1,
@@ -548,12 +703,13 @@ def main(argv=None) -> dict:
     server = None
     try:
         print(f"preparing {cfg.images} images in {work} ...", flush=True)
-        data = prepare(work, cfg.images, cfg.workers)
+        data = (prepare_rrc if args.recipe == "rrc" else prepare)(work, cfg.images, cfg.workers)
         print(f"  {data['seconds']:.1f} s", flush=True)
         sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
         runners = local_runners(data, args, cfg, notes, sync)
         if not args.only or "ffcv" in args.only:
-            server, remote = ffcv_contenders(data, work, args.device, cfg.batch, cfg.workers, notes)
+            ffcv = ffcv_rrc_contenders if args.recipe == "rrc" else ffcv_contenders
+            server, remote = ffcv(data, work, args.device, cfg.batch, cfg.workers, notes)
             runners.update({k: v for k, v in remote.items() if not args.only or k in set(args.only.split(","))})
         warm_up(runners, cfg.per_run)
         runs, busy_runs = time_repeats(runners, cfg)
@@ -564,9 +720,10 @@ def main(argv=None) -> dict:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     report = build_report(args, cfg, data, runs, results, notes, busy_runs)
-    stem = "loader_throughput" if args.device == "cpu" else "loader_throughput_cuda"
+    stem = "loader_throughput" + ("_rrc" if args.recipe == "rrc" else "") + ("_cuda" if args.device == "cuda" else "")
     m = report["machine"]
-    title = f"{m['cpu']}, {m['cores']} cores, {args.device}; batch {cfg.batch}, {data['images']} images"
+    title = (f"{m['cpu']}, {m['cores']} cores, {args.device}; batch {cfg.batch}, {data['images']} images"
+             + ("; RandomResizedCrop" if args.recipe == "rrc" else ""))
     common.finish(stem, report, args, plot=lambda r, png: plot(r["results"], png, title))
     print(json.dumps({"median images/s": {k: round(v["median"]) for k, v in results.items()}, "ratios": report["ratios"],
                       "notes": notes}, indent=2))

@@ -77,13 +77,13 @@ def counter_words(seed: int, epoch: int, index: np.ndarray, words: int, domain: 
         return _mix(base[:, None] + steps[None, :])
 
 
-def _uniform_int(word: np.ndarray, n: int) -> np.ndarray:
-    """Integers uniform on 0..n-1 from the top 32 bits (Lemire's multiply-shift: bias at
-    most n / 2^32, ~1e-8 for n = 33)."""
+def uniform_int(word: np.ndarray, n) -> np.ndarray:
+    """Integers uniform on 0..n-1 (n an int or an array, each below 2^32) from the top 32
+    bits (Lemire's multiply-shift: bias at most n / 2^32, ~1e-8 for n = 33)."""
     return ((word >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32)
 
 
-def _unit(word: np.ndarray, open_zero: bool) -> np.ndarray:
+def unit_interval(word: np.ndarray, open_zero: bool) -> np.ndarray:
     """float64 uniform on [0, 1) from the top 53 bits, or on (0, 1] when open_zero."""
     top = (word >> np.uint64(11)).astype(np.float64)
     return (top + (1.0 if open_zero else 0.0)) * 2.0**-53
@@ -125,14 +125,14 @@ def draw(seed: int, epoch: int, index, lighting_std: float = 0.1, positions: int
     if index.size and index.min() < 0:
         raise ValueError("sample indices must be non-negative")
     w = counter_words(seed, epoch, index, _WORDS_PER_SAMPLE)
-    offset_x = _uniform_int(w[:, 0], positions).astype(np.int64)
-    offset_y = _uniform_int(w[:, 1], positions).astype(np.int64)
+    offset_x = uniform_int(w[:, 0], positions).astype(np.int64)
+    offset_y = uniform_int(w[:, 1], positions).astype(np.int64)
     flip = (w[:, 2] >> np.uint64(63)).astype(bool)
     # Box-Muller: two standard normals from each pair of uniforms; the third uses a second pair.
-    r1 = np.sqrt(-2.0 * np.log(_unit(w[:, 3], open_zero=True)))
-    t1 = 2.0 * np.pi * _unit(w[:, 4], open_zero=False)
-    r2 = np.sqrt(-2.0 * np.log(_unit(w[:, 5], open_zero=True)))
-    t2 = 2.0 * np.pi * _unit(w[:, 6], open_zero=False)
+    r1 = np.sqrt(-2.0 * np.log(unit_interval(w[:, 3], open_zero=True)))
+    t1 = 2.0 * np.pi * unit_interval(w[:, 4], open_zero=False)
+    r2 = np.sqrt(-2.0 * np.log(unit_interval(w[:, 5], open_zero=True)))
+    t2 = 2.0 * np.pi * unit_interval(w[:, 6], open_zero=False)
     normals = np.stack([r1 * np.cos(t1), r1 * np.sin(t1), r2 * np.cos(t2)], axis=1)
     return Draws(index, offset_x, offset_y, flip, normals * float(lighting_std))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alexprep.imagenet_prep import augment
+from alexprep.imagenet_prep import augment, rrc
 from alexprep.imagenet_prep.devices import torch_dtype
 
 
@@ -22,9 +22,11 @@ class Batch:
     number: int  # position in the epoch
     index: np.ndarray  # (B,) int64 sample indices in the split
     labels: np.ndarray  # (B,) int64
-    windows: np.ndarray  # (B, K, 3) int64 rows (offset_x, offset_y, flip), K = 1 or 10
+    # (B, K, 3) int64 rows (offset_x, offset_y, flip), K = 1 or 10; recipe "rrc": (B, 1, 5)
+    # rows (x, y, w, h, flip), the window of the stored image resized to the output size
+    windows: np.ndarray
     cmn_mean: np.ndarray  # (B, 3) float32: base - lighting shift, subtracted after the mean image
-    draws: augment.Draws | None = None  # training: the draws these came from
+    draws: augment.Draws | rrc.RrcDraws | None = None  # training: the draws these came from
 
     def __len__(self) -> int:
         return len(self.index)

@@ -11,6 +11,12 @@ views of the memory-mapped shards' binary buffers (`no_copy=True`: DALI reads th
 cache directly), plus the per-sample crop positions, flips and lighting drawn on the host
 (augment.py), so that DALI's own random operators play no part. How the crop positions
 are made exact is in augment.crop_position.
+
+recipe="rrc" (`rrc_graph`): each window (x, y, w, h) is fed in absolute pixels and decoded
+alone (`decoders.image_slice`: libjpeg-turbo's partial decoding; `fn.slice` for raw
+shards, fed as HWC views), then resized with DALI's antialiased linear filter
+(`fn.resize`), which differs from PIL's bilinear (the torch backend's) by at most a
+couple of levels (docs/design.md, "Loaders").
 """
 from __future__ import annotations
 
@@ -83,13 +89,28 @@ def image_graph(data, *, encoding: str, size: int, crop: int, gpu: bool, mean_im
     return outs[0] if len(outs) == 1 else fn.stack(*outs, axis=0)
 
 
+def rrc_graph(data, *, encoding: str, size: int, gpu: bool, anchor, shape, mirror, cmn_mean, std):
+    """recipe="rrc": window (anchor (x, y), shape (w, h), absolute pixels) of each image,
+    resized to size x size, mirrored where drawn, normalised to (3, size, size) float."""
+    from nvidia.dali import fn, types
+
+    where = dict(axis_names="WH", normalized_anchor=False, normalized_shape=False)
+    if encoding == "raw":  # HWC views of the shards
+        image = fn.slice(data.gpu() if gpu else data, anchor, shape, **where)
+    else:
+        image = fn.decoders.image_slice(data, anchor, shape, device="mixed" if gpu else "cpu",
+                                        output_type=types.RGB, **where)
+    image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.crop_mirror_normalize(image, mirror=mirror, mean=cmn_mean, std=std, dtype=types.FLOAT,
+                                    output_layout="CHW")
+
+
 class DaliBackend(BatchStream):
     """One DALI pipeline, built once, fed one endless stream of batch plans."""
 
     def __init__(self, loader):
         super().__init__(loader)
         dali = require_dali()
-        from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
         from nvidia.dali.tensors import TensorCPU
 
@@ -103,31 +124,65 @@ class DaliBackend(BatchStream):
         self.pipe = Pipeline(batch_size=config.batch_size, num_threads=max(1, config.threads),
                              device_id=loader.device.index if self.gpu else None,
                              prefetch_queue_depth=config.prefetch, seed=0)
-        norm, positions = loader.norm, loader.positions
+        self._rrc = config.recipe == "rrc"
         with self.pipe:
-            if config.train:
-                data, pos_x, pos_y, mirror, cmn_mean = fn.external_source(
-                    source=self._source, num_outputs=5, batch=True, batch_info=True, no_copy=True,
-                    dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
-                windows = [(pos_x, pos_y, mirror)]
-            else:
-                (data,) = fn.external_source(source=self._source, num_outputs=1, batch=True, batch_info=True,
-                                             no_copy=True, dtype=[types.UINT8])
-                fixed = loader.eval_windows  # the same windows for every image: constants
-                pos = augment.crop_position(fixed[:, :2], positions)
-                windows = [(float(x), float(y), int(flip)) for (x, y), flip in zip(pos, fixed[:, 2])]
-                cmn_mean = [float(v) for v in norm.base]
-            images = image_graph(data, encoding=loader.index.spec.encoding, size=loader.size, crop=config.crop,
-                                 gpu=self.gpu, mean_image=norm.mean_image, windows=windows, cmn_mean=cmn_mean,
-                                 std=[float(v) for v in norm.std], roi=ROI_DECODE)
-            self.pipe.set_outputs(images)
+            self.pipe.set_outputs(self._rrc_graph() if self._rrc else self._paper_graph())
         self.pipe.build()
         self.dali_version = dali.__version__
         # DALI's dynamic executor (1.36 and later) hands out buffers it owns until they are
         # released, which torch can share; older releases lack the attribute.
         self._shares_buffers = bool(getattr(self.pipe, "exec_dynamic", False))
 
+    def _paper_graph(self):
+        """The paper's crops: positions, flips and lighting fed in training, constants in
+        evaluation."""
+        from nvidia.dali import fn, types
+
+        loader, config = self.loader, self.loader.config
+        norm, positions = loader.norm, loader.positions
+        if config.train:
+            data, pos_x, pos_y, mirror, cmn_mean = fn.external_source(
+                source=self._source, num_outputs=5, batch=True, batch_info=True, no_copy=True,
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
+            windows = [(pos_x, pos_y, mirror)]
+        else:
+            (data,) = fn.external_source(source=self._source, num_outputs=1, batch=True, batch_info=True,
+                                         no_copy=True, dtype=[types.UINT8])
+            fixed = loader.eval_windows  # the same windows for every image: constants
+            pos = augment.crop_position(fixed[:, :2], positions)
+            windows = [(float(x), float(y), int(flip)) for (x, y), flip in zip(pos, fixed[:, 2])]
+            cmn_mean = [float(v) for v in norm.base]
+        return image_graph(data, encoding=loader.index.spec.encoding, size=loader.size, crop=config.crop,
+                           gpu=self.gpu, mean_image=norm.mean_image, windows=windows, cmn_mean=cmn_mean,
+                           std=[float(v) for v in norm.std], roi=ROI_DECODE)
+
+    def _rrc_graph(self):
+        """recipe="rrc": every sample's window, flip and mean fed, in training and evaluation."""
+        from nvidia.dali import fn, types
+
+        encoding = self.loader.index.spec.encoding
+        data, anchor, shape, mirror, cmn_mean = fn.external_source(
+            source=self._source, num_outputs=5, batch=True, batch_info=True, no_copy=True,
+            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT],
+            layout=["HWC" if encoding == "raw" else "", "", "", "", ""])
+        return rrc_graph(data, encoding=encoding, size=self.loader.config.crop, gpu=self.gpu, anchor=anchor,
+                         shape=shape, mirror=mirror, cmn_mean=cmn_mean,
+                         std=[float(v) for v in self.loader.norm.std])
+
     # -- feeding
+    def _rrc_inputs(self, batch) -> tuple:
+        """recipe="rrc": images (raw ones as HWC views), anchors (x, y), shapes (w, h),
+        flips and means, per sample."""
+        samples, tensor = self.loader.samples, self._tensor_cpu
+        views = samples.views(batch.index)
+        if self.loader.index.spec.encoding == "raw":
+            sizes = zip(samples.heights[batch.index].tolist(), samples.widths[batch.index].tolist())
+            views = [v.reshape(h, w, 3) for v, (h, w) in zip(views, sizes)]
+        w = batch.windows[:, 0, :]
+        return ([tensor(v) for v in views], np.ascontiguousarray(w[:, 0:2], np.float32),
+                np.ascontiguousarray(w[:, 2:4], np.float32), w[:, 4].astype(np.int32),
+                np.ascontiguousarray(batch.cmn_mean, np.float32))
+
     def _source(self, info):
         if self._feed is None:
             raise StopIteration
@@ -137,6 +192,10 @@ class DaliBackend(BatchStream):
         # time per batch); the views live in _inflight until the batch is out.
         # (The memory maps themselves stay open with the loader's SplitSamples.)
         tensor = self._tensor_cpu
+        if self._rrc:
+            inputs = self._rrc_inputs(batch)
+            self._inflight.append((batch, inputs))
+            return inputs
         inputs = ([tensor(v) for v in self.loader.samples.views(batch.index)],)
         if self.loader.config.train:
             w = batch.windows[:, 0, :]

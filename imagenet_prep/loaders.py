@@ -17,17 +17,24 @@ torch_backend.py) stay identical: docs/design.md, "Loaders". In short: 0-255 RGB
 minus the mean image's window and plus PCA lighting in training (or channel mean and std
 with `normalize="channel"`); every draw is made on the host (augment.py), keyed by (seed,
 epoch, sample index), so backends, ranks, batch sizes and resume points agree.
+
+`recipe="rrc"` is torchvision's and timm's RandomResizedCrop recipe on a `--resize
+keep-aspect` build (rrc.py; docs/design.md, "Loaders"):
+
+    train = train_loader("OUT", batch_size=256, device="cuda:0", seed=0, recipe="rrc")
+    val = eval_loader("OUT", batch_size=256, device="cuda:0", recipe="rrc")  # resize 256, centre 224
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from alexprep.imagenet_prep import augment
+from alexprep.imagenet_prep import augment, rrc
 from alexprep.imagenet_prep.batches import Batch, EpochPlan
 from alexprep.imagenet_prep.dali_backend import DaliBackend
 from alexprep.imagenet_prep.devices import check_device, cpu_share, dtype_name, parse_device, DTYPES
@@ -39,6 +46,11 @@ from alexprep.imagenet_prep.torch_backend import DECODERS, TorchBackend
 
 BACKENDS = ("dali", "torch")
 ORDERS = ("random", "quasi")
+RECIPES = ("paper", "rrc")  # the paper's 224 crops of 256x256 images; RandomResizedCrop
+# What each recipe normalises with and its lighting sigma when not given: the paper's mean
+# image and PCA lighting; for "rrc" the channel mean and std and no lighting, as
+# torchvision's and timm's ImageNet recipes (lighting_std=0.1 turns it on).
+RECIPE_DEFAULTS = {"paper": ("mean-image", 0.1), "rrc": ("channel", 0.0)}
 MAX_FAILURES_LISTED = 100  # decode failures kept with their shard and row (all are counted)
 
 
@@ -63,8 +75,8 @@ class LoaderConfig:
     backend: str = "dali"  # "dali", or "torch" where DALI does not install
     train: bool = True  # random crops, flips and lighting; else fixed crops
     seed: int = 0  # with (epoch, sample index), fixes every draw and the order
-    lighting_std: float = 0.1  # the paper's sigma for PCA lighting alphas; 0 disables
-    normalize: str = "mean-image"  # the paper's; "channel" uses per-channel mean and std
+    lighting_std: float | None = None  # sigma of PCA lighting alphas; 0 disables; None: the recipe's
+    normalize: str | None = None  # "mean-image" (the paper's) or "channel"; None: the recipe's
     order: str = "random"  # "quasi" for datasets larger than RAM (see augment.epoch_order)
     buffer_shards: int = 4  # "quasi": shards shuffled together (~160 MB of q95 JPEGs)
     crops: int = 1  # eval: 1 (centre) or 10 (corners, centre and mirrors)
@@ -75,8 +87,25 @@ class LoaderConfig:
     workers: int | None = None  # DALI threads / DataLoader processes; None: devices.cpu_share()
     prefetch: int = 2  # batches prepared ahead (DALI's prefetch_queue_depth)
     decoder: str = "auto"  # torch backend: "pil" (workers), "torchvision" (batched, nvJPEG on CUDA)
+    recipe: str = "paper"  # or "rrc": RandomResizedCrop of keep-aspect images to crop x crop
+    scale: tuple = rrc.SCALE  # rrc: the window's area fraction range
+    ratio: tuple = rrc.RATIO  # rrc: the window's width / height range
+    resize: int | None = None  # rrc evaluation: the shorter side before the centre crop; None: crop / 0.875
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise DataError(f"recipe must be one of {RECIPES}, not {self.recipe!r}")
+        normalize, lighting_std = RECIPE_DEFAULTS[self.recipe]
+        scale, ratio = rrc.check_params(self.scale, self.ratio)
+        resolved = dict(scale=scale, ratio=ratio,
+                        resize=rrc.default_resize(self.crop) if self.resize is None else self.resize,
+                        normalize=normalize if self.normalize is None else self.normalize,
+                        lighting_std=lighting_std if self.lighting_std is None else self.lighting_std)
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)  # frozen: resolved once, here
+        self._check()
+
+    def _check(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise DataError(f"batch_size must be a positive integer, not {self.batch_size!r}")
         if self.backend not in BACKENDS:
@@ -99,6 +128,12 @@ class LoaderConfig:
             (self.workers is None or self.workers >= 0, f"workers must be >= 0, not {self.workers}"),
             (self.prefetch >= 1, f"prefetch must be at least 1, not {self.prefetch}"),
             (self.decoder in DECODERS, f"decoder must be one of {DECODERS}, not {self.decoder!r}"),
+            (self.recipe == "paper" or self.normalize == "channel",
+             "recipe='rrc' resizes each window, which has no counterpart in a mean image: use normalize='channel'"),
+            (self.recipe == "paper" or self.crops == 1,
+             "crops=10 is the paper's evaluation; recipe='rrc' evaluates the centre crop (crops=1)"),
+            (self.resize >= self.crop, f"resize ({self.resize}, the shorter side before the centre crop) must be "
+                                       f"at least the output size {self.crop}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -129,14 +164,10 @@ class Loader:
         self.config = config
         self.device = check_device(config.device)
         self.index = read_split(self.root, split)
-        if self.index.spec.resize != "center-crop":
-            raise DataError(f"{self.index.folder} holds {self.index.spec.resize} images of varying sizes; these "
-                            f"loaders crop the paper's 256x256 centre-crop shards (build without --resize "
-                            f"keep-aspect). The RandomResizedCrop recipe for such builds is not in the loaders yet")
         self.size = self.index.spec.size
-        if config.crop > self.size:
-            raise DataError(f"crop {config.crop} is larger than the shards' {self.size}x{self.size} images")
-        self.positions = self.size - config.crop + 1  # 33 crop offsets per axis for 224 in 256
+        self._check_recipe()
+        # The paper's crop offsets per axis: 33 for 224 in 256 (rrc draws whole windows)
+        self.positions = self.size - config.crop + 1 if config.recipe == "paper" else 0
         self.stats = resolve_stats(self.root, stats, self.index)
         self.norm = Normalization.from_stats(self.stats, config.normalize, self.size)
         self.samples = SplitSamples(self.index)
@@ -155,11 +186,27 @@ class Loader:
         else:
             self._eval_index = augment.eval_split(n, config.rank, config.world_size)
             self._batches = -(-len(self._eval_index) // config.batch_size)
-            self.eval_windows = augment.eval_windows(config.crops, self.positions)
+            if config.recipe == "paper":
+                self.eval_windows = augment.eval_windows(config.crops, self.positions)
         self._epoch = 0
         self._start_batch = 0
         self._orders: dict[int, np.ndarray] = {}
         self._backend = DaliBackend(self) if config.backend == "dali" else TorchBackend(self)
+
+    def _check_recipe(self) -> None:
+        """The paper's recipe needs centre-crop shards; rrc is meant for keep-aspect ones and
+        says so on centre-crop ones, whose windows then come from the centre squares."""
+        c, spec, folder = self.config, self.index.spec, self.index.folder
+        if c.recipe == "paper" and spec.keep_aspect:
+            raise DataError(f"{folder} holds keep-aspect images of varying sizes, and the paper's recipe takes "
+                            f"{spec.size}x{spec.size} centre-crop images: pass recipe='rrc' (RandomResizedCrop; "
+                            f"docs/design.md, Loaders), or build without --resize keep-aspect")
+        if c.recipe == "paper" and c.crop > self.size:
+            raise DataError(f"crop {c.crop} is larger than the shards' {self.size}x{self.size} images")
+        if c.recipe == "rrc" and not spec.keep_aspect:
+            warnings.warn(f"recipe='rrc' on {folder}, a centre-crop build: windows are drawn from its "
+                          f"{spec.size}x{spec.size} centre squares, not the whole images torchvision's recipe "
+                          f"sees (build with --resize keep-aspect for that)", UserWarning, stacklevel=4)
 
     # -- plans
     def __len__(self) -> int:
@@ -197,6 +244,8 @@ class Loader:
     def _make_batch(self, epoch: int, number: int, index: np.ndarray) -> Batch:
         c = self.config
         labels = self.samples.labels[index]
+        if c.recipe == "rrc":
+            return self._make_rrc_batch(epoch, number, index, labels)
         if not c.train:
             windows = np.repeat(self.eval_windows[None], len(index), axis=0)
             cmn = np.repeat(self.norm.base[None], len(index), axis=0)
@@ -206,6 +255,19 @@ class Loader:
         cmn = (self.norm.base[None, :] - shift).astype(np.float32)
         windows = np.stack([d.offset_x, d.offset_y, d.flip.astype(np.int64)], axis=1)[:, None, :]
         return Batch(epoch, number, index, labels, windows, cmn, d)
+
+    def _make_rrc_batch(self, epoch: int, number: int, index: np.ndarray, labels: np.ndarray) -> Batch:
+        """Windows (B, 1, 5) rows (x, y, w, h, flip) from each image's stored size: drawn
+        (training) or the centre window (evaluation); see rrc.py."""
+        c, heights, widths = self.config, self.samples.heights[index], self.samples.widths[index]
+        if not c.train:
+            windows = rrc.center_windows(heights, widths, c.crop, c.resize)
+            cmn = np.repeat(self.norm.base[None], len(index), axis=0)
+            return Batch(epoch, number, index, labels, windows[:, None], cmn)
+        d = rrc.draw_rrc(c.seed, epoch, index, heights, widths, c.scale, c.ratio, c.lighting_std)
+        shift = augment.lighting_shift(d.alpha, self.norm.eigvals, self.norm.eigvecs)
+        cmn = (self.norm.base[None, :] - shift).astype(np.float32)
+        return Batch(epoch, number, index, labels, d.windows[:, None], cmn, d)
 
     def report_decode_failures(self, failures: list[str]) -> None:
         """Called by the backend for images that did not decode (fed as grey instead)."""
@@ -236,27 +298,33 @@ class Loader:
 
 
 def train_loader(root, *, batch_size: int, device: str, seed: int, stats=None, split: str = "train",
-                 rank: int = 0, world_size: int = 1, lighting_std: float = 0.1, normalize: str = "mean-image",
+                 rank: int = 0, world_size: int = 1, lighting_std: float | None = None, normalize: str | None = None,
                  order: str = "random", dtype="float32", backend: str = "dali", buffer_shards: int = 4,
-                 workers: int | None = None, prefetch: int = 2, decoder: str = "auto") -> Loader:
+                 workers: int | None = None, prefetch: int = 2, decoder: str = "auto",
+                 recipe: str = "paper", size: int = augment.CROP, scale=rrc.SCALE, ratio=rrc.RATIO) -> Loader:
     """Training batches `(images, labels)` of build folder `root`: images
-    `(batch_size, 3, 224, 224)` of `dtype` on `device`, labels `(batch_size,)` int64.
+    `(batch_size, 3, size, size)` of `dtype` on `device`, labels `(batch_size,)` int64.
 
     stats: None (read `root/stats.npz`), a path, or a DatasetStats. device: "cpu" or
     "cuda:N". backend: "dali" or "torch". rank/world_size: this process's part of each
     epoch (equal, disjoint parts). See the module docstring for what every image is.
+    recipe: "paper" (224 crops of 256x256 centre-crop builds, mean image, lighting 0.1) or
+    "rrc" (RandomResizedCrop(size, scale, ratio) of keep-aspect builds, channel mean and
+    std, no lighting unless lighting_std is given). normalize and lighting_std default to
+    the recipe's.
     """
     config = LoaderConfig(batch_size=batch_size, device=str(device), backend=backend, train=True, seed=seed,
                           lighting_std=lighting_std, normalize=normalize, order=order, buffer_shards=buffer_shards,
                           rank=rank, world_size=world_size, dtype=dtype_name(dtype), workers=workers,
-                          prefetch=prefetch, decoder=decoder)
+                          prefetch=prefetch, decoder=decoder, recipe=recipe, crop=size, scale=scale, ratio=ratio)
     return Loader(root, split, config, stats)
 
 
 def eval_loader(root, *, batch_size: int, device: str, stats=None, split: str = "val", crops: int = 1,
-                rank: int = 0, world_size: int = 1, normalize: str = "mean-image", dtype="float32",
+                rank: int = 0, world_size: int = 1, normalize: str | None = None, dtype="float32",
                 backend: str = "dali", workers: int | None = None, prefetch: int = 2,
-                decoder: str = "auto") -> Loader:
+                decoder: str = "auto",
+                recipe: str = "paper", size: int = augment.CROP, resize: int | None = None) -> Loader:
     """Evaluation batches `(images, labels)`: images `(B, 3, 224, 224)` (the centre crop) or
     `(B, 10, 3, 224, 224)` with crops=10, in the order of `augment.ten_crop_windows`
     (top-left, top-right, bottom-left, bottom-right, centre, then each of those mirrored).
@@ -264,8 +332,12 @@ def eval_loader(root, *, batch_size: int, device: str, stats=None, split: str = 
     Every image of the split exactly once over all batches and ranks (rank r takes the
     r-th contiguous block); the last batch of a rank may be short, and ranks' batch counts
     may differ by one.
+
+    recipe="rrc": the central window torchvision's Resize(resize) + CenterCrop(size) keeps
+    (resize default: size / 0.875, 256 for 224), resized to size x size (rrc.center_windows).
     """
     config = LoaderConfig(batch_size=batch_size, device=str(device), backend=backend, train=False,
                           normalize=normalize, crops=crops, rank=rank, world_size=world_size,
-                          dtype=dtype_name(dtype), workers=workers, prefetch=prefetch, decoder=decoder)
+                          dtype=dtype_name(dtype), workers=workers, prefetch=prefetch, decoder=decoder,
+                          recipe=recipe, crop=size, resize=resize)
     return Loader(root, split, config, stats)

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.shards import SplitIndex, image_bytes_column, map_shard
+from alexprep.imagenet_prep.shards import SplitIndex, image_bytes_column, map_shard, row_sizes
 
 
 class SplitSamples:
@@ -30,6 +30,10 @@ class SplitSamples:
         self._start = np.empty(n, np.int64)
         self._stop = np.empty(n, np.int64)
         self.labels = np.empty(n, np.int64)
+        # Each image's stored (height, width): keep-aspect shards record them; centre-crop
+        # images are all size x size. What recipe="rrc" draws its windows from.
+        self.heights = np.full(n, index.spec.size, np.int32)
+        self.widths = np.full(n, index.spec.size, np.int32)
         row = 0
         for shard in index.shards:
             table, shard_map = map_shard(index, shard)
@@ -37,6 +41,9 @@ class SplitSamples:
             if label.null_count:
                 raise DataError(f"shard {index.shard_path(shard)} has rows without a label")
             self.labels[row:row + shard.rows] = label.to_numpy()  # read now, under MADV_RANDOM
+            sizes = row_sizes(table)
+            if sizes is not None:
+                self.heights[row:row + shard.rows], self.widths[row:row + shard.rows] = sizes.T
             base = shard_map.buffer.address
             whole = len(self._buffers)
             self._buffers.append(np.frombuffer(shard_map.buffer, np.uint8))

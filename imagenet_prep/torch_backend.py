@@ -14,6 +14,10 @@ the pixels are decoded and rendered depends on the device (`decoder`):
 - CUDA without torchvision (`decoder="pil"`): workers decode with PIL and cut the uint8
   windows; the GPU renders them after a pinned, non-blocking copy.
 
+With recipe="rrc" each window is resized to the output size where it is decoded
+(resized_crop.py: PIL in the workers, or torch on the device after torchvision's decode),
+then flipped and normalised by the same code as the paper's crops.
+
 A sample that does not decode is fed as a mid-grey image and counted; the loader reports
 it with its shard and row (`Loader.decode_failures`).
 """
@@ -31,6 +35,7 @@ from alexprep.imagenet_prep.forking import frozen_gc
 from alexprep.imagenet_prep.render import (
     cpu_norm_arrays, cut_windows, cut_windows_batched, norm_tensors, render, render_one,
 )
+from alexprep.imagenet_prep.resized_crop import resized_window, resized_windows_batched
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.transform import decode
 
@@ -87,12 +92,13 @@ class ShardBatches(Dataset):
     plans, not ints. Modes: "render" (finished float32 images), "windows" (uint8 windows,
     cut and flipped) or "bytes" (each image's encoded bytes, for torchvision)."""
 
-    def __init__(self, samples: SplitSamples, crop: int, mode: str, norm=None):
+    def __init__(self, samples: SplitSamples, crop: int, mode: str, norm=None, rrc: bool = False):
         self.samples = samples  # dropped when pickled, re-opened in the worker
         self.index = samples.index
         self.spec = samples.index.spec
         self.crop = crop
         self.mode = mode
+        self.rrc = rrc  # windows (x, y, w, h, flip) resized to crop x crop, not the paper's crops
         self.norm = norm  # Normalization, for "render"
         self._norm_arrays = None
 
@@ -114,6 +120,23 @@ class ShardBatches(Dataset):
         except Exception as exc:  # a shard changed after its build; verify names which
             failures.append(f"{samples.where(sample)}: {type(exc).__name__}: {exc}")
             return np.full((self.spec.size, self.spec.size, 3), FAILED_PIXEL, np.uint8)
+
+    def _resized(self, sample: int, window: np.ndarray, failures: list) -> np.ndarray:
+        """recipe="rrc": the sample's window resized to crop x crop (not flipped)."""
+        samples = self._samples()
+        shape = (int(samples.heights[sample]), int(samples.widths[sample]))
+        try:
+            return resized_window(samples.view(sample), self.spec, shape, window, self.crop)
+        except Exception as exc:  # as _decode
+            failures.append(f"{samples.where(sample)}: {type(exc).__name__}: {exc}")
+            return np.full((self.crop, self.crop, 3), FAILED_PIXEL, np.uint8)
+
+    def _pixels(self, sample: int, windows: np.ndarray, failures: list) -> tuple[np.ndarray, np.ndarray]:
+        """(image, windows) for render_one / cut_windows: the decoded image and its paper
+        windows, or the rrc window already resized and its flip as a (0, 0, flip) window."""
+        if not self.rrc:
+            return self._decode(sample, failures), windows
+        return self._resized(sample, windows[0], failures), np.array([[0, 0, windows[0, 4]]], np.int64)
 
     def __getitem__(self, batch):
         b, k, c = len(batch), batch.windows.shape[1], self.crop
@@ -137,13 +160,13 @@ class ShardBatches(Dataset):
             out = out.share_memory_() if shared else out
             cmn = np.asarray(batch.cmn_mean, np.float32)
             for i, sample in enumerate(batch.index):
-                render_one(out[i].numpy(), self._decode(sample, failures), batch.windows[i], cmn[i],
+                render_one(out[i].numpy(), *self._pixels(sample, batch.windows[i], failures), cmn[i],
                            *self._norm_arrays)
             return done(out)
         crops = torch.empty((b, k, c, c, 3), dtype=torch.uint8)
         crops = crops.share_memory_() if shared else crops
         for i, sample in enumerate(batch.index):
-            cut_windows(self._decode(sample, failures), batch.windows[i], c, crops[i].numpy())
+            cut_windows(*self._pixels(sample, batch.windows[i], failures), c, crops[i].numpy())
         return done(crops)
 
 
@@ -173,7 +196,7 @@ class TorchBackend(BatchStream):
         mode = "bytes" if self.decoder == "torchvision" else "windows" if gpu else "render"
         self.mode = mode
         workers = config.threads
-        self.dataset = ShardBatches(loader.samples, config.crop, mode, norm=loader.norm)
+        self.dataset = ShardBatches(loader.samples, config.crop, mode, norm=loader.norm, rrc=config.recipe == "rrc")
         self._sampler = _FeedSampler()
         self._dl = DataLoader(self.dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
                               collate_fn=_as_is, pin_memory=gpu, persistent_workers=workers > 0,
@@ -201,7 +224,11 @@ class TorchBackend(BatchStream):
             windows = item.windows.to(device, non_blocking=True)
             if self.mode == "bytes":
                 decoded = self._decode_batch(item.pixels, item.index)
-                crops = cut_windows_batched(decoded, windows, self.loader.config.crop)
+                if self.dataset.rrc:
+                    crops = resized_windows_batched(decoded, windows[:, 0], self.loader.config.crop)
+                else:  # all size x size: one gather
+                    crops = cut_windows_batched(torch.stack(decoded).permute(0, 2, 3, 1), windows,
+                                                self.loader.config.crop)
             else:
                 crops = item.pixels.to(device, non_blocking=True)
             images = render(crops, windows, item.cmn_mean.to(device, non_blocking=True), *self._norm_tensors)
@@ -209,21 +236,23 @@ class TorchBackend(BatchStream):
             images = images[:, 0]  # (B, 3, c, c)
         return item.which, images, labels
 
-    def _decode_batch(self, encoded: list[torch.Tensor], index: np.ndarray) -> torch.Tensor:
-        """(B, S, S, 3) uint8 on the device: the batch's JPEGs in one torchvision call."""
-        size = self.loader.size
+    def _decode_batch(self, encoded: list[torch.Tensor], index: np.ndarray) -> list[torch.Tensor]:
+        """(3, H, W) uint8 images on the device: the batch's JPEGs in one torchvision call."""
+        samples = self.loader.samples
         try:
-            images = decode_jpeg_batch(encoded, self.device)
+            return list(decode_jpeg_batch(encoded, self.device))
         except RuntimeError:  # one bad image fails the call: decode one by one to find it
             images, failures = [], []
             for i, data in enumerate(encoded):
                 try:
                     images.extend(decode_jpeg_batch([data], self.device))
                 except RuntimeError as exc:
-                    failures.append(f"{self.loader.samples.where(int(index[i]))}: {exc}")
-                    images.append(torch.full((3, size, size), FAILED_PIXEL, dtype=torch.uint8, device=self.device))
+                    sample = int(index[i])
+                    failures.append(f"{samples.where(sample)}: {exc}")
+                    shape = (3, int(samples.heights[sample]), int(samples.widths[sample]))
+                    images.append(torch.full(shape, FAILED_PIXEL, dtype=torch.uint8, device=self.device))
             self.loader.report_decode_failures(failures)
-        return torch.stack(images).permute(0, 2, 3, 1)  # (B, S, S, 3), a view
+            return images
 
     def close(self) -> None:
         super().close()

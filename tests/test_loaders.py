@@ -578,16 +578,3 @@ def test_dali_names_the_image_that_does_not_decode(jpeg_out, tmp_path):
     loader = eval_loader(damaged, batch_size=8, device="cpu", split="train", workers=1)
     with pytest.raises(DataError, match=f"{shard} row 0"):
         run(loader)
-
-
-def test_keep_aspect_builds_are_refused_with_one_line(photo_tree, tmp_path):
-    from alexprep.imagenet_prep.build import BuildConfig, build_shards
-    from alexprep.imagenet_prep.stats import compute_stats, write_stats
-    from alexprep.imagenet_prep.transform import ImageSpec
-
-    out = tmp_path / "aspect"
-    build_shards(photo_tree, out, BuildConfig(spec=ImageSpec(resize="keep-aspect", size=64, max_side=128),
-                                              shard_size=16, workers=1))
-    write_stats(out, compute_stats(out))
-    with pytest.raises(DataError, match="not in the loaders yet"):
-        train_loader(out, batch_size=4, device="cpu", seed=0, backend="torch", normalize="channel")
