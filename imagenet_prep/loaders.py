@@ -297,6 +297,17 @@ class Loader:
             pass
 
 
+def require_paper_build(index, command: str) -> None:
+    """`alexprep train` and `evaluate` run the paper's recipe: refuse a keep-aspect build
+    in the command's own words (the loaders' own message names recipe='rrc', an option of
+    the Python API only)."""
+    if index.spec.keep_aspect:
+        raise DataError(f"{index.folder} is a --resize keep-aspect build: alexprep {command} runs the paper's "
+                        f"recipe on {index.spec.size}x{index.spec.size} centre-crop builds (build-shards without "
+                        "--resize); keep-aspect builds feed other models through train_loader(..., recipe='rrc') "
+                        "(README, 'The RandomResizedCrop recipe')")
+
+
 def train_loader(root, *, batch_size: int, device: str, seed: int, stats=None, split: str = "train",
                  rank: int = 0, world_size: int = 1, lighting_std: float | None = None, normalize: str | None = None,
                  order: str = "random", dtype="float32", backend: str = "dali", buffer_shards: int = 4,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
+from alexprep.imagenet_prep.loaders import eval_loader, pick_backend, require_paper_build
 from alexprep.imagenet_prep.shards import read_split
 from alexprep.model.alexnet import AlexNet, AlexNetConfig
 from alexprep.model.checkpoint import load_checkpoint, normalize_of, require_same_classes, stats_from_checkpoint
@@ -24,6 +24,7 @@ def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", 
     """Errors of a checkpoint over `split` of build folder `root`, for each crop setting."""
     ckpt = load_checkpoint(Path(checkpoint))
     index = read_split(Path(root), split)
+    require_paper_build(index, "evaluate")
     require_same_classes(ckpt, index)
     devices = resolve_devices((device,))
     model = model_from_checkpoint(ckpt, devices)

@@ -29,7 +29,8 @@ from alexprep.imagenet_prep import augment
 from alexprep.imagenet_prep.atomic import write_text_atomic
 from alexprep.imagenet_prep.devices import device_name
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.loaders import Loader, eval_loader, pick_backend, train_loader
+from alexprep.imagenet_prep.loaders import Loader, eval_loader, pick_backend, require_paper_build, train_loader
+from alexprep.imagenet_prep.shards import read_split
 from alexprep.imagenet_prep.verify import verify_build
 from alexprep.model.alexnet import AlexNet
 from alexprep.model.checkpoint import (
@@ -112,6 +113,7 @@ class Run:
 def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device) -> tuple[Loader, Loader]:
     if config.batch_size % ranks.world_size:
         raise DataError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} ranks")
+    require_paper_build(read_split(Path(root), "train"), "train")
     common = loader_options(config, ranks, device)
     train = train_loader(root, batch_size=config.batch_size // ranks.world_size, seed=config.seed,
                          lighting_std=config.lighting_std, order=config.order, **common)

@@ -401,3 +401,12 @@ def test_cli_builds_keep_aspect_like_the_library(tree, keep_build, tmp_path):
     assert shard_bytes(out) == shard_bytes(keep_build)
     result = CliRunner().invoke(cli, ["verify", str(out), "--decode"])
     assert result.exit_code == 0 and "all good" in result.output, result.output
+
+
+def test_train_refuses_a_keep_aspect_build_in_its_own_words(keep_build, tmp_path):
+    """alexprep train runs the paper's recipe: on a keep-aspect build it says so in one line
+    (exit 2), naming what such builds are for, before any loader starts."""
+    result = CliRunner().invoke(cli, ["train", str(keep_build), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "keep-aspect build: alexprep train runs the paper's recipe" in result.output
+    assert "recipe='rrc'" in result.output
