@@ -38,7 +38,7 @@ class _Chunk:
     """One group's rows, sorted by rel, packed."""
 
     blob: bytes
-    ends: np.ndarray  # int64, cumulative byte lengths within blob
+    lengths: np.ndarray  # uint16 byte length of each rel (a path is at most 4,096 bytes)
     codes: np.ndarray  # int32 wnid codes
     members: dict | None  # archive rows: column name -> array
 
@@ -53,7 +53,7 @@ class SplitListing:
     wnids: list[str] = field(default_factory=list)  # distinct wnids, sorted; codes index it
     ignored: list[str] = field(default_factory=list)
     problems: list[dict] = field(default_factory=list)  # damaged archives: {"key", "reason", "archive"}
-    _blob: bytes = b""
+    _blob: bytes | bytearray = b""
     _ends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     _codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     _members: dict | None = None
@@ -93,6 +93,18 @@ class SplitListing:
         """The row of `key`, by binary search over the sorted keys, or None."""
         i = bisect.bisect_left(_Keys(self), key)
         return i if i < len(self) and self.key(i) == key else None
+
+
+def _joined(chunks: list[_Chunk]) -> bytearray:
+    """The chunks' blobs concatenated, each released once copied: the peak is the result
+    plus one blob, not twice the result (as b"".join)."""
+    out = bytearray(sum(len(c.blob) for c in chunks))
+    at = 0
+    for chunk in chunks:
+        out[at:at + len(chunk.blob)] = chunk.blob
+        at += len(chunk.blob)
+        chunk.blob = b""
+    return out
 
 
 class _Keys:
@@ -135,10 +147,10 @@ class ListingBuilder:
         rows = sorted(self.pending, key=lambda r: r[0])
         self.pending = []
         encoded = [r[0].encode(*_ENCODING) for r in rows]
-        ends = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        lengths = np.fromiter(map(len, encoded), np.uint16, len(encoded))
         codes = np.fromiter((r[2] for r in rows), np.int32, len(rows))
         members = None if not isinstance(rows[0][1], Member) else self._member_columns(rows)
-        self.chunks.setdefault(self.pending_top, []).append(_Chunk(b"".join(encoded), ends, codes, members))
+        self.chunks.setdefault(self.pending_top, []).append(_Chunk(b"".join(encoded), lengths, codes, members))
 
     def _member_columns(self, rows: list) -> dict:
         prefix = self.listing.prefix
@@ -162,7 +174,7 @@ class ListingBuilder:
     def finish(self) -> SplitListing:
         """The listing, its rows in key order and its wnid codes renumbered in wnid order."""
         self._seal()
-        chunks = [self._merged(self.chunks[top]) for top in sorted(self.chunks, key=lambda t: t + "/")]
+        chunks = [self._merged(self.chunks.pop(top)) for top in sorted(self.chunks, key=lambda t: t + "/")]
         listing = self.listing
         listing.wnids = sorted(self.code_of)
         position = {w: i for i, w in enumerate(listing.wnids)}
@@ -170,13 +182,15 @@ class ListingBuilder:
         for wnid, code in self.code_of.items():
             renumber[code] = position[wnid]
         if chunks:
-            listing._blob = b"".join(c.blob for c in chunks)
-            sizes = np.concatenate([np.diff(c.ends, prepend=0) for c in chunks])
-            listing._ends = np.cumsum(sizes)
+            lengths = np.concatenate([c.lengths for c in chunks])
+            total = int(lengths.sum(dtype=np.int64))
+            listing._ends = np.cumsum(lengths, dtype=np.int32 if total < 2**31 else np.int64)
+            del lengths
             listing._codes = renumber[np.concatenate([c.codes for c in chunks])]
             if chunks[0].members is not None:
                 listing._members = {name: np.concatenate([c.members[name] for c in chunks])
                                     for name in chunks[0].members}
+            listing._blob = _joined(chunks)
         self.chunks = {}
         return listing
 
@@ -185,13 +199,15 @@ class ListingBuilder:
         """One chunk from several of the same group, sorted by rel (rows out of order)."""
         if len(chunks) == 1:
             return chunks[0]
-        rels = [c.blob[s:e].decode(*_ENCODING) for c in chunks
-                for s, e in zip(np.concatenate([[0], c.ends[:-1]]), c.ends)]
+        rels = []
+        for c in chunks:
+            ends = np.cumsum(c.lengths, dtype=np.int64)
+            rels += [c.blob[e - n:e].decode(*_ENCODING) for n, e in zip(c.lengths.tolist(), ends.tolist())]
         order = np.array(sorted(range(len(rels)), key=rels.__getitem__), np.int64)
         encoded = [rels[i].encode(*_ENCODING) for i in order]
         members = None
         if chunks[0].members is not None:
             names = set().union(*(c.members for c in chunks))
             members = {n: np.concatenate([c.members[n] for c in chunks])[order] for n in names}
-        return _Chunk(b"".join(encoded), np.cumsum([len(e) for e in encoded], dtype=np.int64),
+        return _Chunk(b"".join(encoded), np.fromiter(map(len, encoded), np.uint16, len(encoded)),
                       np.concatenate([c.codes for c in chunks])[order], members)

@@ -206,11 +206,12 @@ def _listing_bytes(root: Path) -> tuple[int, int, int]:
 def test_listing_costs_under_100_bytes_a_file(tmp_path):
     """ImageNet's 1.28M files listed as Python objects took ~1 KB each (benchmarks/scale.py):
     the growth from 4,000 to 12,000 files, keys ~30 bytes, stays under 100 bytes a file."""
-    small = _listing_bytes(_empty_tree(tmp_path / "a", 20, 200))
+    _listing_bytes(_empty_tree(tmp_path / "a", 20, 200))  # one-time costs (caches, imports) first
+    small = _listing_bytes(tmp_path / "a")
     large = _listing_bytes(_empty_tree(tmp_path / "b", 60, 200))
     files = large[0] - small[0]
     held, peak = (large[1] - small[1]) / files, (large[2] - small[2]) / files
-    assert held < 80 and peak < 100, (held, peak)
+    assert held < 70 and peak < 100, (held, peak)
 
 
 def test_listing_sorts_rows_given_in_any_order(tmp_path):
