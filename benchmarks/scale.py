@@ -37,6 +37,7 @@ import platform
 import resource
 import shutil
 import subprocess
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -166,12 +167,21 @@ class PssPeak:
         import threading
 
         self.every, self.peak, self.peak_anon = every, 0.0, 0.0
+        self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         pss, anon = tree_pss()
+        self.samples.append((pss, anon))
         self.peak, self.peak_anon = max(self.peak, pss), max(self.peak_anon, anon)
+
+    @property
+    def median(self) -> tuple[float, float]:
+        """(Pss, Pss_Anon) MB, medians over the run: what it holds throughout, where the peak
+        is one decode's transient (a longer run meets more of them)."""
+        return (statistics.median(s[0] for s in self.samples) if self.samples else 0.0,
+                statistics.median(s[1] for s in self.samples) if self.samples else 0.0)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
@@ -412,7 +422,8 @@ def stage_build(p: dict) -> dict:
     return {"wall_s": c.wall, "cpu_s": c.cpu, "written": split.written, "skipped": len(split.skipped),
             "shards": split.shards_total, "shard_bytes": split.bytes, "manifest_bytes": manifest.stat().st_size,
             "skipped_reasons": [s["reason"] for s in split.skipped][:5],
-            "pss_peak_mb": pss.peak, "pss_anon_peak_mb": pss.peak_anon}
+            "pss_peak_mb": pss.peak, "pss_anon_peak_mb": pss.peak_anon, "pss_median_mb": pss.median[0],
+            "pss_anon_median_mb": pss.median[1]}
 
 
 def stage_stats(p: dict) -> dict:
@@ -862,6 +873,7 @@ def rss_table(sizes: list[int], results: dict, backends: list[str]) -> list[dict
              ("build-shards worker", lambda r: r["build"]["mem"]["children_peak_mb"]),
              ("build-shards, all processes: PSS", lambda r: r["build"]["pss_peak_mb"]),
              ("build-shards, all processes: anon PSS", lambda r: r["build"]["pss_anon_peak_mb"]),
+             ("build-shards, all processes: median anon PSS", lambda r: r["build"].get("pss_anon_median_mb", 0)),
              ("stats", lambda r: r["stats"]["mem"]["peak_mb"]),
              ("verify", lambda r: r["verify"]["mem"]["peak_mb"]),
              ("split index (anon)", lambda r: r["index"]["samples_anon_mb"]),
