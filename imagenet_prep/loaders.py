@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -34,7 +33,7 @@ from alexprep.imagenet_prep.devices import check_device, cpu_share, dtype_name, 
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.normalization import NORMALIZE, Normalization, resolve_stats
 from alexprep.imagenet_prep.samples import SplitSamples
-from alexprep.imagenet_prep.shards import read_split
+from alexprep.imagenet_prep.shard_cache import first_use_order, open_split
 from alexprep.imagenet_prep.torch_backend import DECODERS, TorchBackend
 
 BACKENDS = ("dali", "torch")
@@ -75,6 +74,8 @@ class LoaderConfig:
     workers: int | None = None  # DALI threads / DataLoader processes; None: devices.cpu_share()
     prefetch: int = 2  # batches prepared ahead (DALI's prefetch_queue_depth)
     decoder: str = "auto"  # torch backend: "pil" (workers), "torchvision" (batched, nvJPEG on CUDA)
+    cache_dir: str | None = None  # a remote build's node-local shard cache (shard_cache.py)
+    cache_limit: int | None = None  # bytes the split may take in it; more is refused before downloading
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -99,6 +100,7 @@ class LoaderConfig:
             (self.workers is None or self.workers >= 0, f"workers must be >= 0, not {self.workers}"),
             (self.prefetch >= 1, f"prefetch must be at least 1, not {self.prefetch}"),
             (self.decoder in DECODERS, f"decoder must be one of {DECODERS}, not {self.decoder!r}"),
+            (self.cache_limit is None or self.cache_limit > 0, f"cache_limit must be > 0 bytes, not {self.cache_limit}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,11 +126,12 @@ class Loader:
 
     def __init__(self, root, split: str, config: LoaderConfig, stats=None):
         self._pid = os.getpid()  # the process that owns the backend (see close)
-        self.root = Path(root)
         self.split = split
         self.config = config
         self.device = check_device(config.device)
-        self.index = read_split(self.root, split)
+        # A remote build (a URI) is read through its cache: root is then its local mirror.
+        self.index, self._cache = open_split(root, split, config.cache_dir, config.cache_limit)
+        self.root = self.index.root
         if self.index.spec.resize != "center-crop":
             raise DataError(f"{self.index.folder} holds {self.index.spec.resize} images of varying sizes; these "
                             f"loaders crop the paper's 256x256 centre-crop shards (build without --resize "
@@ -139,7 +142,7 @@ class Loader:
         self.positions = self.size - config.crop + 1  # 33 crop offsets per axis for 224 in 256
         self.stats = resolve_stats(self.root, stats, self.index)
         self.norm = Normalization.from_stats(self.stats, config.normalize, self.size)
-        self.samples = SplitSamples(self.index)
+        self.samples = SplitSamples(self.index, self._cache.fetch if self._cache else None)
         self.decode_failures: list[str] = []  # "shard row: reason", the first MAX_FAILURES_LISTED
         self.decode_failure_count = 0
         n = len(self.samples)
@@ -196,7 +199,7 @@ class Loader:
 
     def _make_batch(self, epoch: int, number: int, index: np.ndarray) -> Batch:
         c = self.config
-        labels = self.samples.labels[index]
+        labels = self.samples.labels_of(index)  # a remote build's shards are fetched here
         if not c.train:
             windows = np.repeat(self.eval_windows[None], len(index), axis=0)
             cmn = np.repeat(self.norm.base[None], len(index), axis=0)
@@ -217,6 +220,8 @@ class Loader:
     def __iter__(self) -> Iterator:
         plan = self.plan(self._epoch)
         start = self._start_batch
+        if self._cache is not None:  # the shards of a remote build, in the order this run needs them
+            self._cache.prefetch(first_use_order(self.index, plan.order[start * plan.batch_size:]))
         self._epoch, self._start_batch = self._epoch + 1, 0  # a broken-off epoch still advances
         return self._backend.run(plan, start)
 
@@ -225,6 +230,9 @@ class Loader:
         backend = getattr(self, "_backend", None)  # None if __init__ failed before making it
         if backend is not None and os.getpid() == self._pid:
             backend.close()
+        cache = getattr(self, "_cache", None)
+        if cache is not None and os.getpid() == self._pid:
+            cache.close()
 
     def __del__(self):
         # Only in the process that made it: a forked child (a DataLoader or build worker)
@@ -238,25 +246,28 @@ class Loader:
 def train_loader(root, *, batch_size: int, device: str, seed: int, stats=None, split: str = "train",
                  rank: int = 0, world_size: int = 1, lighting_std: float = 0.1, normalize: str = "mean-image",
                  order: str = "random", dtype="float32", backend: str = "dali", buffer_shards: int = 4,
-                 workers: int | None = None, prefetch: int = 2, decoder: str = "auto") -> Loader:
+                 workers: int | None = None, prefetch: int = 2, decoder: str = "auto", cache_dir=None,
+                 cache_limit: int | None = None) -> Loader:
     """Training batches `(images, labels)` of build folder `root`: images
     `(batch_size, 3, 224, 224)` of `dtype` on `device`, labels `(batch_size,)` int64.
 
     stats: None (read `root/stats.npz`), a path, or a DatasetStats. device: "cpu" or
     "cuda:N". backend: "dali" or "torch". rank/world_size: this process's part of each
     epoch (equal, disjoint parts). See the module docstring for what every image is.
+    root may be a URI (s3://, gs://, hdfs://, file://): its shards are then downloaded into
+    `cache_dir`, verified, as training needs them (docs/design.md, "Remote build folders").
     """
     config = LoaderConfig(batch_size=batch_size, device=str(device), backend=backend, train=True, seed=seed,
                           lighting_std=lighting_std, normalize=normalize, order=order, buffer_shards=buffer_shards,
                           rank=rank, world_size=world_size, dtype=dtype_name(dtype), workers=workers,
-                          prefetch=prefetch, decoder=decoder)
+                          prefetch=prefetch, decoder=decoder, cache_dir=_str(cache_dir), cache_limit=cache_limit)
     return Loader(root, split, config, stats)
 
 
 def eval_loader(root, *, batch_size: int, device: str, stats=None, split: str = "val", crops: int = 1,
                 rank: int = 0, world_size: int = 1, normalize: str = "mean-image", dtype="float32",
                 backend: str = "dali", workers: int | None = None, prefetch: int = 2,
-                decoder: str = "auto") -> Loader:
+                decoder: str = "auto", cache_dir=None, cache_limit: int | None = None) -> Loader:
     """Evaluation batches `(images, labels)`: images `(B, 3, 224, 224)` (the centre crop) or
     `(B, 10, 3, 224, 224)` with crops=10, in the order of `augment.ten_crop_windows`
     (top-left, top-right, bottom-left, bottom-right, centre, then each of those mirrored).
@@ -267,5 +278,10 @@ def eval_loader(root, *, batch_size: int, device: str, stats=None, split: str = 
     """
     config = LoaderConfig(batch_size=batch_size, device=str(device), backend=backend, train=False,
                           normalize=normalize, crops=crops, rank=rank, world_size=world_size,
-                          dtype=dtype_name(dtype), workers=workers, prefetch=prefetch, decoder=decoder)
+                          dtype=dtype_name(dtype), workers=workers, prefetch=prefetch, decoder=decoder,
+                          cache_dir=_str(cache_dir), cache_limit=cache_limit)
     return Loader(root, split, config, stats)
+
+
+def _str(path) -> str | None:
+    return None if path is None else str(path)
