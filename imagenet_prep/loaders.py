@@ -163,6 +163,13 @@ class Loader:
         self._start_batch = 0
         self._orders: dict[int, np.ndarray] = {}
         self._backend = DaliBackend(self) if config.backend == "dali" else TorchBackend(self)
+        if self._cache is not None:  # a remote build: start downloading what the first epoch needs
+            self._cache.prefetch(first_use_order(self.index, self.plan().order))
+
+    @property
+    def cache(self):
+        """A remote build's shard cache (shard_cache.ShardCache), or None for a local one."""
+        return self._cache
 
     # -- plans
     def __len__(self) -> int:

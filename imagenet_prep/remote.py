@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -27,6 +28,7 @@ _DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
            "EXPIRED_TOKEN", "Unauthorized", "Permission denied", "PERMISSION_DENIED")
 _AWS_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+OBJECT_STORES = ("s3", "gcs")  # filesystems whose objects appear whole when their upload completes
 _METADATA_HOST = ("169.254.169.254", 80)  # the instance-role endpoint of EC2 and GCE
 
 
@@ -143,10 +145,27 @@ class RemoteFolder:
         with remote_errors(self.uri):
             return self.fs.open_input_stream(self.path(rel))
 
+    @contextlib.contextmanager
     def open_output(self, rel: str):
-        """A new object, which on S3 and GCS appears whole when closed, never in part."""
+        """A stream into a new object that appears whole when the block ends, never in part:
+        S3 and GCS publish an object when its upload completes; elsewhere (a local or HDFS
+        folder) it is written under a temporary name and renamed."""
+        target = self.path(rel)
+        whole = self.fs.type_name in OBJECT_STORES
+        tmp = target if whole else f"{target}.tmp-{os.getpid()}-{threading.get_ident()}"
         with remote_errors(self.uri):
-            return self.fs.open_output_stream(self.path(rel))
+            if not whole:
+                self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            try:
+                with self.fs.open_output_stream(tmp) as out:
+                    yield out
+                if not whole:
+                    self.fs.move(tmp, target)
+            except BaseException:
+                if not whole:
+                    with contextlib.suppress(OSError):
+                        self.fs.delete_file(tmp)
+                raise
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         def write() -> None:

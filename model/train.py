@@ -279,6 +279,9 @@ def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = 
     if config.verify_shards and ranks.main:
         verify_shards(root, log)
     train_data, val_data = make_loaders(root, config, ranks, devices[0], cache_dir)
+    if train_data.cache is not None and ranks.main:
+        log(f"{display(root)}: {train_data.cache.summary()}; the rest download in the background, in the order "
+            "the batches need them")
     try:
         run = setup_run(root, run_dir, config, ckpt, ranks, devices, train_data, val_data, progress, log)
         state = resume_from(ckpt, run) if ckpt is not None else RunState()

@@ -130,8 +130,8 @@ def test_kill_during_push_then_push_again_resumes(stats_build, bucket, tmp_path)
         opened = rm.RemoteFolder.open_output
         class Slow:
             def __init__(self, f): self.f = f
-            def write(self, b): time.sleep(0.02); return self.f.write(b)
-            def __enter__(self): return self
+            def write(self, b): time.sleep(0.02); return self.out.write(b)
+            def __enter__(self): self.out = self.f.__enter__(); return self
             def __exit__(self, *a): return self.f.__exit__(*a)
         rm.RemoteFolder.open_output = lambda self, rel: Slow(opened(self, rel))
         push_build(sys.argv[1], sys.argv[2], workers=2)
@@ -432,3 +432,14 @@ def test_push_command(stats_build, bucket):
     assert "0 unchanged file(s) skipped" in result.output and "?" not in result.output.splitlines()[-1]
     result = CliRunner().invoke(cli, ["push", str(stats_build / "train"), uri])
     assert result.exit_code == 2 and "holds no train/ or val/ split" in result.output
+
+
+def test_a_file_uri_is_pushed_and_read_like_a_bucket(stats_build, tmp_path):
+    uri = f"file://{tmp_path / 'mounted' / 'build'}"
+    push_build(stats_build, uri)
+    assert not list((tmp_path / "mounted").rglob("*.tmp-*"))  # written under temporary names, renamed
+    options = dict(batch_size=8, device="cpu", seed=2, backend="torch", workers=0)
+    local = _batches(train_loader(stats_build, **options))
+    assert _same(_batches(train_loader(uri, cache_dir=tmp_path / "cache", **options)), local)
+    assert _same(_batches(train_loader(uri, **options)), local)  # no cache: read in place, as a local folder
+    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == len(read_split(stats_build, "train").shards)
