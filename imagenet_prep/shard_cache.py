@@ -38,38 +38,46 @@ from alexprep.imagenet_prep.shards import ShardRecord, SplitIndex, file_sha256, 
 SMALL_FILES = ("classes.json", "stats.npz", "stats.json")  # what the loaders read besides shards
 PREFETCH_WORKERS = 4  # parallel downloads per process: S3 serves each stream at a fraction of a NIC
 RESERVE = 1 << 30  # free space left on the cache's disk after the split is in it
-_HELD: set[int] = set()  # lock descriptors held now, closed in forked children (see _drop_inherited)
+# Lock descriptors open now (locked or about to be), closed in forked children. flock locks
+# belong to the open file, which a fork shares: a DataLoader worker forked while a download
+# thread held (or was about to take) a shard's lock would otherwise keep that shard locked
+# after the parent let go, until the worker exits (seen: a test hung on it). _FORK_GUARD
+# keeps a fork from landing between a descriptor's open and its registration here.
+_HELD: set[int] = set()
+_FORK_GUARD = threading.Lock()
 
 
-def _drop_inherited() -> None:
-    """In a forked child (a DataLoader worker): close the lock descriptors inherited from
-    the parent's download threads. flock locks belong to the open file, so an inherited
-    copy would keep a shard locked after the parent let go, until the child exits."""
+def _after_fork_in_child() -> None:
+    global _FORK_GUARD
+    _FORK_GUARD = threading.Lock()  # the parent's was held by the forking thread
     for fd in list(_HELD):
         with contextlib.suppress(OSError):
-            os.close(fd)
+            os.close(fd)  # the child's duplicate only: the parent's lock stands
     _HELD.clear()
 
 
-os.register_at_fork(after_in_child=_drop_inherited)
+os.register_at_fork(before=lambda: _FORK_GUARD.acquire(), after_in_parent=lambda: _FORK_GUARD.release(),
+                    after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager
 def _locked(path: Path, wait: bool = True):
     """flock `path` exclusively (as build_lock.py does: the kernel drops it if we die);
     yields False at once instead of waiting when `wait` is False and another holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    with _FORK_GUARD:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        _HELD.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
-        _HELD.add(fd)
         yield True
     finally:
-        _HELD.discard(fd)
-        os.close(fd)
+        with _FORK_GUARD:
+            _HELD.discard(fd)
+            os.close(fd)
 
 
 class _Stopped(Exception):

@@ -4,6 +4,7 @@ loaders and the trainer on a URI, and the faults (dropped connections, damaged o
 kill -9 during a download or a push)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -60,13 +61,23 @@ def bucket(s3):
 
 
 @pytest.fixture(scope="module")
-def pushed(stats_build, s3):
-    """stats_build pushed once to a module-wide bucket (read-only for the tests using it)."""
+def build(stats_build, tmp_path_factory) -> Path:
+    """A copy of stats_build to push (a push records what it uploaded in OUT/.push-*.jsonl)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("push") / "out"
+    shutil.copytree(stats_build, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pushed(build, s3):
+    """build pushed once to a module-wide bucket (read-only for the tests using it)."""
     name = f"b{uuid.uuid4().hex[:12]}"
     fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?{s3}&allow_bucket_creation=true")
     fs.create_dir(name)
     uri = f"s3://{name}/imagenet-256?{s3}"
-    push_build(stats_build, uri)
+    push_build(build, uri)
     return uri
 
 
@@ -86,16 +97,16 @@ def _same(a, b) -> bool:
 
 
 # ---------------------------------------------------------------------------- push
-def test_push_uploads_the_build_with_the_manifests_last(stats_build, bucket):
+def test_push_uploads_the_build_with_the_manifests_last(build, bucket):
     uri = bucket()
-    report = push_build(stats_build, uri, workers=4)
-    local = {str(p.relative_to(stats_build)): p.stat().st_size for p in stats_build.rglob("*")
+    report = push_build(build, uri, workers=4)
+    local = {str(p.relative_to(build)): p.stat().st_size for p in build.rglob("*")
              if p.is_file() and not p.name.startswith(".")}
     assert _objects(uri) == local  # every file of the build, byte counts equal
     assert report.uploaded == len(local) and report.skipped == 0
     kinds = ["manifest" if "manifest" in r else "small" if "/" not in r else "shard" for r in report.order]
     assert kinds == sorted(kinds, key=["shard", "small", "manifest"].index)  # shards, classes/stats, manifests
-    again = push_build(stats_build, uri)  # nothing differs: nothing goes up
+    again = push_build(build, uri)  # nothing differs: nothing goes up
     assert again.uploaded == 0 and again.skipped == len(local)
 
 
@@ -119,7 +130,7 @@ def test_a_second_push_uploads_only_what_differs(stats_build, bucket, tmp_path):
     assert all(r.endswith(".npz") or r.endswith(".json") or r.endswith(".png") for r in report.order)
 
 
-def test_kill_during_push_then_push_again_resumes(stats_build, bucket, tmp_path):
+def test_kill_during_push_then_push_again_resumes(build, bucket, tmp_path):
     uri = bucket()
     script = tmp_path / "slow_push.py"
     script.write_text(textwrap.dedent(f"""
@@ -136,17 +147,18 @@ def test_kill_during_push_then_push_again_resumes(stats_build, bucket, tmp_path)
         rm.RemoteFolder.open_output = lambda self, rel: Slow(opened(self, rel))
         push_build(sys.argv[1], sys.argv[2], workers=2)
     """))
-    proc = subprocess.Popen([sys.executable, str(script), str(stats_build), uri], env={**os.environ, **CREDENTIALS})
+    proc = subprocess.Popen([sys.executable, str(script), str(build), uri], env={**os.environ, **CREDENTIALS})
     deadline = time.time() + 60
-    while time.time() < deadline and len(_objects(uri)) < 2:
-        time.sleep(0.05)
+    record = build / f".push-{hashlib.sha256(rm.display(uri).encode()).hexdigest()[:12]}.jsonl"
+    while time.time() < deadline and (not record.exists() or len(record.read_text().splitlines()) < 2):
+        time.sleep(0.05)  # until two uploads have finished and been recorded
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = _objects(uri)
     assert 2 <= len(partial) and not any("manifest" in r for r in partial)
     with pytest.raises(DataError, match="has no manifest"):  # never taken for a build
         open_split(uri, "train", tmp_path / "cache")
-    report = push_build(stats_build, uri)
+    report = push_build(build, uri)
     assert report.skipped >= 2  # what finished before the kill is not uploaded again
     index, cache = open_split(uri, "train", tmp_path / "cache")
     for shard in index.shards:
@@ -321,12 +333,12 @@ def test_a_connection_that_keeps_dropping_is_one_line_and_the_next_run_resumes(p
     assert file_sha256(index.shard_path(index.shards[0])) == index.shards[0].sha256
 
 
-def test_a_damaged_object_is_downloaded_twice_then_named(stats_build, bucket, tmp_path, monkeypatch):
+def test_a_damaged_object_is_downloaded_twice_then_named(build, bucket, tmp_path, monkeypatch):
     uri = bucket()
-    push_build(stats_build, uri)
-    index = read_split(stats_build, "train")
+    push_build(build, uri)
+    index = read_split(build, "train")
     shard = index.shards[3]
-    data = bytearray((stats_build / "train" / shard.name).read_bytes())
+    data = bytearray((build / "train" / shard.name).read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the hash can tell
     rm.open_folder(uri).write_bytes(f"train/{shard.name}", bytes(data))
     opened, calls = rm.RemoteFolder.open_input, []
@@ -425,21 +437,49 @@ def test_train_and_evaluate_commands_on_a_uri(stats_build, pushed, tmp_path):
     assert json.loads(evaluations[1])["count"] == 12
 
 
-def test_push_command(stats_build, bucket):
+def test_push_command(build, bucket):
     uri = bucket("cli")
-    result = CliRunner().invoke(cli, ["push", str(stats_build), uri])
+    result = CliRunner().invoke(cli, ["push", str(build), uri])
     assert result.exit_code == 0, result.output
     assert "0 unchanged file(s) skipped" in result.output and "?" not in result.output.splitlines()[-1]
-    result = CliRunner().invoke(cli, ["push", str(stats_build / "train"), uri])
+    result = CliRunner().invoke(cli, ["push", str(build / "train"), uri])
     assert result.exit_code == 2 and "holds no train/ or val/ split" in result.output
 
 
-def test_a_file_uri_is_pushed_and_read_like_a_bucket(stats_build, tmp_path):
+def test_a_file_uri_is_pushed_and_read_like_a_bucket(build, tmp_path):
     uri = f"file://{tmp_path / 'mounted' / 'build'}"
-    push_build(stats_build, uri)
+    push_build(build, uri)
     assert not list((tmp_path / "mounted").rglob("*.tmp-*"))  # written under temporary names, renamed
     options = dict(batch_size=8, device="cpu", seed=2, backend="torch", workers=0)
-    local = _batches(train_loader(stats_build, **options))
+    local = _batches(train_loader(build, **options))
     assert _same(_batches(train_loader(uri, cache_dir=tmp_path / "cache", **options)), local)
     assert _same(_batches(train_loader(uri, **options)), local)  # no cache: read in place, as a local folder
-    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == len(read_split(stats_build, "train").shards)
+    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == len(read_split(build, "train").shards)
+
+
+def test_a_worker_forked_while_a_shard_is_locked_does_not_keep_it_locked(tmp_path):
+    import threading
+
+    lock, held, release = tmp_path / ".x.lock", threading.Event(), threading.Event()
+
+    def download():
+        with shard_cache._locked(lock):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    held.wait(10)
+    started, ready = os.pipe()
+    child = os.fork()  # what a DataLoader starting its workers does
+    if child == 0:
+        os.write(ready, b"x")  # after the fork handlers ran
+        time.sleep(3)
+        os._exit(0)
+    os.read(started, 1)
+    release.set()
+    thread.join()
+    with shard_cache._locked(lock, wait=False) as got:
+        assert got  # the child's inherited descriptor was closed: the parent's release released it
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
