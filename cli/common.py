@@ -30,9 +30,10 @@ def user_errors(func):
 
 
 @contextlib.contextmanager
-def progress_bars(desc: str):
+def progress_bars(desc: str, unit: str = "img"):
     """Yields a `progress(done, total, name="")` callback for the library's long jobs: one
-    tqdm bar on stderr per name (images/s and time left), all closed at the end."""
+    tqdm bar on stderr per name (images/s, or bytes/s with unit="B", and time left), all
+    closed at the end."""
     from tqdm import tqdm
 
     bars = {}
@@ -40,7 +41,8 @@ def progress_bars(desc: str):
     def progress(done: int, total: int, name: str = "") -> None:
         if name not in bars:
             label = f"{desc} {name}".strip()
-            bars[name] = tqdm(total=total, unit="img", desc=label, dynamic_ncols=True, file=sys.stderr)
+            scaled = dict(unit_scale=True, unit_divisor=1024) if unit == "B" else {}
+            bars[name] = tqdm(total=total, unit=unit, desc=label, dynamic_ncols=True, file=sys.stderr, **scaled)
         bars[name].update(done - bars[name].n)
 
     try:

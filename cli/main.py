@@ -10,6 +10,7 @@ from alexprep.cli.build import build_shards_command, verify_command
 from alexprep.cli.info import info
 from alexprep.cli.figures import inspect_group
 from alexprep.cli.predict import predict_command
+from alexprep.cli.push import push_command
 from alexprep.cli.stats import stats_command
 from alexprep.cli.train import evaluate_command, train_command
 
@@ -38,6 +39,7 @@ def cli() -> None:
 
 cli.add_command(build_shards_command)
 cli.add_command(verify_command)
+cli.add_command(push_command)
 cli.add_command(info)
 cli.add_command(stats_command)
 cli.add_command(train_command)

@@ -20,8 +20,12 @@ def _devices(device: str | None, devices: str | None) -> tuple[str, ...]:
     return (device or "cpu",)
 
 
+CACHE_HELP = ("A remote SHARDS (a URI) is read through this node-local directory: each shard downloaded once, "
+              "checked against its manifest's SHA-256, shared by the node's ranks.")
+
+
 @click.command("train")
-@click.argument("shards", type=click.Path(path_type=Path))
+@click.argument("shards")
 @click.option("--run-dir", type=click.Path(path_type=Path), required=True, help="Where checkpoints and logs go.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir exactly where it stopped.")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, show_default=True)
@@ -67,21 +71,23 @@ def _devices(device: str | None, devices: str | None) -> tuple[str, ...]:
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events.")
 @click.option("--verify-shards", is_flag=True,
               help="Check every shard's SHA-256 against its manifest before training (sizes are always checked).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help=CACHE_HELP)
 @user_errors
 def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, weight_decay, decay_biases,
                   bias_lr_mult, patience, max_drops, plateau_threshold, milestones, seed, lighting_std, backend,
                   decoder, device, devices, precision, channels_last, bias_init, lrn, final_crops, checkpoint_minutes,
-                  keep_last, log_every, max_steps, workers, tensorboard, verify_shards):
+                  keep_last, log_every, max_steps, workers, tensorboard, verify_shards, cache_dir):
     """Train the paper's AlexNet on a build folder, with the paper's recipe.
 
     SHARDS is the build folder OUT of build-shards (with OUT/stats.npz from `alexprep
-    stats`). Defaults are section 5 of the paper. Checkpoints every epoch, every
+    stats`), or the URI it was pushed to with --cache-dir. Defaults are section 5 of the paper. Checkpoints every epoch, every
     --checkpoint-minutes and on Ctrl-C / SIGTERM; --resume continues exactly.
 
     \b
     Example:
         alexprep train out/ --run-dir runs/alexnet --device cuda:0
         alexprep train out/ --run-dir runs/alexnet --resume
+        alexprep train s3://bucket/imagenet-256 --run-dir runs/a --cache-dir /nvme/alexprep
         torchrun --nproc-per-node 4 -m alexprep.cli.main train out/ --run-dir runs/r --devices auto
     """
     try:
@@ -101,7 +107,7 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
     from alexprep.model.train import TrainingDiverged, train
 
     try:
-        train(shards, run_dir, config, resume=resume, log=click.echo)
+        train(shards, run_dir, config, resume=resume, log=click.echo, cache_dir=cache_dir)
     except TrainingDiverged as exc:
         click.echo(f"Error: {exc}", err=True)
         raise SystemExit(1)
@@ -109,7 +115,7 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
 
 @click.command("evaluate")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("shards", type=click.Path(path_type=Path))
+@click.argument("shards")
 @click.option("--crops", type=click.Choice(["1", "10", "both"]), default="both", show_default=True,
               help="Centre crop, the paper's 10 crops (softmax averaged), or both.")
 @click.option("--split", default="val", show_default=True)
@@ -118,8 +124,9 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: top1_error, top5_error, count, crops.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help=CACHE_HELP)
 @user_errors
-def evaluate_command(checkpoint, shards, crops, split, batch_size, device, backend, precision, as_json):
+def evaluate_command(checkpoint, shards, crops, split, batch_size, device, backend, precision, as_json, cache_dir):
     """Top-1 and top-5 error of a checkpoint over a whole split, as in the paper's tables.
 
     CHECKPOINT is a checkpoint file or a run dir (its newest checkpoint). Every image of
@@ -129,13 +136,14 @@ def evaluate_command(checkpoint, shards, crops, split, batch_size, device, backe
     Example:
         alexprep evaluate runs/alexnet out/
         alexprep evaluate runs/alexnet/checkpoints/checkpoint-e090-s0900000.pt out/ --crops 10 --json
+        alexprep evaluate runs/alexnet s3://bucket/imagenet-256 --cache-dir /nvme/alexprep
     """
     from alexprep.model.inference import evaluate_checkpoint
     from alexprep.model.evaluate import error_table
 
     wanted = (1, 10) if crops == "both" else (int(crops),)
     results = evaluate_checkpoint(checkpoint, shards, crops=wanted, split=split, batch_size=batch_size,
-                                  device=device, backend=backend, precision=precision)
+                                  device=device, backend=backend, precision=precision, cache_dir=cache_dir)
     if as_json:
         payload = [r.to_json() for r in results]
         click.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=1))

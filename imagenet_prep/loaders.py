@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -41,7 +40,7 @@ from alexprep.imagenet_prep.devices import check_device, cpu_share, dtype_name, 
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.normalization import NORMALIZE, Normalization, resolve_stats
 from alexprep.imagenet_prep.samples import SplitSamples
-from alexprep.imagenet_prep.shards import read_split
+from alexprep.imagenet_prep.shard_cache import first_use_order, open_split
 from alexprep.imagenet_prep.torch_backend import DECODERS, TorchBackend
 
 BACKENDS = ("dali", "torch")
@@ -91,6 +90,8 @@ class LoaderConfig:
     scale: tuple = rrc.SCALE  # rrc: the window's area fraction range
     ratio: tuple = rrc.RATIO  # rrc: the window's width / height range
     resize: int | None = None  # rrc evaluation: the shorter side before the centre crop; None: crop / 0.875
+    cache_dir: str | None = None  # a remote build's node-local shard cache (shard_cache.py)
+    cache_limit: int | None = None  # bytes the split may take in it; more is refused before downloading
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -134,6 +135,7 @@ class LoaderConfig:
              "crops=10 is the paper's evaluation; recipe='rrc' evaluates the centre crop (crops=1)"),
             (self.resize >= self.crop, f"resize ({self.resize}, the shorter side before the centre crop) must be "
                                        f"at least the output size {self.crop}"),
+            (self.cache_limit is None or self.cache_limit > 0, f"cache_limit must be > 0 bytes, not {self.cache_limit}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -159,18 +161,19 @@ class Loader:
 
     def __init__(self, root, split: str, config: LoaderConfig, stats=None):
         self._pid = os.getpid()  # the process that owns the backend (see close)
-        self.root = Path(root)
         self.split = split
         self.config = config
         self.device = check_device(config.device)
-        self.index = read_split(self.root, split)
+        # A remote build (a URI) is read through its cache: root is then its local mirror.
+        self.index, self._cache = open_split(root, split, config.cache_dir, config.cache_limit)
+        self.root = self.index.root
         self.size = self.index.spec.size
         self._check_recipe()
         # The paper's crop offsets per axis: 33 for 224 in 256 (rrc draws whole windows)
         self.positions = self.size - config.crop + 1 if config.recipe == "paper" else 0
         self.stats = resolve_stats(self.root, stats, self.index)
         self.norm = Normalization.from_stats(self.stats, config.normalize, self.size)
-        self.samples = SplitSamples(self.index)
+        self.samples = SplitSamples(self.index, self._cache.fetch if self._cache else None)
         self.decode_failures: list[str] = []  # "shard row: reason", the first MAX_FAILURES_LISTED
         self.decode_failure_count = 0
         n = len(self.samples)
@@ -192,15 +195,23 @@ class Loader:
         self._start_batch = 0
         self._orders: dict[int, np.ndarray] = {}
         self._backend = DaliBackend(self) if config.backend == "dali" else TorchBackend(self)
+        if self._cache is not None:  # a remote build: start downloading what the first epoch needs
+            self._cache.prefetch(first_use_order(self.index, self.plan().order))
+
+    @property
+    def cache(self):
+        """A remote build's shard cache (shard_cache.ShardCache), or None for a local one."""
+        return self._cache
 
     def _check_recipe(self) -> None:
         """The paper's recipe needs centre-crop shards; rrc is meant for keep-aspect ones and
         says so on centre-crop ones, whose windows then come from the centre squares."""
         c, spec, folder = self.config, self.index.spec, self.index.folder
         if c.recipe == "paper" and spec.keep_aspect:
-            raise DataError(f"{folder} holds keep-aspect images of varying sizes, and the paper's recipe takes "
-                            f"{spec.size}x{spec.size} centre-crop images: pass recipe='rrc' (RandomResizedCrop; "
-                            f"docs/design.md, Loaders), or build without --resize keep-aspect")
+            raise DataError(f"{folder} holds --resize keep-aspect images of varying sizes; the paper's recipe "
+                            f"(alexprep train and evaluate, and the loaders' default) takes {spec.size}x{spec.size} "
+                            "centre-crop builds (build-shards without --resize). Keep-aspect builds feed other "
+                            "models through train_loader(..., recipe='rrc') (README, 'The RandomResizedCrop recipe')")
         if c.recipe == "paper" and c.crop > self.size:
             raise DataError(f"crop {c.crop} is larger than the shards' {self.size}x{self.size} images")
         if c.recipe == "rrc" and not spec.keep_aspect:
@@ -243,7 +254,7 @@ class Loader:
 
     def _make_batch(self, epoch: int, number: int, index: np.ndarray) -> Batch:
         c = self.config
-        labels = self.samples.labels[index]
+        labels = self.samples.labels_of(index)  # a remote build's shards are fetched here
         if c.recipe == "rrc":
             return self._make_rrc_batch(epoch, number, index, labels)
         if not c.train:
@@ -279,6 +290,8 @@ class Loader:
     def __iter__(self) -> Iterator:
         plan = self.plan(self._epoch)
         start = self._start_batch
+        if self._cache is not None:  # the shards of a remote build, in the order this run needs them
+            self._cache.prefetch(first_use_order(self.index, plan.order[start * plan.batch_size:]))
         self._epoch, self._start_batch = self._epoch + 1, 0  # a broken-off epoch still advances
         return self._backend.run(plan, start)
 
@@ -287,6 +300,9 @@ class Loader:
         backend = getattr(self, "_backend", None)  # None if __init__ failed before making it
         if backend is not None and os.getpid() == self._pid:
             backend.close()
+        cache = getattr(self, "_cache", None)
+        if cache is not None and os.getpid() == self._pid:
+            cache.close()
 
     def __del__(self):
         # Only in the process that made it: a forked child (a DataLoader or build worker)
@@ -297,22 +313,12 @@ class Loader:
             pass
 
 
-def require_paper_build(index, command: str) -> None:
-    """`alexprep train` and `evaluate` run the paper's recipe: refuse a keep-aspect build
-    in the command's own words (the loaders' own message names recipe='rrc', an option of
-    the Python API only)."""
-    if index.spec.keep_aspect:
-        raise DataError(f"{index.folder} is a --resize keep-aspect build: alexprep {command} runs the paper's "
-                        f"recipe on {index.spec.size}x{index.spec.size} centre-crop builds (build-shards without "
-                        "--resize); keep-aspect builds feed other models through train_loader(..., recipe='rrc') "
-                        "(README, 'The RandomResizedCrop recipe')")
-
-
 def train_loader(root, *, batch_size: int, device: str, seed: int, stats=None, split: str = "train",
                  rank: int = 0, world_size: int = 1, lighting_std: float | None = None, normalize: str | None = None,
                  order: str = "random", dtype="float32", backend: str = "dali", buffer_shards: int = 4,
                  workers: int | None = None, prefetch: int = 2, decoder: str = "auto",
-                 recipe: str = "paper", size: int = augment.CROP, scale=rrc.SCALE, ratio=rrc.RATIO) -> Loader:
+                 recipe: str = "paper", size: int = augment.CROP, scale=rrc.SCALE, ratio=rrc.RATIO,
+                 cache_dir=None, cache_limit: int | None = None) -> Loader:
     """Training batches `(images, labels)` of build folder `root`: images
     `(batch_size, 3, size, size)` of `dtype` on `device`, labels `(batch_size,)` int64.
 
@@ -323,19 +329,22 @@ def train_loader(root, *, batch_size: int, device: str, seed: int, stats=None, s
     "rrc" (RandomResizedCrop(size, scale, ratio) of keep-aspect builds, channel mean and
     std, no lighting unless lighting_std is given). normalize and lighting_std default to
     the recipe's.
+    root may be a URI (s3://, gs://, hdfs://, file://): its shards are then downloaded into
+    `cache_dir`, verified, as training needs them (docs/design.md, "Remote build folders").
     """
     config = LoaderConfig(batch_size=batch_size, device=str(device), backend=backend, train=True, seed=seed,
                           lighting_std=lighting_std, normalize=normalize, order=order, buffer_shards=buffer_shards,
                           rank=rank, world_size=world_size, dtype=dtype_name(dtype), workers=workers,
-                          prefetch=prefetch, decoder=decoder, recipe=recipe, crop=size, scale=scale, ratio=ratio)
+                          prefetch=prefetch, decoder=decoder, recipe=recipe, crop=size, scale=scale, ratio=ratio,
+                          cache_dir=_str(cache_dir), cache_limit=cache_limit)
     return Loader(root, split, config, stats)
 
 
 def eval_loader(root, *, batch_size: int, device: str, stats=None, split: str = "val", crops: int = 1,
                 rank: int = 0, world_size: int = 1, normalize: str | None = None, dtype="float32",
                 backend: str = "dali", workers: int | None = None, prefetch: int = 2,
-                decoder: str = "auto",
-                recipe: str = "paper", size: int = augment.CROP, resize: int | None = None) -> Loader:
+                decoder: str = "auto", recipe: str = "paper", size: int = augment.CROP, resize: int | None = None,
+                cache_dir=None, cache_limit: int | None = None) -> Loader:
     """Evaluation batches `(images, labels)`: images `(B, 3, 224, 224)` (the centre crop) or
     `(B, 10, 3, 224, 224)` with crops=10, in the order of `augment.ten_crop_windows`
     (top-left, top-right, bottom-left, bottom-right, centre, then each of those mirrored).
@@ -350,5 +359,9 @@ def eval_loader(root, *, batch_size: int, device: str, stats=None, split: str = 
     config = LoaderConfig(batch_size=batch_size, device=str(device), backend=backend, train=False,
                           normalize=normalize, crops=crops, rank=rank, world_size=world_size,
                           dtype=dtype_name(dtype), workers=workers, prefetch=prefetch, decoder=decoder,
-                          recipe=recipe, crop=size, resize=resize)
+                          recipe=recipe, crop=size, resize=resize, cache_dir=_str(cache_dir), cache_limit=cache_limit)
     return Loader(root, split, config, stats)
+
+
+def _str(path) -> str | None:
+    return None if path is None else str(path)

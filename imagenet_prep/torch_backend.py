@@ -94,6 +94,7 @@ class ShardBatches(Dataset):
 
     def __init__(self, samples: SplitSamples, crop: int, mode: str, norm=None, rrc: bool = False):
         self.samples = samples  # dropped when pickled, re-opened in the worker
+        self.fetch = samples.fetch  # a remote build's cache (shard_cache.ShardCache), or None
         self.index = samples.index
         self.spec = samples.index.spec
         self.crop = crop
@@ -107,7 +108,7 @@ class ShardBatches(Dataset):
 
     def _samples(self) -> SplitSamples:
         if self.samples is None:
-            self.samples = SplitSamples(self.index)
+            self.samples = SplitSamples(self.index, self.fetch)
         return self.samples
 
     def __len__(self) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from alexprep.imagenet_prep.loaders import eval_loader, pick_backend, require_paper_build
-from alexprep.imagenet_prep.shards import read_split
+from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
+from alexprep.imagenet_prep.shard_cache import open_split
 from alexprep.model.alexnet import AlexNet, AlexNetConfig
 from alexprep.model.checkpoint import load_checkpoint, normalize_of, require_same_classes, stats_from_checkpoint
 from alexprep.model.distributed import resolve_devices
@@ -20,11 +20,12 @@ def model_from_checkpoint(ckpt: dict, devices=("cpu",)) -> AlexNet:
 
 
 def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", batch_size: int = 64,
-                        device: str = "cpu", backend: str = "auto", precision: str = "fp32") -> list[EvalResult]:
-    """Errors of a checkpoint over `split` of build folder `root`, for each crop setting."""
+                        device: str = "cpu", backend: str = "auto", precision: str = "fp32",
+                        cache_dir=None) -> list[EvalResult]:
+    """Errors of a checkpoint over `split` of build folder `root` (a path, or a URI read
+    through `cache_dir`), for each crop setting."""
     ckpt = load_checkpoint(Path(checkpoint))
-    index = read_split(Path(root), split)
-    require_paper_build(index, "evaluate")
+    index, _ = open_split(root, split, cache_dir)
     require_same_classes(ckpt, index)
     devices = resolve_devices((device,))
     model = model_from_checkpoint(ckpt, devices)
@@ -36,7 +37,7 @@ def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", 
     for n in crops:
         loader = eval_loader(root, batch_size=max(1, batch_size // (10 if n == 10 else 1)), device=device,
                              stats=stats, split=split, crops=n, normalize=normalize_of(ckpt),
-                             backend=pick_backend(backend))
+                             backend=pick_backend(backend), cache_dir=cache_dir)
         try:
             results.append(evaluate(model, loader, precision))
         finally:

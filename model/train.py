@@ -29,8 +29,8 @@ from alexprep.imagenet_prep import augment
 from alexprep.imagenet_prep.atomic import write_text_atomic
 from alexprep.imagenet_prep.devices import device_name
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.loaders import Loader, eval_loader, pick_backend, require_paper_build, train_loader
-from alexprep.imagenet_prep.shards import read_split
+from alexprep.imagenet_prep.loaders import Loader, eval_loader, pick_backend, train_loader
+from alexprep.imagenet_prep.remote import display, is_uri
 from alexprep.imagenet_prep.verify import verify_build
 from alexprep.model.alexnet import AlexNet
 from alexprep.model.checkpoint import (
@@ -85,7 +85,7 @@ class RunState:
 class Run:
     """What a training run holds for its whole length."""
 
-    root: Path
+    root: Path | str  # a build folder, or the URI of a remote one
     run_dir: Path
     config: TrainConfig
     ranks: Ranks
@@ -110,11 +110,11 @@ class Run:
 
 
 # ---------------------------------------------------------------------------- set-up
-def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device) -> tuple[Loader, Loader]:
+def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device,
+                 cache_dir=None) -> tuple[Loader, Loader]:
     if config.batch_size % ranks.world_size:
         raise DataError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} ranks")
-    require_paper_build(read_split(Path(root), "train"), "train")
-    common = loader_options(config, ranks, device)
+    common = loader_options(config, ranks, device, cache_dir)
     train = train_loader(root, batch_size=config.batch_size // ranks.world_size, seed=config.seed,
                          lighting_std=config.lighting_std, order=config.order, **common)
     try:
@@ -125,10 +125,12 @@ def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device) 
     return train, val
 
 
-def loader_options(config: TrainConfig, ranks: Ranks, device: torch.device) -> dict:
-    """What the run's train, validation and 10-crop loaders share."""
+def loader_options(config: TrainConfig, ranks: Ranks, device: torch.device, cache_dir=None) -> dict:
+    """What the run's train, validation and 10-crop loaders share (a remote build's cache
+    included: it is a property of the node, not of the run, so not in TrainConfig)."""
     return dict(device=device_name(device), rank=ranks.rank, world_size=ranks.world_size, normalize=config.normalize,
-                backend=pick_backend(config.backend), workers=config.loader_workers or None, decoder=config.decoder)
+                backend=pick_backend(config.backend), workers=config.loader_workers or None, decoder=config.decoder,
+                cache_dir=cache_dir)
 
 
 def make_eval_loader(root, config: TrainConfig, common: dict, stats, crops: int) -> Loader:
@@ -154,7 +156,10 @@ def dropout_seed(seed: int, rank: int) -> int:
     return int(augment.counter_words(seed, 0, [rank], 1, _DOMAIN_DROPOUT)[0, 0] >> 1)
 
 
-def verify_shards(root: Path, log) -> None:
+def verify_shards(root, log) -> None:
+    if is_uri(root):  # the cache checks each shard's SHA-256 as it arrives (docs/design.md)
+        log(f"{display(root)} is remote: each shard is checked against its manifest's SHA-256 as it is downloaded")
+        return
     log(f"checking every shard of {root} against its manifest's SHA-256 ...")
     report = verify_build(root)
     if not report.ok:
@@ -253,10 +258,11 @@ class StopSignal:
 
 # ---------------------------------------------------------------------------- the loop
 def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False, progress: bool = True,
-          log=print) -> dict:
+          log=print, cache_dir=None) -> dict:
     """Train AlexNet on build folder `root`, writing to `run_dir`; returns the final results
-    (or the state at a stop: {"stopped": reason, "step": …})."""
-    root, run_dir = Path(root), Path(run_dir)
+    (or the state at a stop: {"stopped": reason, "step": …}). `root` may be a URI, read
+    through the node-local `cache_dir` (docs/design.md, "Remote build folders")."""
+    root, run_dir = (root if is_uri(root) else Path(root)), Path(run_dir)
     ckpt = None
     if resume:
         if not list_checkpoints(run_dir / "checkpoints"):
@@ -272,7 +278,10 @@ def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = 
     configure_cuda(config.precision, devices)
     if config.verify_shards and ranks.main:
         verify_shards(root, log)
-    train_data, val_data = make_loaders(root, config, ranks, devices[0])
+    train_data, val_data = make_loaders(root, config, ranks, devices[0], cache_dir)
+    if train_data.cache is not None and ranks.main:
+        log(f"{display(root)}: {train_data.cache.summary()}; the rest download in the background, in the order "
+            "the batches need them")
     try:
         run = setup_run(root, run_dir, config, ckpt, ranks, devices, train_data, val_data, progress, log)
         state = resume_from(ckpt, run) if ckpt is not None else RunState()
@@ -505,7 +514,7 @@ def final_evaluation(run: Run, state: RunState) -> dict:
     config = run.config
     results = [EvalResult(**state.last_eval)] if state.last_eval else []
     if config.final_crops == 10:
-        common = loader_options(config, run.ranks, run.devices[0])
+        common = loader_options(config, run.ranks, run.devices[0], run.val_loader.config.cache_dir)
         ten = make_eval_loader(run.root, config, common, run.val_loader.stats, crops=10)
         try:
             results.append(evaluate(run.model, ten, config.precision))

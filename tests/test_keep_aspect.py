@@ -408,5 +408,5 @@ def test_train_refuses_a_keep_aspect_build_in_its_own_words(keep_build, tmp_path
     (exit 2), naming what such builds are for, before any loader starts."""
     result = CliRunner().invoke(cli, ["train", str(keep_build), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert "keep-aspect build: alexprep train runs the paper's recipe" in result.output
+    assert "keep-aspect images of varying sizes; the paper's recipe (alexprep train and evaluate" in result.output
     assert "recipe='rrc'" in result.output

@@ -1,0 +1,38 @@
+"""`alexprep push`: a finished build folder into object storage."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from alexprep.cli.common import format_bytes, progress_bars, user_errors
+
+
+@click.command("push")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("uri")
+@click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True, help="Parallel uploads.")
+@user_errors
+def push_command(out, uri, workers):
+    """Upload build folder OUT to URI (s3://, gs://, hdfs://, file://), for `alexprep train
+    URI --cache-dir DIR` on other machines.
+
+    Shards go up in parallel, then classes.json and stats, the manifests last: until a
+    push finishes, URI is not taken for a build. Run the same command again after a
+    failure or to publish a changed build: only what differs is uploaded. Credentials
+    come from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
+    GOOGLE_APPLICATION_CREDENTIALS); options go in the URI's query.
+
+    \b
+    Example:
+        alexprep push out/ s3://bucket/imagenet-256
+        alexprep push out/ "s3://bucket/imagenet-256?endpoint_override=minio:9000&scheme=http"
+    """
+    from alexprep.imagenet_prep.push import push_build
+
+    with progress_bars("push", unit="B") as progress:
+        report = push_build(out, uri, workers=workers, progress=lambda done, total: progress(done, total))
+    rate = report.uploaded_bytes / report.seconds if report.seconds else 0.0
+    click.echo(f"pushed {out} to {uri.split('?', 1)[0]}: {report.uploaded} file(s), "
+               f"{format_bytes(report.uploaded_bytes)} in {report.seconds:.1f} s ({format_bytes(rate)}/s); "
+               f"{report.skipped} unchanged file(s) skipped")

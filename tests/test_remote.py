@@ -1,0 +1,485 @@
+"""Build folders in object storage, against a real S3 implementation on 127.0.0.1 (moto's
+server, reached through pyarrow's S3 filesystem): push, the verified node-local cache, the
+loaders and the trainer on a URI, and the faults (dropped connections, damaged objects,
+kill -9 during a download or a push)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+from click.testing import CliRunner
+
+from alexprep.cli.main import cli
+from alexprep.imagenet_prep import remote as rm
+from alexprep.imagenet_prep import shard_cache
+from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.loaders import eval_loader, train_loader
+from alexprep.imagenet_prep.push import push_build
+from alexprep.imagenet_prep.shard_cache import first_use_order, open_split
+from alexprep.imagenet_prep.shards import file_sha256, read_split
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1; yields its URI query (endpoint, http, region)."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3):
+    """A fresh bucket; `bucket(path)` is the URI of a folder in it."""
+    name = f"b{uuid.uuid4().hex[:12]}"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?{s3}&allow_bucket_creation=true")
+    fs.create_dir(name)
+    return lambda path="build": f"s3://{name}/{path}?{s3}"
+
+
+@pytest.fixture(scope="module")
+def build(stats_build, tmp_path_factory) -> Path:
+    """A copy of stats_build to push (a push records what it uploaded in OUT/.push-*.jsonl)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("push") / "out"
+    shutil.copytree(stats_build, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pushed(build, s3):
+    """build pushed once to a module-wide bucket (read-only for the tests using it)."""
+    name = f"b{uuid.uuid4().hex[:12]}"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?{s3}&allow_bucket_creation=true")
+    fs.create_dir(name)
+    uri = f"s3://{name}/imagenet-256?{s3}"
+    push_build(build, uri)
+    return uri
+
+
+def _objects(uri: str) -> dict[str, int]:
+    return rm.open_folder(uri).sizes()
+
+
+def _batches(loader) -> list:
+    try:
+        return [(x.clone(), y.clone()) for x, y in loader]
+    finally:
+        loader.close()
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
+
+
+# ---------------------------------------------------------------------------- push
+def test_push_uploads_the_build_with_the_manifests_last(build, bucket):
+    uri = bucket()
+    report = push_build(build, uri, workers=4)
+    local = {str(p.relative_to(build)): p.stat().st_size for p in build.rglob("*")
+             if p.is_file() and not p.name.startswith(".")}
+    assert _objects(uri) == local  # every file of the build, byte counts equal
+    assert report.uploaded == len(local) and report.skipped == 0
+    kinds = ["manifest" if "manifest" in r else "small" if "/" not in r else "shard" for r in report.order]
+    assert kinds == sorted(kinds, key=["shard", "small", "manifest"].index)  # shards, classes/stats, manifests
+    again = push_build(build, uri)  # nothing differs: nothing goes up
+    assert again.uploaded == 0 and again.skipped == len(local)
+
+
+def test_a_second_push_uploads_only_what_differs(stats_build, bucket, tmp_path):
+    out = tmp_path / "out"
+    import shutil
+
+    shutil.copytree(stats_build, out)
+    uri = bucket()
+    push_build(out, uri)
+    remote = rm.open_folder(uri)
+    shard = read_split(out, "train").shards[2]
+    remote.delete(f"train/{shard.name}")  # lost remotely
+    (out / "stats.json").write_text((out / "stats.json").read_text() + " ")  # changed locally
+    report = push_build(out, uri)
+    assert sorted(report.order) == ["stats.json", f"train/{shard.name}"]
+    for record in out.glob(".push-*.jsonl"):  # another machine: no record, the remote manifests say
+        record.unlink()
+    report = push_build(out, uri)
+    assert not any(r.endswith(".arrow") for r in report.order)
+    assert all(r.endswith(".npz") or r.endswith(".json") or r.endswith(".png") for r in report.order)
+
+
+def test_kill_during_push_then_push_again_resumes(build, bucket, tmp_path):
+    uri = bucket()
+    script = tmp_path / "slow_push.py"
+    script.write_text(textwrap.dedent(f"""
+        import time, sys
+        from alexprep.imagenet_prep import remote as rm
+        from alexprep.imagenet_prep.push import push_build
+        rm.CHUNK = 4096
+        opened = rm.RemoteFolder.open_output
+        class Slow:
+            def __init__(self, f): self.f = f
+            def write(self, b): time.sleep(0.02); return self.out.write(b)
+            def __enter__(self): self.out = self.f.__enter__(); return self
+            def __exit__(self, *a): return self.f.__exit__(*a)
+        rm.RemoteFolder.open_output = lambda self, rel: Slow(opened(self, rel))
+        push_build(sys.argv[1], sys.argv[2], workers=2)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script), str(build), uri], env={**os.environ, **CREDENTIALS})
+    deadline = time.time() + 60
+    record = build / f".push-{hashlib.sha256(rm.display(uri).encode()).hexdigest()[:12]}.jsonl"
+    while time.time() < deadline and (not record.exists() or len(record.read_text().splitlines()) < 2):
+        time.sleep(0.05)  # until two uploads have finished and been recorded
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _objects(uri)
+    assert 2 <= len(partial) and not any("manifest" in r for r in partial)
+    with pytest.raises(DataError, match="has no manifest"):  # never taken for a build
+        open_split(uri, "train", tmp_path / "cache")
+    report = push_build(build, uri)
+    assert report.skipped >= 2  # what finished before the kill is not uploaded again
+    index, cache = open_split(uri, "train", tmp_path / "cache")
+    for shard in index.shards:
+        cache.fetch(shard)
+        assert file_sha256(index.shard_path(shard)) == shard.sha256
+
+
+def test_push_refuses_a_shard_that_differs_from_its_manifest(stats_build, bucket, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(stats_build, out)
+    shard = read_split(out, "train").shards[0]
+    path = out / "train" / shard.name
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    uri = bucket()
+    with pytest.raises(DataError, match=f"{shard.name} differs from its manifest"):
+        push_build(out, uri)
+    objects = _objects(uri)
+    assert f"train/{shard.name}" not in objects and not any("manifest" in r for r in objects)
+
+
+# ---------------------------------------------------------------------------- reading through the cache
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
+def test_remote_batches_are_the_local_batches(stats_build, pushed, tmp_path, backend):
+    options = dict(batch_size=8, device="cpu", seed=3, backend=backend, workers=1)
+    remote = train_loader(pushed, cache_dir=tmp_path / "cache", **options)
+    local = train_loader(stats_build, **options)
+    assert _same(_batches(remote), _batches(local))
+    assert _same(_batches(eval_loader(pushed, batch_size=5, device="cpu", backend=backend, workers=1, crops=10,
+                                      cache_dir=tmp_path / "cache")),
+                 _batches(eval_loader(stats_build, batch_size=5, device="cpu", backend=backend, workers=1, crops=10)))
+    index = read_split(stats_build, "train")
+    cached = tmp_path / "cache" / index.build_id / "train"
+    for shard in index.shards:  # each verified shard in place, its marker beside it, no download left over
+        assert file_sha256(cached / shard.name) == shard.sha256
+        assert json.loads((cached / f".{shard.name}.ok").read_text())["sha256"] == shard.sha256
+    assert not list(cached.glob("*.download"))
+
+
+def test_a_cached_shard_is_reused_and_a_changed_one_fetched_again(pushed, tmp_path):
+    index, cache = open_split(pushed, "train", tmp_path / "cache")
+    for shard in index.shards:
+        cache.fetch(shard)
+    assert cache.downloads == len(index.shards)
+    index, again = open_split(pushed, "train", tmp_path / "cache")
+    for shard in index.shards:
+        again.fetch(shard)
+    assert again.downloads == 0  # reused by their markers, not rehashed or downloaded
+    path = index.shard_path(index.shards[1])
+    data = bytearray(path.read_bytes())
+    data[-50] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size, changed in place: its mtime no longer matches the marker
+    index, third = open_split(pushed, "train", tmp_path / "cache")
+    for shard in index.shards:
+        third.fetch(shard)
+    assert third.downloads == 1 and file_sha256(path) == index.shards[1].sha256
+
+
+def test_ranks_on_one_node_download_each_shard_once(pushed, stats_build, tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from alexprep.imagenet_prep.shard_cache import open_split
+        index, cache = open_split(sys.argv[1], "train", sys.argv[2])
+        cache.prefetch(index.shards)  # background threads, as a loader starts them
+        for shard in reversed(index.shards):  # and the foreground, in another order
+            cache.fetch(shard)
+        print(cache.downloads)
+    """))
+    ranks = [subprocess.Popen([sys.executable, str(script), pushed, str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, **CREDENTIALS}) for _ in range(3)]
+    counts = [int(p.communicate(timeout=120)[0].split()[-1]) for p in ranks]
+    assert sum(counts) == len(read_split(stats_build, "train").shards)
+
+
+def test_training_starts_before_the_split_has_arrived(pushed, tmp_path, monkeypatch):
+    monkeypatch.setattr(shard_cache, "PREFETCH_WORKERS", 1)
+    opened = rm.RemoteFolder.open_input
+
+    def slow(self, rel):
+        time.sleep(0.3)
+        return opened(self, rel)
+
+    monkeypatch.setattr(rm.RemoteFolder, "open_input", slow)
+    loader = train_loader(pushed, batch_size=4, device="cpu", seed=0, backend="torch", workers=0, order="quasi",
+                          buffer_shards=1, cache_dir=tmp_path / "cache")
+    it = iter(loader)
+    next(it)
+    shards = len(loader.index.shards)
+    assert loader._cache.downloads < shards  # the first batch's shard is here, the rest still coming
+    for _ in it:
+        pass
+    for thread in loader._cache._threads:
+        thread.join(timeout=30)
+    assert loader._cache.downloads == shards and all(loader._cache.is_cached(s) for s in loader.index.shards)
+    loader.close()
+
+
+def test_first_use_order_follows_the_plan(stats_build):
+    index = read_split(stats_build, "train")  # 32 samples in 6 shards of 6 (the last has 2)
+    order = first_use_order(index, [13, 0, 14, 31, 7])
+    assert [s.index for s in order] == [2, 0, 5, 1, 3, 4]
+
+
+# ---------------------------------------------------------------------------- refusals and faults
+def test_a_cache_too_small_is_refused_before_any_download(pushed, tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="more than the cache limit"):
+        train_loader(pushed, batch_size=8, device="cpu", seed=0, backend="torch", cache_dir=tmp_path / "c1",
+                     cache_limit=1000)
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 30))
+    with pytest.raises(DataError, match=r"has 1\.1 GB free"):
+        open_split(pushed, "train", tmp_path / "c2")
+    assert not list(tmp_path.rglob("*.arrow")) and not list(tmp_path.rglob("*.download"))
+
+
+class _Dropping:
+    """An input stream whose connection drops after `after` bytes."""
+
+    def __init__(self, stream, after):
+        self.stream, self.left = stream, after
+
+    def read(self, n):
+        if self.left <= 0:
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset (injected)")
+        data = self.stream.read(min(n, self.left))
+        self.left -= len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.close()
+
+
+def test_a_dropped_connection_is_retried_and_its_partial_file_never_used(pushed, tmp_path, monkeypatch):
+    monkeypatch.setattr(rm, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(rm, "CHUNK", 10_000)
+    opened, calls, seen = rm.RemoteFolder.open_input, [], []
+    index, cache = open_split(pushed, "train", tmp_path / "cache")
+
+    def flaky(self, rel):
+        calls.append(rel)
+        final = index.folder / rel.split("/")[-1]
+        seen.append(final.exists())  # the final name never exists while a download runs
+        stream = opened(self, rel)
+        return _Dropping(stream, 25_000) if calls.count(rel) <= 2 else stream  # two drops, then it works
+
+    monkeypatch.setattr(rm.RemoteFolder, "open_input", flaky)
+    for shard in index.shards:
+        cache.fetch(shard)
+        assert file_sha256(index.shard_path(shard)) == shard.sha256
+    assert len(calls) == 3 * len(index.shards) and not any(seen)
+    assert not list(index.folder.glob(".*.download"))
+
+
+def test_a_connection_that_keeps_dropping_is_one_line_and_the_next_run_resumes(pushed, tmp_path, monkeypatch):
+    monkeypatch.setattr(rm, "BACKOFF_S", 0.001)
+    opened = rm.RemoteFolder.open_input
+    monkeypatch.setattr(rm.RemoteFolder, "open_input", lambda self, rel: _Dropping(opened(self, rel), 100))
+    index, cache = open_split(pushed, "train", tmp_path / "cache")
+    with pytest.raises(DataError, match=r"downloading s3://.*/train/train-00000-of-00006\.arrow: failed 5 times"):
+        cache.fetch(index.shards[0])
+    assert not index.shard_path(index.shards[0]).exists() and not list(index.folder.glob(".*.download"))
+    monkeypatch.setattr(rm.RemoteFolder, "open_input", opened)
+    cache.fetch(index.shards[0])
+    assert file_sha256(index.shard_path(index.shards[0])) == index.shards[0].sha256
+
+
+def test_a_damaged_object_is_downloaded_twice_then_named(build, bucket, tmp_path, monkeypatch):
+    uri = bucket()
+    push_build(build, uri)
+    index = read_split(build, "train")
+    shard = index.shards[3]
+    data = bytearray((build / "train" / shard.name).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the hash can tell
+    rm.open_folder(uri).write_bytes(f"train/{shard.name}", bytes(data))
+    opened, calls = rm.RemoteFolder.open_input, []
+    monkeypatch.setattr(rm.RemoteFolder, "open_input", lambda self, rel: calls.append(rel) or opened(self, rel))
+    _, cache = open_split(uri, "train", tmp_path / "c")
+    with pytest.raises(DataError, match=rf"{shard.name} differs from its manifest \(downloaded twice"):
+        cache.fetch(shard)
+    assert calls == [f"train/{shard.name}"] * 2
+    assert not (tmp_path / "c" / index.build_id / "train" / shard.name).exists()
+    loader = train_loader(uri, batch_size=32, device="cpu", seed=0, backend="torch", workers=0, cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match=rf"s3://.*/build/train/{shard.name} differs from its manifest"):
+        next(iter(loader))  # the first batch needs every shard
+    loader.close()
+
+
+def test_kill_during_download_then_the_same_command_resumes(pushed, stats_build, tmp_path):
+    script = tmp_path / "slow_fetch.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from alexprep.imagenet_prep import remote as rm
+        from alexprep.imagenet_prep.shard_cache import open_split
+        rm.CHUNK = 2048
+        opened = rm.RemoteFolder.open_input
+        class Slow:
+            def __init__(self, s): self.s = s
+            def read(self, n): time.sleep(0.05); return self.s.read(n)
+            def __enter__(self): return self
+            def __exit__(self, *a): self.s.close()
+        rm.RemoteFolder.open_input = lambda self, rel: Slow(opened(self, rel))
+        index, cache = open_split(sys.argv[1], "train", sys.argv[2])
+        for shard in index.shards:
+            cache.fetch(shard)
+    """))
+    cache_dir = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, str(script), pushed, str(cache_dir)], env={**os.environ, **CREDENTIALS})
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.stat().st_size > 4096 for p in cache_dir.rglob(".*.download")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = list(cache_dir.rglob(".*.download"))
+    assert left  # killed mid-shard: a partial file under its temporary name only
+    partial_shard = left[0].name[1:-len(".download")]
+    assert not (left[0].parent / partial_shard).exists()
+    remote = _batches(train_loader(pushed, batch_size=8, device="cpu", seed=1, backend="torch", workers=0,
+                                   cache_dir=cache_dir))
+    assert _same(remote, _batches(train_loader(stats_build, batch_size=8, device="cpu", seed=1, backend="torch",
+                                               workers=0)))
+
+
+def test_bad_uris_and_missing_credentials_are_one_line(pushed, tmp_path, monkeypatch):
+    def train_cli(uri, *extra):
+        return CliRunner().invoke(cli, ["train", uri, "--run-dir", str(tmp_path / "r"), "--backend", "torch", *extra])
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    result = train_cli(pushed, "--cache-dir", str(tmp_path / "c"))
+    assert result.exit_code == 2 and "no AWS credentials found" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    result = train_cli(pushed)
+    assert result.exit_code == 2 and "give a cache directory" in result.output
+    result = train_cli("bogus://x/y", "--cache-dir", str(tmp_path / "c"))
+    assert result.exit_code == 2 and "not a build folder URI" in result.output
+    empty = pushed.replace("/imagenet-256?", "/nothing-here?")
+    result = train_cli(empty, "--cache-dir", str(tmp_path / "c"))
+    assert result.exit_code == 2 and "has no manifest" in result.output
+
+
+def test_refused_credentials_are_one_line(pushed, tmp_path, monkeypatch):
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server checks keys from now on
+    result = CliRunner().invoke(cli, ["train", pushed, "--run-dir", str(tmp_path / "r"), "--backend", "torch",
+                                      "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2, result.output
+    assert "access denied" in result.output and "INVALID_ACCESS_KEY_ID" in result.output
+
+
+def test_train_and_evaluate_commands_on_a_uri(stats_build, pushed, tmp_path):
+    """(The batches are the local build's: test_remote_batches_are_the_local_batches.)"""
+    runner = CliRunner()
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(cli, ["train", pushed, "--run-dir", str(tmp_path / "run"), "--backend", "torch",
+                                 "--batch-size", "8", "--max-steps", "1", "--final-crops", "0", "--workers", "0",
+                                 *cache])
+    assert result.exit_code == 0, result.output
+    assert "stopped at step 1" in result.output
+    evaluations = [runner.invoke(cli, ["evaluate", str(tmp_path / "run"), source, "--crops", "1", "--json",
+                                       "--backend", "torch", *extra]).output
+                   for source, extra in ((str(stats_build), []), (pushed, cache))]
+    assert json.loads(evaluations[0]) == json.loads(evaluations[1])
+    assert json.loads(evaluations[1])["count"] == 12
+
+
+def test_push_command(build, bucket):
+    uri = bucket("cli")
+    result = CliRunner().invoke(cli, ["push", str(build), uri])
+    assert result.exit_code == 0, result.output
+    assert "0 unchanged file(s) skipped" in result.output and "?" not in result.output.splitlines()[-1]
+    result = CliRunner().invoke(cli, ["push", str(build / "train"), uri])
+    assert result.exit_code == 2 and "holds no train/ or val/ split" in result.output
+
+
+def test_a_file_uri_is_pushed_and_read_like_a_bucket(build, tmp_path):
+    uri = f"file://{tmp_path / 'mounted' / 'build'}"
+    push_build(build, uri)
+    assert not list((tmp_path / "mounted").rglob("*.tmp-*"))  # written under temporary names, renamed
+    options = dict(batch_size=8, device="cpu", seed=2, backend="torch", workers=0)
+    local = _batches(train_loader(build, **options))
+    assert _same(_batches(train_loader(uri, cache_dir=tmp_path / "cache", **options)), local)
+    assert _same(_batches(train_loader(uri, **options)), local)  # no cache: read in place, as a local folder
+    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == len(read_split(build, "train").shards)
+
+
+def test_a_worker_forked_while_a_shard_is_locked_does_not_keep_it_locked(tmp_path):
+    import threading
+
+    lock, held, release = tmp_path / ".x.lock", threading.Event(), threading.Event()
+
+    def download():
+        with shard_cache._locked(lock):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    held.wait(10)
+    started, ready = os.pipe()
+    child = os.fork()  # what a DataLoader starting its workers does
+    if child == 0:
+        os.write(ready, b"x")  # after the fork handlers ran
+        time.sleep(3)
+        os._exit(0)
+    os.read(started, 1)
+    release.set()
+    thread.join()
+    with shard_cache._locked(lock, wait=False) as got:
+        assert got  # the child's inherited descriptor was closed: the parent's release released it
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
