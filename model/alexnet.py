@@ -140,9 +140,8 @@ def _pow_neg(d: Tensor, beta: float) -> Tensor:
 
 def _lrn_denominator(xw: Tensor, size: int, alpha: float, k: float, groups: int) -> Tensor:
     """D = k + α Σ_window a², in a new tensor (in place adds on channel-shifted views)."""
-    d = torch.full_like(xw, k)
+    d = torch.addcmul(xw.new_tensor(k), xw, xw, value=alpha)  # k + α a_j², in the new tensor's one pass
     d5, x5 = _grouped(d, groups), _grouped(xw, groups)
-    d5.addcmul_(x5, x5, value=alpha)
     for to, frm in _window_offsets(size):
         d5[:, :, to].addcmul_(x5[:, :, frm], x5[:, :, frm], value=alpha)  # D = k + α Σ_i a_i²
     return d
