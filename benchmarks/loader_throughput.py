@@ -412,22 +412,31 @@ class FfcvServer:
                 self.proc.kill()
 
 
-def ffcv_contenders(data: dict, work: Path, device: str, batch: int, workers: int, notes: dict):
-    """(FfcvServer or None, {name: runner}): FFCV's Loader over the same 256x256 pixels
-    written as .beton files, JPEG q95 and raw."""
+def _ffcv_ready(work: Path, device: str, notes: dict):
+    """(FFCV's python, its info, a fresh work folder), or (None, None, None) with the reason
+    in notes["ffcv"]."""
     if device != "cpu":
         notes["ffcv"] = "CPU only here (FFCV's GPU path needs cupy; not set up)"
-        return None, {}
+        return None, None, None
     python, info = common.ffcv_python()
     if python is None:
         notes["ffcv"] = info["skipped"]
+        return None, None, None
+    folder = work / "ffcv"
+    folder.mkdir()
+    return python, info, folder
+
+
+def ffcv_contenders(data: dict, work: Path, device: str, batch: int, workers: int, notes: dict):
+    """(FfcvServer or None, {name: runner}): FFCV's Loader over the same 256x256 pixels
+    written as .beton files, JPEG q95 and raw."""
+    python, info, folder = _ffcv_ready(work, device, notes)
+    if python is None:
         return None, {}
     from alexprep.imagenet_prep.samples import SplitSamples
     from alexprep.imagenet_prep.shards import read_split
 
     t0 = time.perf_counter()
-    folder = work / "ffcv"
-    folder.mkdir()
     samples = SplitSamples(read_split(data["builds"]["raw"], "train"))  # the exact pixels the JPEG shards encode
     pixels = np.stack([samples.view(i) for i in range(len(samples))]).reshape(len(samples), 256, 256, 3)
     np.save(folder / "pixels.npy", pixels)
@@ -462,16 +471,10 @@ def ffcv_contenders(data: dict, work: Path, device: str, batch: int, workers: in
 def ffcv_rrc_contenders(data: dict, work: Path, device: str, batch: int, workers: int, notes: dict):
     """--recipe rrc: (FfcvServer or None, {"rrc-ffcv-jpeg": runner}): FFCV's
     RandomResizedCropRGBImageDecoder over a .beton of the stored keep-aspect images."""
-    if device != "cpu":
-        notes["ffcv"] = "CPU only here (FFCV's GPU path needs cupy; not set up)"
-        return None, {}
-    python, info = common.ffcv_python()
+    python, info, folder = _ffcv_ready(work, device, notes)
     if python is None:
-        notes["ffcv"] = info["skipped"]
         return None, {}
     t0 = time.perf_counter()
-    folder = work / "ffcv"
-    folder.mkdir()
     classes = sorted(d.name for d in data["files"].iterdir() if d.is_dir())
     items = [(str(p), i) for i, c in enumerate(classes) for p in sorted((data["files"] / c).iterdir())]
     (folder / "items.json").write_text(json.dumps(items))
