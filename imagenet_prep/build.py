@@ -36,7 +36,7 @@ from alexprep.imagenet_prep.build_lock import build_lock, close_inherited_locks
 from alexprep.imagenet_prep.classes import ClassList, load_classes, read_class_file, save_classes
 from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.forking import frozen_gc
+from alexprep.imagenet_prep.forking import frozen_gc, trim_heap
 from alexprep.imagenet_prep.shards import (
     ShardRecord, ShardWriter, build_id, manifest_name, partial_name, read_manifest, shard_name, shard_schema,
 )
@@ -216,7 +216,9 @@ def build_one_shard(job: ShardJob, samples: tuple, out_split: str, spec: ImageSp
 
 
 def _run_job(args) -> tuple[dict, str]:
-    return build_one_shard(*args), args[0].split
+    record = build_one_shard(*args), args[0].split
+    trim_heap()  # a worker builds many shards: what one freed must not stay resident for the rest
+    return record
 
 
 def read_shard_record(folder: Path, name: str) -> dict | None:

@@ -39,11 +39,13 @@ class SplitSamples:
         self._start = np.empty(n, np.int64)
         self._stop = np.empty(n, np.int64)
         self.labels = np.empty(n, np.int64)  # a shard's rows are filled when it is mapped
-        # Each image's stored (height, width): keep-aspect shards record them; centre-crop
-        # images are all size x size. What recipe="rrc" draws its windows from (filled, as
-        # the labels, when a shard is mapped).
-        self.heights = np.full(n, index.spec.size, np.int32)
-        self.widths = np.full(n, index.spec.size, np.int32)
+        # Each image's stored (height, width): keep-aspect shards record them (filled, as the
+        # labels, when a shard is mapped); centre-crop images are all size x size, a
+        # read-only broadcast that costs no memory. What recipe="rrc" draws its windows from.
+        if index.spec.keep_aspect:
+            self.heights, self.widths = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        else:
+            self.heights = self.widths = np.broadcast_to(np.int32(index.spec.size), (n,))
         self.classes = len(index.classes)
         self._mapped = np.zeros(len(index.shards), bool)
         self._unmapped = len(index.shards)
