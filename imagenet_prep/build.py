@@ -216,9 +216,9 @@ def build_one_shard(job: ShardJob, samples: tuple, out_split: str, spec: ImageSp
 
 
 def _run_job(args) -> tuple[dict, str]:
-    record = build_one_shard(*args), args[0].split
+    record = build_one_shard(*args)
     trim_heap()  # a worker builds many shards: what one freed must not stay resident for the rest
-    return record
+    return record, args[0].split
 
 
 def read_shard_record(folder: Path, name: str) -> dict | None:

@@ -91,7 +91,7 @@ class SplitListing:
 
     def index_of(self, key: str) -> int | None:
         """The row of `key`, by binary search over the sorted keys, or None."""
-        i = bisect.bisect_left(_Keys(self), key)
+        i = bisect.bisect_left(range(len(self)), key, key=self.key)
         return i if i < len(self) and self.key(i) == key else None
 
 
@@ -105,19 +105,6 @@ def _joined(chunks: list[_Chunk]) -> bytearray:
         at += len(chunk.blob)
         chunk.blob = b""
     return out
-
-
-class _Keys:
-    """The listing's keys as a sequence, for bisect."""
-
-    def __init__(self, listing: SplitListing):
-        self.listing = listing
-
-    def __len__(self) -> int:
-        return len(self.listing)
-
-    def __getitem__(self, i: int) -> str:
-        return self.listing.key(i)
 
 
 class ListingBuilder:
@@ -191,7 +178,6 @@ class ListingBuilder:
                 listing._members = {name: np.concatenate([c.members[name] for c in chunks])
                                     for name in chunks[0].members}
             listing._blob = _joined(chunks)
-        self.chunks = {}
         return listing
 
     @staticmethod

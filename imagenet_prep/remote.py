@@ -188,7 +188,11 @@ def open_folder(uri: str) -> RemoteFolder:
         raise DataError(f"{display(uri)}: {problem}")
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+    except ValueError as exc:  # pyarrow.ArrowInvalid: the URI itself
         raise DataError(f"{display(uri)} is not a build folder URI pyarrow can open ({exc}); "
                         "expected s3://bucket/path, gs://, hdfs:// or file:// with options as ?key=value") from None
+    except OSError as exc:  # a well-formed URI whose store did not answer (S3 looks up the bucket's region)
+        raise DataError(f"cannot reach {display(uri)} ({exc}): check the network and the endpoint "
+                        "(?endpoint_override=host:port&scheme=http for a private store); ?region=NAME skips "
+                        "S3's region lookup") from None
     return RemoteFolder(uri, fs, path.rstrip("/"))
