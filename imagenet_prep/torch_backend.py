@@ -7,12 +7,14 @@ the pixels are decoded and rendered depends on the device (`decoder`):
 
 - CPU: workers decode with PIL (pillow-simd where installed) and render each image in
   numpy (`render.render_one`), so the work runs in parallel, one thread per worker.
-- CUDA with torchvision (`decoder="torchvision"`, the default there for JPEG shards):
-  workers only copy each image's bytes; the main process decodes the whole batch in one
-  nvJPEG call (`torchvision.io.decode_jpeg(..., device="cuda")`) and cuts, flips and
-  normalises it with batched tensor operations on the GPU.
-- CUDA without torchvision (`decoder="pil"`): workers decode with PIL and cut the uint8
+- CUDA (`decoder="pil"`, the default): workers decode with PIL and cut the uint8
   windows; the GPU renders them after a pinned, non-blocking copy.
+- CUDA with `decoder="torchvision"`: workers only copy each image's bytes; the main
+  process decodes the whole batch in one nvJPEG call (`torchvision.io.decode_jpeg(...,
+  device="cuda")`) and cuts, flips and normalises it with batched tensor operations on
+  the GPU. Not the default: on an H200 with 16 cores it decoded 3,900 images/s where 16
+  PIL workers gave 11,900, and it takes GPU time from training (benchmarks/GPU.md). It
+  pays where a host has few cores per GPU.
 
 With recipe="rrc" each window is resized to the output size where it is decoded
 (resized_crop.py: PIL in the workers, or torch on the device after torchvision's decode),
@@ -62,13 +64,11 @@ def decode_jpeg_batch(encoded: list[torch.Tensor], device: torch.device) -> list
     return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
-def pick_decoder(decoder: str, device: torch.device, encoding: str) -> str:
-    """"pil" or "torchvision": torchvision's batched nvJPEG decoding on CUDA where it is
-    installed and the shards are JPEG; PIL in the workers otherwise."""
-    if encoding == "raw":
-        return "pil"  # nothing to decode: the workers cut the windows from the raw bytes
-    if decoder == "auto":
-        return "torchvision" if device.type == "cuda" and have_torchvision() else "pil"
+def pick_decoder(decoder: str, encoding: str) -> str:
+    """"pil" or "torchvision": PIL in the workers unless torchvision's batched nvJPEG
+    decoding is asked for by name (see the module's docstring for why)."""
+    if encoding == "raw" or decoder == "auto":
+        return "pil"  # raw: nothing to decode, the workers cut the windows from the raw bytes
     if decoder == "torchvision" and not have_torchvision():
         raise DataError("decoder='torchvision' needs torchvision (pip install 'alexprep[torchvision]'); "
                         "or use decoder='pil'")
@@ -193,7 +193,7 @@ class TorchBackend(BatchStream):
         config = loader.config
         self.device = loader.device
         gpu = self.device.type == "cuda"
-        self.decoder = pick_decoder(config.decoder, self.device, loader.index.spec.encoding)
+        self.decoder = pick_decoder(config.decoder, loader.index.spec.encoding)
         mode = "bytes" if self.decoder == "torchvision" else "windows" if gpu else "render"
         self.mode = mode
         workers = config.threads

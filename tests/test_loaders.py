@@ -578,3 +578,18 @@ def test_dali_names_the_image_that_does_not_decode(jpeg_out, tmp_path):
     loader = eval_loader(damaged, batch_size=8, device="cpu", split="train", workers=1)
     with pytest.raises(DataError, match=f"{shard} row 0"):
         run(loader)
+
+
+def test_the_default_decoder_is_pil_in_workers_on_every_device():
+    """decoder="auto" is PIL in the workers, also on CUDA: on an H200, 16 PIL workers
+    decoded 3x what torchvision's batched nvJPEG did (benchmarks/GPU.md). nvJPEG is asked
+    for by name, and refused in one line where torchvision cannot decode."""
+    from alexprep.imagenet_prep.torch_backend import have_torchvision, pick_decoder
+
+    assert pick_decoder("auto", "jpeg") == "pil" and pick_decoder("auto", "raw") == "pil"
+    assert pick_decoder("torchvision", "raw") == "pil"  # nothing to decode
+    if have_torchvision():
+        assert pick_decoder("torchvision", "jpeg") == "torchvision"
+    else:
+        with pytest.raises(DataError, match="decoder='torchvision' needs torchvision"):
+            pick_decoder("torchvision", "jpeg")
