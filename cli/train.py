@@ -57,6 +57,9 @@ CACHE_HELP = ("A remote SHARDS (a URI) is read through this node-local directory
               help="fp32 (TF32 off on GPUs); tf32 (TF32 matmuls and convolutions, Ampere and later); "
               "bf16 autocast. Only fp32 is the paper's arithmetic.")
 @click.option("--channels-last", is_flag=True, help="NHWC memory format.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Experimental: torch.compile the training step (fused kernels; the first steps compile). "
+              "Not yet verified on a GPU: see benchmarks/GPU.md.")
 @click.option("--bias-init", type=click.Choice(["paper", "caffe"]), default=DEFAULTS.bias_init, show_default=True,
               help="paper: biases 1 in conv2/4/5, fc6/7; caffe: 0.1 (learns sooner).")
 @click.option("--lrn", type=click.Choice(["cuda-convnet", "paper"]), default=DEFAULTS.lrn, show_default=True)
@@ -75,7 +78,7 @@ CACHE_HELP = ("A remote SHARDS (a URI) is read through this node-local directory
 @user_errors
 def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, weight_decay, decay_biases,
                   bias_lr_mult, patience, max_drops, plateau_threshold, milestones, seed, lighting_std, backend,
-                  decoder, device, devices, precision, channels_last, bias_init, lrn, final_crops, checkpoint_minutes,
+                  decoder, device, devices, precision, channels_last, compile_, bias_init, lrn, final_crops, checkpoint_minutes,
                   keep_last, log_every, max_steps, workers, tensorboard, verify_shards, cache_dir):
     """Train the paper's AlexNet on a build folder, with the paper's recipe.
 
@@ -100,7 +103,7 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
         plateau_threshold=plateau_threshold, milestones=steps, seed=seed,
         lighting_std=lighting_std, backend=backend, decoder=decoder, devices=_devices(device, devices),
         precision=precision,
-        channels_last=channels_last, bias_init=bias_init, lrn=lrn, final_crops=int(final_crops),
+        channels_last=channels_last, compile=compile_, bias_init=bias_init, lrn=lrn, final_crops=int(final_crops),
         checkpoint_minutes=checkpoint_minutes, keep_last=keep_last, log_every=log_every, max_steps=max_steps,
         loader_workers=workers, tensorboard=tensorboard, verify_shards=verify_shards,
     )

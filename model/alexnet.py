@@ -262,7 +262,10 @@ def local_response_norm(
     layout, except under autocast, where it computes and returns float32 as autocast's
     own float32 ops do. Differentiable once (no double backward).
     """
-    return _LocalResponseNorm.apply(_checked_lrn_input(x, size, groups), size, alpha, beta, k, groups)
+    x = _checked_lrn_input(x, size, groups)
+    if torch.compiler.is_compiling():
+        return _lrn_formula(x, size, alpha, beta, k, groups)
+    return _LocalResponseNorm.apply(x, size, alpha, beta, k, groups)
 
 
 def _checked_lrn_input(x: Tensor, size: int, groups: int) -> Tensor:
@@ -278,6 +281,24 @@ def _checked_lrn_input(x: Tensor, size: int, groups: int) -> Tensor:
     return x
 
 
+def _lrn_formula(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> Tensor:
+    """The normalisation as plain out-of-place tensor operations, for torch.compile.
+
+    The autograd Functions above save memory and launches in eager mode with in-place adds
+    on channel-shifted views; compiled code gets no gain from them (inductor fuses the
+    whole expression, forward and backward, into a few kernels), and their in-place
+    writes into views and `out=` slices are what compilers handle least well. Here the
+    window sum is `size` slices of the channel-padded squares, which autograd
+    differentiates and inductor fuses in any memory layout."""
+    xw = _widened(x)
+    squares = _grouped(xw * xw, groups)  # (N, G, C/G, H, W)
+    half, per_group = size // 2, squares.shape[2]
+    padded = F.pad(squares, (0, 0, 0, 0, half, half))  # zeros past each group's first and last channel
+    window = sum(padded[:, :, i:i + per_group] for i in range(size))
+    d = (window * alpha + k).flatten(1, 2)
+    return (xw * d.pow(-beta)).to(x.dtype)
+
+
 # On the CPU, _NormPool works in slices of about this many bytes of activations: below
 # glibc's largest mmap threshold (32 MiB), so freed slices are reused, not unmapped.
 CPU_SLICE_BYTES = 8 << 20
@@ -291,6 +312,8 @@ def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: floa
     `chunk`: images per slice; by default the whole batch on a GPU (whose caching allocator
     reuses memory anyway) and about CPU_SLICE_BYTES of maps per slice on the CPU."""
     x = _checked_lrn_input(x, size, groups)
+    if torch.compiler.is_compiling():
+        return F.max_pool2d(_lrn_formula(x, size, alpha, beta, k, groups), POOL_KERNEL, POOL_STRIDE)
     if chunk is None:
         per_image = x[0].numel() * max(x.element_size(), 4)
         chunk = x.shape[0] if x.device.type != "cpu" else max(1, CPU_SLICE_BYTES // max(per_image, 1))

@@ -32,10 +32,11 @@ class TrainConfig:
     normalize: str = "mean-image"  # §2: subtract the mean image; "channel" for mean/std
     order: str = "random"  # or "quasi" for datasets larger than RAM
     backend: str = "auto"  # "dali", "torch", or "auto" (DALI where installed)
-    decoder: str = "auto"  # torch backend: "pil" (CPU workers) or "torchvision" (nvJPEG on CUDA); auto picks
+    decoder: str = "auto"  # torch backend: "pil" (CPU workers; what auto picks) or "torchvision" (nvJPEG on CUDA)
     devices: tuple[str, ...] = ("cpu",)  # one device (grouped towers) or two (one tower each); "auto"
     precision: str = "fp32"  # "fp32" (true fp32, TF32 off), "tf32" (TF32 matmuls on Ampere+), "bf16" autocast
     channels_last: bool = False  # NHWC memory format, faster on some GPUs
+    compile: bool = False  # torch.compile the training forward and backward (its first steps compile)
     bias_init: str = "paper"  # "paper" (1) or "caffe" (0.1, learns sooner)
     lrn: str = "cuda-convnet"  # LRN semantics (alexnet.AlexNetConfig)
     dropout: float = 0.5  # §4.2

@@ -44,6 +44,9 @@ from alexprep.model.evaluate import EvalResult, autocast, error_table, evaluate
 from alexprep.model.metrics import MetricsLog, plot_curves
 from alexprep.model.optim import LrSchedule, PaperSGD, param_groups
 
+# torch.compile's backend for `TrainConfig.compile`: inductor generates fused kernels
+# (Triton on GPUs, C++ on the CPU); the tests set "eager" (tracing only) to stay fast.
+COMPILE_BACKEND = "inductor"
 _DOMAIN_DROPOUT = 0x64726F70  # "drop": the counter-based generator's domain for dropout seeds
 
 
@@ -99,6 +102,11 @@ class Run:
     log: object = print
     progress: bool = True
     tensorboard: object = None
+    forward: object = None  # what a training step calls: `model`, or its torch.compile'd self
+
+    def __post_init__(self):
+        if self.forward is None:
+            self.forward = self.model
 
     @property
     def module(self) -> AlexNet:
@@ -314,9 +322,12 @@ def setup_run(root, run_dir, config, ckpt, ranks, devices, train_data, val_data,
     if ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", json.dumps(config.to_json(), indent=1) + "\n")
+    # Only the training step is compiled: checkpoints keep the module's own state_dict keys,
+    # and evaluation (other batch sizes, dropout off) runs eager rather than compiling again.
+    forward = torch.compile(model, backend=COMPILE_BACKEND) if config.compile else model
     return Run(root, run_dir, config, ranks, devices, model, optimizer, schedule, train_data, val_data,
                MetricsLog(run_dir / "metrics.jsonl", enabled=ranks.main), log, progress,
-               _tensorboard(run_dir, config.tensorboard and ranks.main))
+               _tensorboard(run_dir, config.tensorboard and ranks.main), forward)
 
 
 def run_epochs(run: Run, state: RunState) -> dict:
@@ -409,7 +420,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     if run.config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(run.devices[0], run.config.precision):
-        logits = run.model(images)
+        logits = run.forward(images)
     labels = labels.to(logits.device, non_blocking=True)
     loss = F.cross_entropy(logits.float(), labels)
     run.optimizer.zero_grad(set_to_none=True)

@@ -182,6 +182,42 @@ def test_interrupted_and_resumed_run_gives_the_same_weights(uninterrupted, stats
     assert pick(metrics) == pick(whole)
 
 
+def test_compile_trains_the_same_weights_and_saves_plain_checkpoints(uninterrupted, stats_build, tmp_path,
+                                                                      monkeypatch):
+    """--compile wraps only the training step: with dynamo's "eager" backend (tracing, the
+    same aten ops, the same dropout masks) the run follows the uncompiled one step by step
+    (float32 drift only: dynamo's tensors differ in the last bit from step 1, as torch
+    allows), and the checkpoint has the module's own keys (no "_orig_mod." prefix), so it
+    loads into an uncompiled model."""
+    import alexprep.model.train as train_module
+
+    calls = []
+    real_compile = torch.compile
+
+    def spy(model, **kw):
+        calls.append(kw)
+        return real_compile(model, **kw)
+
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(torch, "compile", spy)
+    run_dir = tmp_path / "compiled"
+    train(stats_build, run_dir, TrainConfig(**{**FAST.to_json(), "compile": True}), progress=False,
+          log=lambda *a: None)
+    assert calls == [{"backend": "eager"}]
+    assert json.loads((run_dir / "config.json").read_text())["compile"] is True
+
+    def losses(d: Path) -> list[float]:
+        rows = map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+        return [r["loss"] for r in rows if r["kind"] == "step"]
+
+    ours, reference = losses(run_dir), losses(uninterrupted)
+    assert len(ours) == len(reference) == 8
+    assert ours[0] == pytest.approx(reference[0], rel=1e-5)
+    assert ours == pytest.approx(reference, rel=2e-3)
+    model = AlexNet(4)
+    model.load_state_dict(_weights(run_dir))  # strict: the same keys as an uncompiled model's
+
+
 def test_two_processes_match_one_on_the_same_global_batch(stats_build, tmp_path):
     # Dropout off: its masks come from each process's own RNG, so they cannot match.
     config = {**FAST.to_json(), "dropout": 0.0, "epochs": 1, "max_steps": 2, "loader_workers": 1}
