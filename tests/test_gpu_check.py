@@ -13,9 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-SECTIONS = ["machine", "data", "model", "two_device", "loader", "trainer", "resume", "eval", "compile"]
+SECTIONS = ["machine", "data", "lrn", "model", "two_device", "loader", "trainer", "resume", "eval", "compile"]
 # A measured row carries one of these; a row that did not run says why.
-NUMBERS = ("images_per_s", "images_per_s_wall", "eval_images_per_s", "exact")
+NUMBERS = ("images_per_s", "images_per_s_wall", "eval_images_per_s", "exact", "ms")
 REASONS = ("skipped", "error")
 
 
@@ -52,7 +52,12 @@ def test_what_must_run_on_the_cpu_ran(smoke):
     for r in tv:  # torchvision's contender runs where it imports, and says why not elsewhere
         assert r.get("images_per_s") or "torchvision" in r.get("skipped", "") or "CPU smoke" in r.get("skipped", "")
     compare = sections["two_device"]["compare"]
-    assert compare["ok"] and compare["tolerance"]["output_rel"] > 0
+    # ('cpu', 'cpu') runs the same kernels as one CPU: the same distance to float64.
+    assert compare["ok"] and compare["worst_ratio"]["ratio"] <= 1.0, compare
+    assert 0 < compare["one_vs_float64"]["grad_worst"] < 0.5 and compare["split_vs_one"]["output"] < 1e-5
+    lrn = {(r["stage"], r["precision"], r["contender"]): r for r in sections["lrn"]["rows"]}
+    assert lrn[("norm1+pool1", "fp32", "lrn+pool eager")]["ms"] > 0
+    assert lrn[("norm2+pool2", "bf16", "max_pool2d alone")]["ms"] > 0
     loader = {r["name"]: r for r in sections["loader"]["rows"]}
     assert loader["jpeg/pil"]["images_per_s"] > 0 and loader["raw/pil"]["images_per_s"] > 0
     trainer = sections["trainer"]["rows"][0]
