@@ -181,6 +181,32 @@ def epoch_order(shard_rows, seed: int, epoch: int, order: str = "random", buffer
     return np.lexsort((sample_keys, group))  # by group, then by the sample's key
 
 
+def quasi_span(shard_rows, buffer_shards: int, samples: int) -> int:
+    """The most shards `samples` consecutive samples of quasi orders can touch, in any epoch
+    and across an epoch's end into the next: what a size-limited cache must hold at once.
+
+    Such a run meets at most three windows in part (one at each end, the epoch's last) and
+    whole ones between, each of `buffer_shards` shards; whole windows are counted as if
+    made of the smallest shards, each allowed twice (once per epoch), so it is a bound
+    for every shuffle."""
+    rows = np.sort(np.repeat(np.asarray(shard_rows, np.int64), 2))
+    sums = np.cumsum(rows)[buffer_shards - 1::buffer_shards]  # rows of the k smallest windows, k = 1, 2, ...
+    whole = int(np.searchsorted(sums, samples, side="right"))
+    return min(len(shard_rows), (whole + 3) * buffer_shards)
+
+
+def sequential_span(shard_rows, samples: int) -> int:
+    """The most shards `samples` consecutive samples in shard order can touch (evaluation's
+    order), anywhere in the split."""
+    ends = np.cumsum(np.asarray(shard_rows, np.int64))
+    n = int(ends[-1]) if len(ends) else 0
+    if n == 0:
+        return 0
+    first = np.arange(max(1, n - samples + 1))
+    last = np.minimum(first + samples - 1, n - 1)
+    return int((np.searchsorted(ends, last, side="right") - np.searchsorted(ends, first, side="right")).max()) + 1
+
+
 def rank_split(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """Rank r's part of an epoch order: order[r : W * (n // W) : W] (see the module doc)."""
     check_rank(rank, world_size)

@@ -85,6 +85,52 @@ def test_epoch_orders():
     assert len(shard_orders) == 3  # the shards' order changes every epoch
 
 
+def _held(order: np.ndarray, rows, start: int, run: int) -> int:
+    """Shards of the epoch `order` whose span (first to last sample in it) meets positions
+    start..start+run-1: those a size-limited cache holds while that run is in flight."""
+    shard = np.searchsorted(np.cumsum(rows), order, side="right")
+    first = {int(s): i for i, s in reversed(list(enumerate(shard)))}
+    last = {int(s): i for i, s in enumerate(shard)}
+    return sum(1 for s in first if first[s] < start + run and last[s] >= start)
+
+
+def _most_held(rows, buffer: int, run: int, epochs: int, cuts) -> int:
+    """The most shards a run of `run` samples holds, over epochs cut short by each of `cuts`
+    samples (a rank's plan drops its tail) and going on into the next epoch."""
+    most = 0
+    for epoch in range(epochs):
+        for cut in cuts:
+            this = augment.epoch_order(rows, seed=7, epoch=epoch, order="quasi", buffer_shards=buffer)
+            this = this[:len(this) - cut]
+            after = augment.epoch_order(rows, seed=7, epoch=epoch + 1, order="quasi", buffer_shards=buffer)
+            for start in range(len(this)):
+                into_next = max(0, start + run - len(this))
+                held = _held(this, rows, start, run) + (_held(after, rows, 0, into_next) if into_next else 0)
+                most = max(most, min(held, len(rows)))
+    return most
+
+
+def test_quasi_span_bounds_the_shards_any_run_of_samples_holds():
+    rng = np.random.default_rng(0)
+    reached = 0
+    for _ in range(200):
+        rows = rng.integers(1, 12, int(rng.integers(2, 16)))
+        rows[-1] = rng.integers(1, 3)  # a build's last shard is short
+        buffer, run = int(rng.integers(1, 4)), int(rng.integers(1, 30))
+        most = _most_held(rows, buffer, run, epochs=2, cuts=[int(rng.integers(0, 12))])
+        assert most <= augment.quasi_span(rows, buffer, run), (rows, buffer, run)
+        reached += most == augment.quasi_span(rows, buffer, run)
+    assert reached > 20  # often reached: not a bound that merely says "every shard"
+    # A short epoch end between two whole shards: three windows met in part.
+    assert _most_held([8, 5, 7, 6, 1], 1, 9, epochs=4, cuts=range(12)) == augment.quasi_span([8, 5, 7, 6, 1], 1, 9) == 5
+
+
+def test_sequential_span():
+    rows = [3, 3, 1, 3]
+    assert [augment.sequential_span(rows, n) for n in (1, 2, 3, 4, 5, 10)] == [1, 2, 3, 3, 3, 4]  # 3: samples 5-7
+    assert augment.sequential_span([], 4) == 0
+
+
 def test_rank_split_is_equal_disjoint_and_covers_all_but_n_mod_w():
     order = augment.epoch_order([10, 13], seed=3, epoch=0)
     for w in (1, 2, 3, 5):
