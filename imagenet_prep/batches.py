@@ -93,6 +93,17 @@ class BatchStream(abc.ABC):
         self._generation += 1
         return self._iterate(self._generation, plan.epoch, range(start, len(plan)))
 
+    def continues(self, plan: EpochPlan, start: int) -> bool:
+        """Whether a run of `plan` from `start` continues the stream (keeps what it fed ahead)."""
+        return self._next == stream_position(plan, start)
+
+    def stop(self) -> None:
+        """Drop what was fed ahead (a size-limited cache then lets go of its shards); the next
+        run starts the stream afresh."""
+        if self._next is not None:
+            self._restart(iter(()))
+            self._next = None
+
     def _iterate(self, generation: int, epoch: int, numbers: range):
         dtype = torch_dtype(self.loader.config.dtype)
         last = len(numbers) and numbers[-1]

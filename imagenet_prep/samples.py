@@ -22,17 +22,25 @@ class SplitSamples:
     local, blocking until it is; shards are then mapped when a batch first needs them
     (`ensure`, which `labels_of` and `views` call), so that training starts before the
     whole split has arrived. Without it every shard is mapped here.
+
+    `unmap(k)` drops this process's map of shard k again: a size-limited cache deletes the
+    shards the plan has passed, and a deleted file keeps its disk space while any process
+    maps it. `transient` (such a cache's DataLoader workers): `let_go()` after each batch
+    unmaps everything, so that a worker maps shards only while it reads a batch.
     """
 
-    def __init__(self, index: SplitIndex, fetch=None):
+    def __init__(self, index: SplitIndex, fetch=None, transient: bool = False):
         self.index = index
         self.fetch = fetch
+        self.transient = transient
         self.shard_rows = np.array([s.rows for s in index.shards], np.int64)
         self._ends = np.cumsum(self.shard_rows)
         # One uint8 view of each shard's whole memory map (it keeps the map alive), and each
         # image as (view, start, stop) in it. The Arrow tables are dropped once read: their
         # per-batch metadata held ~65 bytes per sample of native memory at ImageNet scale.
-        self._buffers: list[np.ndarray] = []
+        self._buffers: list[np.ndarray | None] = []
+        self._slots: dict[int, list[int]] = {}  # shard -> its entries in _buffers (freed by unmap)
+        self._free: list[int] = []  # entries of _buffers to reuse
         n = int(self.shard_rows.sum())  # each shard's rows are checked against the manifest on opening
         # Filled in place: no per-chunk pieces to concatenate (a second copy at the peak).
         self._chunk = np.empty(n, np.int32)
@@ -70,8 +78,8 @@ class SplitSamples:
         if sizes is not None:
             self.heights[row:row + shard.rows], self.widths[row:row + shard.rows] = sizes.T
         base = shard_map.buffer.address
-        whole = len(self._buffers)
-        self._buffers.append(np.frombuffer(shard_map.buffer, np.uint8))
+        slots = self._slots[k] = []
+        whole = self._slot(np.frombuffer(shard_map.buffer, np.uint8), slots)
         for chunk in image_bytes_column(table).chunks:
             if chunk.null_count:
                 raise DataError(f"shard {index.shard_path(shard)} has rows without image bytes")
@@ -81,8 +89,7 @@ class SplitSamples:
             if data is not None and base <= data.address and data.address + data.size <= base + shard_map.buffer.size:
                 where, off = whole, off + (data.address - base)  # zero-copy: a slice of the map
             else:  # not a slice of the map (empty, or a reader that copied): its own view
-                where = len(self._buffers)
-                self._buffers.append(np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8))
+                where = self._slot(np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8), slots)
             self._chunk[row:row + len(chunk)] = where
             self._start[row:row + len(chunk)] = off[:-1]
             self._stop[row:row + len(chunk)] = off[1:]
@@ -91,6 +98,34 @@ class SplitSamples:
         shard_map.normal()  # headers, labels and offsets read: read-around again for the images
         self._mapped[k] = True
         self._unmapped -= 1
+
+    def _slot(self, buffer: np.ndarray, slots: list[int]) -> int:
+        """An entry of _buffers for `buffer` (a freed one if any: workers map per batch)."""
+        where = self._free.pop() if self._free else len(self._buffers)
+        if where == len(self._buffers):
+            self._buffers.append(buffer)
+        else:
+            self._buffers[where] = buffer
+        slots.append(where)
+        return where
+
+    def unmap(self, k: int) -> None:
+        """Drop this process's map of shard k (mapped again, fetched first, if a batch needs
+        it later). Views already handed out stay valid: they keep the map alive until they go."""
+        with self._lock:
+            if not self._mapped[k]:
+                return
+            for where in self._slots.pop(k):
+                self._buffers[where] = None
+                self._free.append(where)
+            self._mapped[k] = False
+            self._unmapped += 1
+
+    def let_go(self) -> None:
+        """After a worker's batch: with a size-limited cache (`transient`), unmap every shard."""
+        if self.transient:
+            for k in np.flatnonzero(self._mapped).tolist():
+                self.unmap(k)
 
     def shard_of(self, indices) -> np.ndarray:
         """The shard (position in the manifest order) of each sample."""
@@ -104,7 +139,8 @@ class SplitSamples:
         for k in shards[~self._mapped[shards]].tolist():
             with self._lock:
                 if not self._mapped[k]:
-                    self.fetch(self.index.shards[k])
+                    if self.fetch is not None:
+                        self.fetch(self.index.shards[k])
                     self._map(k)
 
     def labels_of(self, indices) -> np.ndarray:

@@ -95,6 +95,7 @@ class ShardBatches(Dataset):
     def __init__(self, samples: SplitSamples, crop: int, mode: str, norm=None, rrc: bool = False):
         self.samples = samples  # dropped when pickled, re-opened in the worker
         self.fetch = samples.fetch  # a remote build's cache (shard_cache.ShardCache), or None
+        self.transient = samples.transient  # a size-limited cache: workers map shards per batch
         self.index = samples.index
         self.spec = samples.index.spec
         self.crop = crop
@@ -108,7 +109,7 @@ class ShardBatches(Dataset):
 
     def _samples(self) -> SplitSamples:
         if self.samples is None:
-            self.samples = SplitSamples(self.index, self.fetch)
+            self.samples = SplitSamples(self.index, self.fetch, self.transient)
         return self.samples
 
     def __len__(self) -> int:
@@ -140,6 +141,13 @@ class ShardBatches(Dataset):
         return self._resized(sample, windows[0], failures), np.array([[0, 0, windows[0, 4]]], np.int64)
 
     def __getitem__(self, batch):
+        try:
+            return self._get(batch)
+        finally:
+            if get_worker_info() is not None:  # the main process lets go of its shards (loaders._releasing)
+                self._samples().let_go()
+
+    def _get(self, batch) -> WorkerBatch:
         b, k, c = len(batch), batch.windows.shape[1], self.crop
         labels = torch.from_numpy(np.array(batch.labels, np.int64))
         windows = torch.from_numpy(np.array(batch.windows, np.int64))

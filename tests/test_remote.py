@@ -483,3 +483,32 @@ def test_a_worker_forked_while_a_shard_is_locked_does_not_keep_it_locked(tmp_pat
         assert got  # the child's inherited descriptor was closed: the parent's release released it
     os.kill(child, signal.SIGKILL)
     os.waitpid(child, 0)
+
+
+def test_unmap_lets_the_pages_of_a_deleted_shard_go(stats_build, tmp_path):
+    import gc
+    import shutil
+
+    from alexprep.imagenet_prep.samples import SplitSamples
+
+    out = tmp_path / "out"
+    shutil.copytree(stats_build, out)
+    samples = SplitSamples(read_split(out, "train"))
+    path = samples.index.shard_path(samples.index.shards[0])
+
+    def mapped() -> bool:
+        return str(path) in Path("/proc/self/maps").read_text()
+
+    view = samples.view(2)
+    data = bytes(view)
+    path.unlink()  # as an evicting cache deletes it
+    samples.unmap(0)
+    assert mapped() and bytes(view) == data  # a view handed out keeps its map (and the deleted file) alive
+    del view
+    gc.collect()
+    assert not mapped()  # nothing of this process holds the deleted file's pages now
+    shutil.copy(stats_build / "train" / path.name, path)
+    assert bytes(samples.view(2)) == data and mapped()  # mapped again when needed
+    samples.transient = True
+    samples.let_go()
+    assert not mapped() and not samples._mapped.any()
