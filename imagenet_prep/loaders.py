@@ -33,14 +33,14 @@ from typing import Iterator
 
 import numpy as np
 
-from alexprep.imagenet_prep import augment, rrc
+from alexprep.imagenet_prep import augment, rrc, shard_cache
 from alexprep.imagenet_prep.batches import Batch, EpochPlan
 from alexprep.imagenet_prep.dali_backend import DaliBackend
-from alexprep.imagenet_prep.devices import check_device, cpu_share, dtype_name, parse_device, DTYPES
+from alexprep.imagenet_prep.devices import check_device, cpu_share, dtype_name, local_world_size, parse_device, DTYPES
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.normalization import NORMALIZE, Normalization, resolve_stats
 from alexprep.imagenet_prep.samples import SplitSamples
-from alexprep.imagenet_prep.shard_cache import first_use_order, open_split
+from alexprep.imagenet_prep.shard_cache import EvictingCache, first_use_order, open_split
 from alexprep.imagenet_prep.torch_backend import DECODERS, TorchBackend
 
 BACKENDS = ("dali", "torch")
@@ -91,7 +91,8 @@ class LoaderConfig:
     ratio: tuple = rrc.RATIO  # rrc: the window's width / height range
     resize: int | None = None  # rrc evaluation: the shorter side before the centre crop; None: crop / 0.875
     cache_dir: str | None = None  # a remote build's node-local shard cache (shard_cache.py)
-    cache_limit: int | None = None  # bytes the split may take in it; more is refused before downloading
+    cache_limit: int | None = None  # bytes the split may take in it: more is refused before downloading,
+    # unless the loader reads a few shards at a time (order="quasi", evaluation): then only those are kept
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -149,6 +150,30 @@ class LoaderConfig:
             return self.workers
         return cpu_share() if self.train else max(1, cpu_share() // 2)
 
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches a backend makes (their shards fetched) ahead of the one it hands out: the
+        DataLoader's workers times their prefetch (torch), the pipeline's queue and the batch
+        being fed (DALI)."""
+        if self.backend == "torch":
+            return self.threads * self.prefetch if self.threads else 1
+        return self.prefetch + 1
+
+    def shards_in_use(self, shard_rows) -> tuple[int, int] | None:
+        """(shards, ahead) for a size-limited cache (shard_cache.EvictingCache): the most shards
+        of a split with `shard_rows` that this loader, and the ranks of its node, hold at once,
+        and how many of them it fetches ahead of its batches (one window, and at least one per
+        download thread). None in random order: any batch may need any shard."""
+        if self.train and self.order != "quasi":
+            return None
+        # The batches in flight, one more being handed out, and a rank one step ahead.
+        samples = (self.batches_in_flight + 2) * self.batch_size
+        if self.train:  # the ranks read the same windows: rank r takes every W-th sample of them
+            ahead = max(self.buffer_shards, shard_cache.PREFETCH_WORKERS)
+            return augment.quasi_span(shard_rows, self.buffer_shards, samples * self.world_size) + ahead, ahead
+        ahead = shard_cache.PREFETCH_WORKERS  # evaluation: each rank of the node reads its own block
+        return min(local_world_size(), self.world_size) * (augment.sequential_span(shard_rows, samples) + ahead), ahead
+
 
 class Loader:
     """Iterable of (images, labels); see the module docstring. Made by `train_loader` and
@@ -165,7 +190,9 @@ class Loader:
         self.config = config
         self.device = check_device(config.device)
         # A remote build (a URI) is read through its cache: root is then its local mirror.
-        self.index, self._cache = open_split(root, split, config.cache_dir, config.cache_limit)
+        self.index, self._cache = open_split(root, split, config.cache_dir, config.cache_limit,
+                                             lambda index: config.shards_in_use([s.rows for s in index.shards]))
+        self._evicting = isinstance(self._cache, EvictingCache)
         self.root = self.index.root
         self.size = self.index.spec.size
         self._check_recipe()
@@ -173,7 +200,10 @@ class Loader:
         self.positions = self.size - config.crop + 1 if config.recipe == "paper" else 0
         self.stats = resolve_stats(self.root, stats, self.index)
         self.norm = Normalization.from_stats(self.stats, config.normalize, self.size)
-        self.samples = SplitSamples(self.index, self._cache.fetch if self._cache else None)
+        self.samples = SplitSamples(self.index, self._cache.fetch if self._cache else None, transient=self._evicting)
+        if self._evicting:
+            self._cache.drop = self.samples.unmap  # the cache unmaps a shard here before it lets go of it
+            self._last_uses: dict[int, np.ndarray] = {}
         self.decode_failures: list[str] = []  # "shard row: reason", the first MAX_FAILURES_LISTED
         self.decode_failure_count = 0
         n = len(self.samples)
@@ -196,7 +226,7 @@ class Loader:
         self._orders: dict[int, np.ndarray] = {}
         self._backend = DaliBackend(self) if config.backend == "dali" else TorchBackend(self)
         if self._cache is not None:  # a remote build: start downloading what the first epoch needs
-            self._cache.prefetch(first_use_order(self.index, self.plan().order))
+            self._cache.prefetch(first_use_order(self.index, self.plan().order, rest=not self._evicting), self._epoch)
 
     @property
     def cache(self):
@@ -255,6 +285,8 @@ class Loader:
     def _make_batch(self, epoch: int, number: int, index: np.ndarray) -> Batch:
         c = self.config
         labels = self.samples.labels_of(index)  # a remote build's shards are fetched here
+        if self._evicting:
+            self._hold(epoch, index)
         if c.recipe == "rrc":
             return self._make_rrc_batch(epoch, number, index, labels)
         if not c.train:
@@ -280,6 +312,38 @@ class Loader:
         cmn = (self.norm.base[None, :] - shift).astype(np.float32)
         return Batch(epoch, number, index, labels, d.windows[:, None], cmn, d)
 
+    # -- a size-limited cache (shard_cache.EvictingCache)
+    def _hold(self, epoch: int, index: np.ndarray) -> None:
+        """Keep the shards of a batch being made until their last batch of `epoch` is out."""
+        last = self._last_use(epoch)
+        shards = np.unique(self.samples.shard_of(index))
+        self._cache.hold(shards.tolist(), [(epoch, int(b)) for b in last[shards]])
+
+    def _last_use(self, epoch: int) -> np.ndarray:
+        """Each shard's last batch in `epoch` on this rank (-1: none): when the cache may let it go."""
+        key = epoch if self.config.train else -1  # evaluation reads the same batches every time
+        if key not in self._last_uses:
+            plan = self.plan(epoch)
+            reversed_shards = self.samples.shard_of(plan.order)[::-1]
+            shards, from_end = np.unique(reversed_shards, return_index=True)
+            last = np.full(len(self.index.shards), -1, np.int64)
+            last[shards] = (len(plan.order) - 1 - from_end) // plan.batch_size
+            self._last_uses[key] = last
+            while len(self._last_uses) > 3:  # the feed runs an epoch ahead of what is handed out
+                del self._last_uses[next(iter(self._last_uses))]
+        return self._last_uses[key]
+
+    def _releasing(self, batches: Iterator, epoch: int, start: int) -> Iterator:
+        """`batches`, letting go of each shard once its last batch is out. An evaluation pass
+        then drops what was fed ahead and lets go of everything: nothing stays held between
+        passes (another loader of the split may need the room)."""
+        for number, item in enumerate(batches, start):
+            self._cache.release_through((epoch, number))
+            yield item
+        if not self.config.train:
+            self._backend.stop()
+            self._cache.release_held()
+
     def report_decode_failures(self, failures: list[str]) -> None:
         """Called by the backend for images that did not decode (fed as grey instead)."""
         self.decode_failure_count += len(failures)
@@ -290,10 +354,15 @@ class Loader:
     def __iter__(self) -> Iterator:
         plan = self.plan(self._epoch)
         start = self._start_batch
+        if self._evicting and not self._backend.continues(plan, start):
+            self._backend.stop()  # what was fed ahead is dropped: so are the shards held for it
+            self._cache.release_held()
         if self._cache is not None:  # the shards of a remote build, in the order this run needs them
-            self._cache.prefetch(first_use_order(self.index, plan.order[start * plan.batch_size:]))
+            self._cache.prefetch(first_use_order(self.index, plan.order[start * plan.batch_size:],
+                                                 rest=not self._evicting), plan.epoch)
         self._epoch, self._start_batch = self._epoch + 1, 0  # a broken-off epoch still advances
-        return self._backend.run(plan, start)
+        batches = self._backend.run(plan, start)
+        return self._releasing(batches, plan.epoch, start) if self._evicting else batches
 
     def close(self) -> None:
         """Stop worker processes and free the pipeline (also done when collected)."""
@@ -331,6 +400,8 @@ def train_loader(root, *, batch_size: int, device: str, seed: int, stats=None, s
     the recipe's.
     root may be a URI (s3://, gs://, hdfs://, file://): its shards are then downloaded into
     `cache_dir`, verified, as training needs them (docs/design.md, "Remote build folders").
+    cache_limit: the most bytes the split may take there; with order="quasi" a larger split
+    is read keeping only the shards in use (each epoch then downloads it all again).
     """
     config = LoaderConfig(batch_size=batch_size, device=str(device), backend=backend, train=True, seed=seed,
                           lighting_std=lighting_std, normalize=normalize, order=order, buffer_shards=buffer_shards,

@@ -8,11 +8,15 @@ mapped like a local shard (docs/design.md, "Remote build folders").
     CACHE/<build id>/<split>/.<shard>.arrow.ok               what was verified: sha256, bytes, mtime_ns
     CACHE/<build id>/<split>/.<shard>.arrow.lock             flock: one download per shard per node
     CACHE/<build id>/<split>/.<shard>.arrow.download         a download in progress (never mapped)
+    CACHE/<build id>/<split>/.room.lock                      flock: a size-limited cache's accounting
 
 A shard's final name appears only by a rename after its hash matched, so a kill -9 at any
 point leaves a temporary file the next holder of the lock overwrites. A shard whose marker
 matches the manifest's hash and the file's size and mtime is reused without rehashing (a
 file changed in place since has another mtime; bit rot is what `alexprep verify` is for).
+
+A cache smaller than its split (`cache_limit`) is an EvictingCache, for readers that need
+a few shards at a time: see its docstring for what it keeps and how ranks share it.
 """
 from __future__ import annotations
 
@@ -21,10 +25,13 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import threading
+import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -38,6 +45,10 @@ from alexprep.imagenet_prep.shards import ShardRecord, SplitIndex, file_sha256, 
 SMALL_FILES = ("classes.json", "stats.npz", "stats.json")  # what the loaders read besides shards
 PREFETCH_WORKERS = 4  # parallel downloads per process: S3 serves each stream at a fraction of a NIC
 RESERVE = 1 << 30  # free space left on the cache's disk after the split is in it
+ROOM_LOCK = ".room.lock"  # in a split's folder: a size-limited cache's reservations, one at a time
+ROOM_POLL_S = 0.05  # a download waiting for room looks again this often (other processes free it)
+ROOM_WARN_S = 120  # a batch waiting this long for room says so (once): too many readers for the limit
+PREFETCH_THREAD = "alexprep-prefetch"
 # Lock descriptors open now (locked or about to be), closed in forked children. flock locks
 # belong to the open file, which a fork shares: a DataLoader worker forked while a download
 # thread held (or was about to take) a shard's lock would otherwise keep that shard locked
@@ -60,24 +71,40 @@ os.register_at_fork(before=lambda: _FORK_GUARD.acquire(), after_in_parent=lambda
                     after_in_child=_after_fork_in_child)
 
 
+def _open_lock(path: Path) -> int:
+    """A descriptor of lock file `path`, registered in _HELD (forked children close theirs)."""
+    with _FORK_GUARD:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        _HELD.add(fd)
+    return fd
+
+
+def _close_lock(fd: int) -> None:
+    """Close a descriptor of _open_lock, which drops its lock."""
+    with _FORK_GUARD:
+        _HELD.discard(fd)
+        os.close(fd)
+
+
+def _flock(fd: int, mode: int, wait: bool) -> bool:
+    """flock `fd` in `mode` (LOCK_SH or LOCK_EX); False at once, instead of waiting, when
+    `wait` is False and another holds it."""
+    try:
+        fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _locked(path: Path, wait: bool = True):
     """flock `path` exclusively (as build_lock.py does: the kernel drops it if we die);
     yields False at once instead of waiting when `wait` is False and another holds it."""
-    with _FORK_GUARD:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        _HELD.add(fd)
+    fd = _open_lock(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        yield _flock(fd, fcntl.LOCK_EX, wait)
     finally:
-        with _FORK_GUARD:
-            _HELD.discard(fd)
-            os.close(fd)
+        _close_lock(fd)
 
 
 class _Stopped(Exception):
@@ -86,6 +113,9 @@ class _Stopped(Exception):
 
 class ShardCache:
     """A remote split's shards, made local on demand (`fetch`) and ahead of use (`prefetch`)."""
+
+    BACKGROUND_WAITS = False  # prefetch: a shard another process downloads is left to it, waited for last
+    _UNPICKLED = ("_lock", "_queue", "_threads")  # what _init_threads makes again
 
     def __init__(self, remote: rm.RemoteFolder, index: SplitIndex, workers: int | None = None):
         self.remote, self.index, self.workers = remote, index, workers or PREFETCH_WORKERS
@@ -103,7 +133,7 @@ class ShardCache:
         self._stop = False
 
     def __getstate__(self):  # a spawned DataLoader worker: no threads, no queue
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_queue", "_threads")}
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -117,7 +147,7 @@ class ShardCache:
         if shard.name in self._local:
             return True
         path = self.index.shard_path(shard)
-        with _locked(path.with_name(f".{shard.name}.lock"), wait) as held:
+        with _locked(self._lock_path(shard), wait) as held:
             if not held:
                 return False
             if not self._verified(shard, path):
@@ -129,6 +159,12 @@ class ShardCache:
 
     def _marker(self, path: Path) -> Path:
         return path.with_name(f".{path.name}.ok")
+
+    def _lock_path(self, shard: ShardRecord) -> Path:
+        return self.index.folder / f".{shard.name}.lock"
+
+    def _tmp(self, shard: ShardRecord) -> Path:
+        return self.index.folder / f".{shard.name}.download"
 
     def _verified(self, shard: ShardRecord, path: Path) -> bool:
         """Whether `path` holds the manifest's shard: by its marker (no rehash), else by
@@ -155,7 +191,7 @@ class ShardCache:
         is downloaded once more, then is an error naming the object. Renamed into place
         only once size and SHA-256 match."""
         rel = f"{self.index.split}/{shard.name}"
-        tmp = path.with_name(f".{shard.name}.download")
+        tmp = self._tmp(shard)
         try:
             for attempt in range(2):
                 with rm.remote_errors(self.remote.uri):
@@ -172,12 +208,16 @@ class ShardCache:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        os.replace(tmp, path)
+        self._publish(tmp, path)
         st = os.stat(path)
         write_text_atomic(self._marker(path), json.dumps({"sha256": sha, "bytes": size, "mtime_ns": st.st_mtime_ns}))
         with self._lock:
             self.downloads += 1
             self.downloaded_bytes += size
+
+    def _publish(self, tmp: Path, path: Path) -> None:
+        """A verified download under its final name."""
+        os.replace(tmp, path)
 
     def _copy(self, rel: str, tmp: Path) -> tuple[int, str]:
         """Stream one object into `tmp` (truncating what a failed try left), hashing as it
@@ -208,26 +248,28 @@ class ShardCache:
         return mark == {"sha256": shard.sha256, "bytes": shard.bytes, "mtime_ns": st.st_mtime_ns}
 
     # -- in the background
-    def prefetch(self, shards: list[ShardRecord]) -> None:
+    def prefetch(self, shards: list[ShardRecord], epoch: int | None = None) -> None:
         """Download `shards` in this order in the background, `workers` at a time (replacing
-        the order of an earlier call). Shards another process holds are waited for last."""
+        the order of an earlier call). Shards another process holds are waited for last.
+        `epoch`: the epoch the order is for (an EvictingCache paces it by that epoch's batches)."""
         with self._lock:
             self._queue = collections.deque(s for s in shards if s.name not in self._local)
             self._threads = [t for t in self._threads if t.is_alive()]
             while self._queue and len(self._threads) < self.workers and not self._stop:
-                thread = threading.Thread(target=self._prefetch_loop, daemon=True, name="alexprep-prefetch")
+                thread = threading.Thread(target=self._prefetch_loop, daemon=True, name=PREFETCH_THREAD)
                 thread.start()
                 self._threads.append(thread)
+
+    def _next_queued(self) -> ShardRecord | None:
+        """The next shard of the prefetch queue; None once it is empty or the cache closed."""
+        with self._lock:
+            return self._queue.popleft() if self._queue and not self._stop else None
 
     def _prefetch_loop(self) -> None:
         later = []
         try:
-            while True:
-                with self._lock:
-                    shard = self._queue.popleft() if self._queue and not self._stop else None
-                if shard is None:
-                    break
-                if not self.fetch(shard, wait=False):
+            while (shard := self._next_queued()) is not None:
+                if not self.fetch(shard, wait=self.BACKGROUND_WAITS):
                     later.append(shard)  # another rank of this node is downloading it
             for shard in later:
                 if not self._stop:
@@ -254,20 +296,288 @@ class ShardCache:
                 f"({_size(sum(s.bytes for s in cached))} of {_size(sum(s.bytes for s in self.index.shards))}) "
                 f"cached in {self.index.folder}")
 
-    def check_space(self, limit: int | None) -> None:
-        """Refuse, before anything downloads, a split that does not fit: over `limit`
-        bytes, or more than the cache's disk has free (keeping RESERVE)."""
+    def check_space(self, limit: int | None, in_use: tuple[int, int] | None = None) -> bool:
+        """Refuse, before anything downloads, a split that does not fit: over `limit` bytes,
+        or more than the cache's disk has free (keeping RESERVE). A reader that needs a few
+        shards at a time gives `in_use` = (shards it holds at once, shards it fetches ahead):
+        a split over `limit` is then to be read through an EvictingCache (True), if `limit`
+        holds that many of its largest shards."""
         total = sum(s.bytes for s in self.index.shards)
-        need = sum(s.bytes for s in self.index.shards if not self.is_cached(s))
+        evict = limit is not None and total > limit
+        if evict:
+            self._check_window(limit, total, in_use)
+        need = (limit if evict else total) - sum(s.bytes for s in self.index.shards if self.is_cached(s))
         where = self.index.folder
-        if limit is not None and total > limit:
-            raise DataError(f"{self.remote.name(self.index.split)} takes {_size(total)}, more than the cache limit "
-                            f"of {_size(limit)}: raise the limit or use a cache on a larger disk")
         free = shutil.disk_usage(where).free
         if need > free - RESERVE:
             raise DataError(f"the cache {where.parent.parent} has {_size(free)} free; {self.remote.name(self.index.split)} "
                             f"needs {_size(need)} more (and {_size(RESERVE)} to spare): free space there or give "
                             f"another cache directory")
+        return evict
+
+    def _check_window(self, limit: int, total: int, in_use: tuple[int, int] | None) -> None:
+        split, shards = self.remote.name(self.index.split), self.index.shards
+        if in_use is None:
+            raise DataError(f"{split} takes {_size(total)}, more than the cache limit of {_size(limit)}: raise the "
+                            f"limit, use a cache on a larger disk, or train in quasi order (order=\"quasi\", "
+                            f"--order quasi), which keeps only the shards in use")
+        held, ahead = in_use
+        largest = max(s.bytes for s in shards)
+        least = min(total, held * largest)
+        if limit < least:
+            raise DataError(f"a cache limit of {_size(limit)} is too small for {split} ({_size(total)}): its reader "
+                            f"holds up to {min(held, len(shards))} shards at once (those of its batches in flight and "
+                            f"{ahead} fetched ahead), of up to {_size(largest)} each; give a limit of at least "
+                            f"{limit_hint(least)}")
+
+
+class EvictingCache(ShardCache):
+    """A cache smaller than its split (`limit` bytes), for readers that need a few shards at
+    a time (quasi-order training, evaluation): shards are kept only while in use, then
+    deleted with their markers, so every epoch downloads the whole split again.
+
+    The rule, for all processes of a node (ranks, loaders): a process holds a shared flock
+    on each shard it uses, from `fetch` until `release_through` lets go of it (unmapping it
+    first, `drop`); downloading or deleting a shard takes its exclusive flock, so a shard is
+    deleted only when nobody uses or downloads it: whoever lets go of it last deletes it.
+    A download first waits until it fits under the limit beside every shard file of the
+    split (a download counts at its full size), deleting shards nobody holds (an earlier
+    run's) to make room. Background downloads stay `ahead` shards past those of the batches
+    made, so that waiting never holds up a batch: `check_space` refuses limits below what
+    the batches in flight and those `ahead` need. DataLoader workers take no lock: they read
+    only shards the main process holds for their batch, and unmap them after it.
+    """
+
+    BACKGROUND_WAITS = True  # prefetch in plan order: wait for a shard another process downloads
+    _UNPICKLED = ShardCache._UNPICKLED + ("_pins", "_until", "_busy", "_queued", "drop")
+    drop = None  # drop(k): unmap shard k in this process before letting go of it (SplitSamples.unmap)
+
+    def __init__(self, remote: rm.RemoteFolder, index: SplitIndex, limit: int, ahead: int, workers: int | None = None):
+        super().__init__(remote, index, workers)
+        self.limit, self.ahead = limit, ahead
+        self.peak_bytes = 0  # the most a reservation counted in the split's folder (tests, benchmarks)
+        self._position = {s.name: k for k, s in enumerate(index.shards)}
+
+    def _init_threads(self) -> None:
+        super()._init_threads()
+        self._lock = threading.Condition()  # also signals: shards held, let go, fetched; the queue replaced
+        self._pins: dict[str, int] = {}  # shard name -> the descriptor holding its shared lock
+        self._until: dict[str, tuple[int, int]] = {}  # pinned shards made batches use: until (epoch, batch)
+        self._busy: set[str] = set()  # shards a thread of this process is fetching
+        self._queued: dict[str, int] = {}  # each shard's first place in the prefetch queue
+        self._taken = 0  # places of the queue handed to prefetch threads
+        self._frontier = 0  # places of the queue the made batches have reached
+        self._queue_epoch = None  # the epoch of the batches the queue is for
+
+    # -- holding shards
+    def fetch(self, shard: ShardRecord, wait: bool = True) -> bool:
+        """Make `shard` local and hold it until it is let go of (see the class docstring);
+        in a DataLoader worker, only check that it is here (the main process holds it)."""
+        if os.getpid() != self._pid:
+            if not self.is_cached(shard):
+                raise RuntimeError(f"{self.index.shard_path(shard)} was not fetched before a worker needed it")
+            return True
+        with self._lock:
+            while shard.name in self._busy:
+                self._lock.wait()
+            if shard.name in self._pins:
+                return True
+            self._busy.add(shard.name)
+        fd, held = _open_lock(self._lock_path(shard)), False
+        try:
+            held = self._hold_verified(fd, shard, wait)
+            if held:
+                with self._lock:
+                    self._pins[shard.name] = fd
+            return held
+        finally:
+            if not held:
+                _close_lock(fd)
+            with self._lock:
+                self._busy.discard(shard.name)
+                self._lock.notify_all()
+
+    def _hold_verified(self, fd: int, shard: ShardRecord, wait: bool) -> bool:
+        """Lock `fd` shared over the shard verified in place, downloading it first (under the
+        exclusive lock) if it is not; False when `wait` is False and another holds it."""
+        path = self.index.shard_path(shard)
+        while True:
+            if not _flock(fd, fcntl.LOCK_SH, wait):
+                return False
+            if self.is_cached(shard):
+                return True
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            if not _flock(fd, fcntl.LOCK_EX, wait):
+                return False
+            if not self._verified(shard, path):
+                self._reserve(shard)
+                self._download(shard, path)
+            # Then shared again: flock converts by unlocking first, so an evictor may slip in: look again.
+
+    def hold(self, shards: list[int], until: list[tuple[int, int]]) -> None:
+        """A batch made for the stream uses shards `shards` (positions in the split, fetched):
+        keep each until batch `until[i]` ((epoch, number), its last use) is handed out."""
+        with self._lock:
+            for k, last in zip(shards, until):
+                name = self.index.shards[k].name
+                self._until[name] = max(self._until.get(name, last), last)
+                if last[0] == self._queue_epoch and name in self._queued:
+                    self._frontier = max(self._frontier, self._queued[name] + 1)
+            self._lock.notify_all()
+
+    def release_through(self, position: tuple[int, int]) -> None:
+        """Batch `position` ((epoch, number)) is out: let go of the shards no later batch uses."""
+        with self._lock:
+            done = [name for name, last in self._until.items() if last <= position]
+        self._let_go(done)
+
+    def release_held(self) -> None:
+        """Let go of every shard held for made batches (their stream was dropped), leaving
+        them in the cache: the next run may use them, or another reader delete them for room."""
+        with self._lock:
+            done = list(self._until)
+        self._let_go(done, evict=False)
+
+    def _let_go(self, names: list[str], evict: bool = True) -> None:
+        for name in names:
+            k = self._position[name]
+            if self.drop is not None:
+                self.drop(k)
+            with self._lock:
+                self._until.pop(name, None)
+                fd = self._pins.pop(name, None)
+                self._lock.notify_all()
+            if fd is not None:
+                _close_lock(fd)
+            if evict:
+                self._evict(self.index.shards[k])
+
+    # -- room
+    def _reserve(self, shard: ShardRecord) -> None:
+        """Wait until `shard` fits under the limit beside the split's other shard files, then
+        create its download file (which counts at the shard's size from then on)."""
+        started, warned = time.monotonic(), False
+        while True:
+            if self._stop:
+                raise _Stopped()
+            with _locked(self.index.folder / ROOM_LOCK):
+                used, present = self._used(besides=shard.name)
+                if used + shard.bytes > self.limit:
+                    used -= self._reclaim(present, used + shard.bytes - self.limit)
+                if used + shard.bytes <= self.limit:
+                    self._tmp(shard).open("wb").close()
+                    self.peak_bytes = max(self.peak_bytes, used + shard.bytes)
+                    return
+            if not warned and time.monotonic() - started > ROOM_WARN_S and \
+                    threading.current_thread().name != PREFETCH_THREAD:
+                warned = True
+                warnings.warn(f"a batch has waited {ROOM_WARN_S} s for room in {self.index.folder}: {_size(used)} of "
+                              f"its {_size(self.limit)} limit are held by readers of this split (another loader of "
+                              f"it, or ranks of another job?); give them a larger cache limit", RuntimeWarning)
+            with self._lock:
+                self._lock.wait(ROOM_POLL_S)
+
+    def _used(self, besides: str) -> tuple[int, list[str]]:
+        """Bytes the split's shard files take (a download at its shard's full size) and the
+        shards with a file; `besides`, the shard this process is fetching, left out."""
+        used, present = 0, []
+        for entry in os.scandir(self.index.folder):
+            name = entry.name
+            download = name.startswith(".") and name.endswith(".download")
+            if download:
+                name = name[1:-len(".download")]
+            if name == besides or name not in self._position:
+                continue
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:  # deleted since the listing
+                continue
+            used += max(size, self.index.shards[self._position[name]].bytes) if download else size
+            present.append(name)
+        return used, present
+
+    def _reclaim(self, present: list[str], excess: int) -> int:
+        """Delete shards nobody holds until `excess` bytes are free, those this process will
+        not fetch soon first; the bytes freed."""
+        with self._lock:
+            mine = set(self._pins) | self._busy
+            soon = {s.name: i for i, s in enumerate(self._queue)}
+        freed = 0
+        for name in sorted(set(present) - mine, key=lambda n: soon.get(n, len(soon)), reverse=True):
+            if freed >= excess:
+                break
+            freed += self._evict(self.index.shards[self._position[name]])
+        return freed
+
+    def _evict(self, shard: ShardRecord) -> int:
+        """Delete the shard's file, marker and any download a killed process left, unless a
+        process holds or downloads it (its exclusive lock, not waited for); the bytes freed."""
+        path, freed = self.index.shard_path(shard), 0
+        with _locked(self._lock_path(shard), wait=False) as free:
+            with self._lock:
+                free = free and shard.name not in self._busy
+            if not free:
+                return 0
+            for victim in (path, self._tmp(shard)):  # the shard first: a marker alone means nothing
+                with contextlib.suppress(FileNotFoundError):
+                    freed += victim.stat().st_size
+                    victim.unlink()
+            self._marker(path).unlink(missing_ok=True)
+        return freed
+
+    def _publish(self, tmp: Path, path: Path) -> None:
+        with _locked(self.index.folder / ROOM_LOCK):  # a listing never misses it mid-rename
+            os.replace(tmp, path)
+
+    # -- in the background
+    def prefetch(self, shards: list[ShardRecord], epoch: int | None = None) -> None:
+        """As ShardCache.prefetch, but never more than `ahead` places of the queue past those
+        the batches made for `epoch` have reached; shards fetched ahead that the new queue
+        does not need as soon are let go of."""
+        with self._lock:
+            self._queued, self._queue_epoch, self._taken = {}, epoch, 0
+            for place, shard in enumerate(shards):
+                self._queued.setdefault(shard.name, place)
+            self._frontier = max((self._queued[n] + 1 for n, last in self._until.items()
+                                  if last[0] == epoch and n in self._queued), default=0)
+            stale = [n for n in self._pins if n not in self._until
+                     and self._queued.get(n, len(shards)) >= self._frontier + self.ahead]
+        self._let_go(stale)
+        super().prefetch(shards, epoch)
+        with self._lock:
+            self._lock.notify_all()
+
+    def _next_queued(self) -> ShardRecord | None:
+        with self._lock:
+            while self._queue and not self._stop and self._taken >= self._frontier + self.ahead:
+                self._lock.wait()
+            if not self._queue or self._stop:
+                return None
+            self._taken += 1
+            return self._queue.popleft()
+
+    def close(self) -> None:
+        """Stop background downloads and let go of every shard (left in the cache: a next run
+        may use them, or delete them for room)."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        super().close()
+        with self._lock:
+            names = list(self._pins)
+        self._let_go(names, evict=False)
+
+    def summary(self) -> str:
+        return (f"{super().summary()}; kept under {_size(self.limit)}: only the shards in use, so each epoch "
+                f"downloads the split again")
+
+
+def limit_hint(n: int) -> str:
+    """"1.2G (1153433600 bytes)": `n` rounded up, as --cache-limit takes it, and exact."""
+    for power, unit in ((4, "T"), (3, "G"), (2, "M"), (1, "K")):
+        if n >= 1000 ** power:
+            return f"{math.ceil(n / 1000 ** power * 10) / 10:g}{unit} ({n} bytes)"
+    return f"{n} bytes"
 
 
 def _size(n: float) -> str:
@@ -326,10 +636,34 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     write_bytes_atomic(path, data)
 
 
-def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None) -> tuple[SplitIndex, ShardCache | None]:
+def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
+               in_use=None) -> tuple[SplitIndex, ShardCache | None]:
     """A split of a build folder: a local one read in place (cache None), or a remote one
     (a URI) through a verified cache in `cache_dir`, its shards fetched on use. Refuses,
-    before anything downloads, a remote split missing objects or too big for the cache."""
+    before anything downloads, a remote split missing objects or too big for the cache.
+
+    `in_use(index)` -> (shards, ahead), for a reader that needs a few shards at a time:
+    how many it holds at once and how many of those it fetches ahead. A split larger than
+    `cache_limit` is then read through an EvictingCache, if the limit holds them."""
+    index, remote = _mirrored(root, split, cache_dir)
+    if remote is None:
+        return index, None
+    cache = ShardCache(remote, index)
+    window = in_use(index) if in_use is not None else None
+    if cache.check_space(cache_limit, window):
+        cache = EvictingCache(remote, index, cache_limit, window[1])
+    return index, cache
+
+
+def split_index(root, split: str, cache_dir=None) -> SplitIndex:
+    """A split's index alone (a remote one's manifests mirrored into `cache_dir`), for a
+    look at its classes or build id: no space check, nothing downloaded."""
+    return _mirrored(root, split, cache_dir)[0]
+
+
+def _mirrored(root, split: str, cache_dir) -> tuple[SplitIndex, rm.RemoteFolder | None]:
+    """The split's index, and its remote folder when it is remote (checked: every shard
+    its manifests list is there with their sizes)."""
     if not rm.is_uri(root):
         return read_split(Path(root), split), None
     if cache_dir is None:
@@ -345,17 +679,15 @@ def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None)
             found = "missing" if rel not in sizes else f"{sizes[rel]} bytes, the manifest says {shard.bytes}"
             raise DataError(f"{remote.name(rel)} is {found}: its push did not finish or the build changed; run "
                             f"`alexprep push OUT {rm.display(root)}` again")
-    cache = ShardCache(remote, index)
-    cache.check_space(cache_limit)
-    return index, cache
+    return index, remote
 
 
-def first_use_order(index: SplitIndex, samples: np.ndarray) -> list[ShardRecord]:
+def first_use_order(index: SplitIndex, samples: np.ndarray, rest: bool = True) -> list[ShardRecord]:
     """The split's shards in the order `samples` (sample indices, in plan order) first
-    touch them, then those they do not touch: the order to download them in."""
+    touch them, then (`rest`) those they do not touch: the order to download them in."""
     ends = np.cumsum([s.rows for s in index.shards])
     touched = np.searchsorted(ends, np.asarray(samples, np.int64), side="right")
     shards, first = np.unique(touched, return_index=True)
     ordered = shards[np.argsort(first, kind="stable")].tolist()
-    rest = sorted(set(range(len(index.shards))) - set(ordered))
-    return [index.shards[k] for k in ordered + rest]
+    others = sorted(set(range(len(index.shards))) - set(ordered)) if rest else []
+    return [index.shards[k] for k in ordered + others]

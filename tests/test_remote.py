@@ -4,13 +4,16 @@ loaders and the trainer on a URI, and the faults (dropped connections, damaged o
 kill -9 during a download or a push)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,12 +54,18 @@ def s3():
             os.environ[k] = v
 
 
-@pytest.fixture
-def bucket(s3):
-    """A fresh bucket; `bucket(path)` is the URI of a folder in it."""
+def _new_bucket(s3: str) -> str:
+    """The name of a new, empty bucket on the server."""
     name = f"b{uuid.uuid4().hex[:12]}"
     fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?{s3}&allow_bucket_creation=true")
     fs.create_dir(name)
+    return name
+
+
+@pytest.fixture
+def bucket(s3):
+    """A fresh bucket; `bucket(path)` is the URI of a folder in it."""
+    name = _new_bucket(s3)
     return lambda path="build": f"s3://{name}/{path}?{s3}"
 
 
@@ -73,10 +82,7 @@ def build(stats_build, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pushed(build, s3):
     """build pushed once to a module-wide bucket (read-only for the tests using it)."""
-    name = f"b{uuid.uuid4().hex[:12]}"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?{s3}&allow_bucket_creation=true")
-    fs.create_dir(name)
-    uri = f"s3://{name}/imagenet-256?{s3}"
+    uri = f"s3://{_new_bucket(s3)}/imagenet-256?{s3}"
     push_build(build, uri)
     return uri
 
@@ -483,6 +489,242 @@ def test_a_worker_forked_while_a_shard_is_locked_does_not_keep_it_locked(tmp_pat
         assert got  # the child's inherited descriptor was closed: the parent's release released it
     os.kill(child, signal.SIGKILL)
     os.waitpid(child, 0)
+
+
+# ---------------------------------------------------------------------------- a cache smaller than the split
+@pytest.fixture(scope="module")
+def fine_build(tmp_path_factory) -> Path:
+    """Real-photo JPEGs in shards of one image (96 train, 24 val) with stats: splits of
+    many shards, of which a size-limited cache holds a few."""
+    from alexprep.imagenet_prep.build import BuildConfig, build_shards
+    from alexprep.imagenet_prep.sample_data import write_photo_tree
+    from alexprep.imagenet_prep.stats import compute_stats, write_stats
+
+    tree = tmp_path_factory.mktemp("fine_tree")
+    write_photo_tree(tree, classes=4, train_per_class=24, val_per_class=6, seed=2)
+    out = tmp_path_factory.mktemp("fine") / "out"
+    build_shards(tree, out, BuildConfig(shard_size=1, workers=2))
+    write_stats(out, compute_stats(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fine_pushed(fine_build, s3) -> str:
+    """fine_build pushed once (read-only for the tests using it)."""
+    uri = f"s3://{_new_bucket(s3)}/fine?{s3}"
+    push_build(fine_build, uri)
+    return uri
+
+
+def _split_bytes(build: Path, split: str = "train") -> int:
+    return sum(s.bytes for s in read_split(build, split).shards)
+
+
+def _children() -> list[int]:
+    """This process's child processes (DataLoader workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{entry}/status").read_text()
+                if re.search(rf"^PPid:\s*{os.getpid()}$", status, re.M):
+                    found.append(int(entry))
+    return found
+
+
+def _disk_bytes(folder: Path) -> int:
+    """What the cache's shards take on disk now: the files in `folder` (shards, downloads),
+    and the files deleted from it that this process or its children still map."""
+    total = 0
+    for path in list(folder.iterdir()):
+        if path.name.endswith((".arrow", ".download")):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+    deleted = {}
+    for pid in [os.getpid(), *_children()]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                if str(folder) in line and line.endswith("(deleted)"):
+                    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                    inode = line.split()[4]
+                    deleted[inode] = deleted.get(inode, 0) + end - start
+    return total + sum(deleted.values())
+
+
+class _DiskWatch:
+    """Samples _disk_bytes(folder) from a thread while the block runs; `.peak`, `.samples`."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.peak, self.samples = folder, 0, 0
+        self._done = threading.Event()
+
+    def _run(self):
+        while not self._done.is_set():
+            if self.folder.exists():
+                self.peak = max(self.peak, _disk_bytes(self.folder))
+                self.samples += 1
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+
+def _epochs(loader, n: int) -> list:
+    try:
+        return [(x.clone(), y.clone()) for _ in range(n) for x, y in loader]
+    finally:
+        loader.close()
+
+
+def _least_limit(uri: str, cache: Path, **options) -> int:
+    """The smallest cache limit a loader takes, read from its refusal of a smaller one."""
+    with pytest.raises(DataError, match="give a limit of at least") as refused:
+        train_loader(uri, cache_dir=cache, cache_limit=1000, **options)
+    return int(re.search(r"\((\d+) bytes\)", str(refused.value))[1])
+
+
+@pytest.mark.parametrize("backend,workers", [("torch", 0), ("torch", 2), pytest.param("dali", 1, marks=pytest.mark.dali)])
+def test_quasi_order_in_part_of_the_split_gives_the_local_batches_within_the_limit(
+        fine_build, fine_pushed, tmp_path, backend, workers):
+    """The smallest limit the loader takes, about a fifth of the split here: the same batches
+    as the local build over two epochs, and never more on disk, mapped files included."""
+    options = dict(batch_size=2, device="cpu", seed=5, backend=backend, workers=workers, order="quasi",
+                   buffer_shards=1, prefetch=1)
+    limit = _least_limit(fine_pushed, tmp_path / "cache", **options)
+    assert limit <= _split_bytes(fine_build) // 3
+    loader = train_loader(fine_pushed, cache_dir=tmp_path / "cache", cache_limit=limit, **options)
+    assert isinstance(loader.cache, shard_cache.EvictingCache)
+    with _DiskWatch(loader.index.folder) as watch:
+        remote = _epochs(loader, 2)
+    assert _same(remote, _epochs(train_loader(fine_build, **options), 2)) and loader.decode_failure_count == 0
+    assert 0 < watch.peak <= limit and watch.samples > 50, (watch.peak, limit, watch.samples)
+    shards = len(loader.index.shards)
+    assert loader.cache.downloads >= 2 * shards - 12  # each epoch downloads (nearly) the whole split again
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
+def test_sequential_evaluation_evicts_too(fine_build, fine_pushed, tmp_path, backend):
+    options = dict(batch_size=1, device="cpu", backend=backend, workers=1, prefetch=1)
+    with pytest.raises(DataError, match="give a limit of at least") as refused:
+        eval_loader(fine_pushed, cache_dir=tmp_path / "cache", cache_limit=1000, **options)
+    limit = int(re.search(r"\((\d+) bytes\)", str(refused.value))[1])
+    assert limit < _split_bytes(fine_build, "val")
+    loader = eval_loader(fine_pushed, cache_dir=tmp_path / "cache", cache_limit=limit, **options)
+    assert isinstance(loader.cache, shard_cache.EvictingCache)
+    with _DiskWatch(loader.index.folder) as watch:
+        remote = _epochs(loader, 2)
+    assert _same(remote, _epochs(eval_loader(fine_build, **options), 2))
+    assert 0 < watch.peak <= limit, (watch.peak, limit)
+    shards = len(loader.index.shards)  # each pass downloads the split (and at its end what the next reads first)
+    assert 2 * shards <= loader.cache.downloads <= 2 * shards + 2
+
+
+def test_a_limit_below_the_window_is_one_line_before_any_download(fine_build, fine_pushed, tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(rm.RemoteFolder, "open_input", lambda self, rel: opened.append(rel))
+    options = dict(batch_size=2, device="cpu", seed=0, backend="torch", workers=0, buffer_shards=2)
+    with pytest.raises(DataError) as refused:
+        train_loader(fine_pushed, order="quasi", cache_dir=tmp_path / "c", cache_limit=100_000, **options)
+    message = str(refused.value)
+    assert "\n" not in message and "a cache limit of 100.0 KB is too small" in message
+    least = int(re.search(r"give a limit of at least [\d.]+K \((\d+) bytes\)$", message)[1])
+    largest = max(s.bytes for s in read_split(fine_build, "train").shards)
+    assert least % largest == 0 and least // largest >= 2 + shard_cache.PREFETCH_WORKERS  # two windows, 4 ahead
+    with pytest.raises(DataError, match="too small"):
+        train_loader(fine_pushed, order="quasi", cache_dir=tmp_path / "c", cache_limit=least - 1, **options)
+    with pytest.raises(DataError, match=r"more than the cache limit.*order=\"quasi\", --order quasi"):
+        train_loader(fine_pushed, cache_dir=tmp_path / "c", cache_limit=least, **options)  # random order
+    assert opened == [] and not list(tmp_path.rglob("*.arrow")) and not list(tmp_path.rglob(".*.download"))
+    monkeypatch.undo()
+    loader = train_loader(fine_pushed, order="quasi", cache_dir=tmp_path / "c", cache_limit=least, **options)
+    assert len(_epochs(loader, 1)) == len(loader)  # the limit it named works
+
+
+def test_a_shard_is_deleted_only_by_the_last_process_to_let_go(fine_pushed, tmp_path):
+    """Two caches on one folder (two ranks: flocks of separate descriptors conflict as between
+    processes): neither deletes a shard the other holds or downloads."""
+    index, _ = open_split(fine_pushed, "train", tmp_path / "c")
+    a, b = (shard_cache.EvictingCache(rm.open_folder(fine_pushed), index, limit=10**6, ahead=1) for _ in range(2))
+    shard, path = index.shards[3], index.shard_path(index.shards[3])
+    assert a.fetch(shard) and b.fetch(shard) and a.downloads + b.downloads == 1
+    a.hold([3], [(0, 5)])
+    a.release_through((0, 4))
+    assert path.exists()  # still needed by a batch of a
+    a.release_through((0, 5))
+    assert path.exists() and a._marker(path).exists()  # b holds it
+    b.hold([3], [(0, 0)])
+    b.release_through((0, 0))  # the last to let go deletes it, with its marker
+    assert not path.exists() and not a._marker(path).exists()
+    other = index.shards[4]
+    assert a.fetch(other)
+    a._let_go([other.name], evict=False)  # held by nobody now, left in the cache
+    with shard_cache._locked(b._lock_path(other)):  # as a download in progress holds it
+        assert b._evict(other) == 0 and index.shard_path(other).exists()
+    assert b._evict(other) == other.bytes and not index.shard_path(other).exists()
+    a.close(), b.close()
+
+
+def test_ranks_sharing_a_limited_cache_read_the_local_batches(fine_build, fine_pushed, tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch
+        from alexprep.imagenet_prep.loaders import train_loader
+        root, cache, limit, rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        loader = train_loader(root, batch_size=2, device="cpu", seed=4, backend="torch", workers=0, order="quasi",
+                              buffer_shards=1, rank=rank, world_size=2, cache_dir=cache, cache_limit=limit)
+        torch.save([(x, y) for _ in range(2) for x, y in loader], sys.argv[5])
+        loader.close()
+    """))
+    limit = _least_limit(fine_pushed, tmp_path / "cache", batch_size=2, device="cpu", seed=4, backend="torch",
+                         workers=0, order="quasi", buffer_shards=1, world_size=2)
+
+    folder = tmp_path / "cache" / read_split(fine_build, "train").build_id / "train"
+    with _DiskWatch(folder) as watch:
+        ranks = [subprocess.Popen([sys.executable, str(script), fine_pushed, str(tmp_path / "cache"), str(limit), str(r),
+                                   str(tmp_path / f"rank{r}.pt")], env={**os.environ, **CREDENTIALS}) for r in range(2)]
+        assert [p.wait(timeout=120) for p in ranks] == [0, 0]
+    for r in range(2):
+        local = train_loader(fine_build, batch_size=2, device="cpu", seed=4, backend="torch", workers=0, order="quasi",
+                             buffer_shards=1, rank=r, world_size=2)
+        assert _same(torch.load(tmp_path / f"rank{r}.pt"), _epochs(local, 2))
+    assert 0 < watch.peak <= limit, (watch.peak, limit)
+
+
+def test_an_earlier_runs_shards_are_deleted_to_make_room(fine_build, fine_pushed, tmp_path):
+    index, full = open_split(fine_pushed, "train", tmp_path / "cache")  # no limit: the whole split cached
+    for shard in index.shards:
+        full.fetch(shard)
+    options = dict(batch_size=2, device="cpu", seed=6, backend="torch", workers=0, order="quasi", buffer_shards=1)
+    limit = _least_limit(fine_pushed, tmp_path / "cache", **options)
+    loader = train_loader(fine_pushed, cache_dir=tmp_path / "cache", cache_limit=limit, **options)
+    assert _same(_epochs(loader, 1), _epochs(train_loader(fine_build, **options), 1))
+    assert _disk_bytes(index.folder) <= limit < _split_bytes(fine_build)
+    assert loader.cache.downloads < len(index.shards)  # what was there and still needed was used
+
+
+def test_an_epoch_broken_off_and_resumed_with_a_limited_cache(fine_build, fine_pushed, tmp_path):
+    options = dict(batch_size=2, device="cpu", seed=7, backend="torch", workers=1, order="quasi", buffer_shards=1)
+    limit = _least_limit(fine_pushed, tmp_path / "cache", **options)
+
+    def broken_off(loader):
+        try:
+            first = [(x.clone(), y.clone()) for (x, y), _ in zip(loader, range(5))]  # 5 batches, then a break
+            loader.set_epoch(0, start_batch=5)
+            return first + [(x.clone(), y.clone()) for x, y in loader]
+        finally:
+            loader.close()
+
+    remote = train_loader(fine_pushed, cache_dir=tmp_path / "cache", cache_limit=limit, **options)
+    with _DiskWatch(remote.index.folder) as watch:
+        batches = broken_off(remote)
+    assert _same(batches, broken_off(train_loader(fine_build, **options))) and len(batches) == len(remote)
+    assert watch.peak <= limit and remote.decode_failure_count == 0
 
 
 def test_unmap_lets_the_pages_of_a_deleted_shard_go(stats_build, tmp_path):
