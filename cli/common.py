@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sys
+from decimal import Decimal
 
 import click
 
@@ -58,3 +60,22 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+class ByteSize(click.ParamType):
+    """A number of bytes: 123456, or with a unit, 500M, 20G, 1.5T (powers of 1000; Ki, Mi,
+    Gi, Ti for powers of 1024; a trailing B is allowed)."""
+
+    name = "size"
+    UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?)?B?\s*", str(value), re.IGNORECASE)
+        size = int(Decimal(match[1]) * self.UNITS[(match[2] or "").upper()]) if match else 0
+        if size < 1:
+            self.fail(f"{value!r} is not a size: give a number of bytes (123456) or one with a unit, "
+                      f"K, M, G or T (500M, 20G, 1.5T)", param, ctx)
+        return size

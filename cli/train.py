@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from alexprep.cli.common import user_errors
+from alexprep.cli.common import ByteSize, user_errors
 from alexprep.model.config import PRECISIONS, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -22,6 +22,9 @@ def _devices(device: str | None, devices: str | None) -> tuple[str, ...]:
 
 CACHE_HELP = ("A remote SHARDS (a URI) is read through this node-local directory: each shard downloaded once, "
               "checked against its manifest's SHA-256, shared by the node's ranks.")
+LIMIT_HELP = ("The most bytes a split may take in --cache-dir (20G, 500M, 123456). A larger split is refused "
+              "before anything downloads, unless it is read a few shards at a time ({}): then only the shards "
+              "in use are kept, and every pass downloads the split again.")
 
 
 @click.command("train")
@@ -46,6 +49,9 @@ CACHE_HELP = ("A remote SHARDS (a URI) is read through this node-local directory
               help="An epoch counts as better only if its val error is below the best by this fraction of it.")
 @click.option("--milestones", default="", help="A fixed step schedule instead: divide at these epochs, e.g. 30,60,80.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True)
+@click.option("--order", type=click.Choice(["random", "quasi"]), default=DEFAULTS.order, show_default=True,
+              help="Each epoch's order: random (the paper's), or quasi: shards shuffled, then the samples of each "
+              "4 shards together (reads stay within a few shards: for a split larger than RAM or --cache-limit).")
 @click.option("--lighting-std", type=float, default=DEFAULTS.lighting_std, show_default=True,
               help="PCA lighting alpha std (0 disables).")
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
@@ -75,11 +81,14 @@ CACHE_HELP = ("A remote SHARDS (a URI) is read through this node-local directory
 @click.option("--verify-shards", is_flag=True,
               help="Check every shard's SHA-256 against its manifest before training (sizes are always checked).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help=CACHE_HELP)
+@click.option("--cache-limit", type=ByteSize(), default=None,
+              help=LIMIT_HELP.format("--order quasi; validation reads in order"))
 @user_errors
 def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, weight_decay, decay_biases,
-                  bias_lr_mult, patience, max_drops, plateau_threshold, milestones, seed, lighting_std, backend,
-                  decoder, device, devices, precision, channels_last, compile_, bias_init, lrn, final_crops, checkpoint_minutes,
-                  keep_last, log_every, max_steps, workers, tensorboard, verify_shards, cache_dir):
+                  bias_lr_mult, patience, max_drops, plateau_threshold, milestones, seed, order, lighting_std, backend,
+                  decoder, device, devices, precision, channels_last, compile_, bias_init, lrn, final_crops,
+                  checkpoint_minutes, keep_last, log_every, max_steps, workers, tensorboard, verify_shards, cache_dir,
+                  cache_limit):
     """Train the paper's AlexNet on a build folder, with the paper's recipe.
 
     SHARDS is the build folder OUT of build-shards (with OUT/stats.npz from `alexprep
@@ -91,6 +100,7 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
         alexprep train out/ --run-dir runs/alexnet --device cuda:0
         alexprep train out/ --run-dir runs/alexnet --resume
         alexprep train s3://bucket/imagenet-256 --run-dir runs/a --cache-dir /nvme/alexprep
+        alexprep train s3://bucket/imagenet-256 --run-dir runs/b --cache-dir /nvme/alexprep --order quasi --cache-limit 20G
         torchrun --nproc-per-node 4 -m alexprep.cli.main train out/ --run-dir runs/r --devices auto
     """
     try:
@@ -100,7 +110,7 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
     config = TrainConfig(
         batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
         decay_biases=decay_biases, bias_lr_mult=bias_lr_mult, patience=patience, max_drops=max_drops,
-        plateau_threshold=plateau_threshold, milestones=steps, seed=seed,
+        plateau_threshold=plateau_threshold, milestones=steps, seed=seed, order=order,
         lighting_std=lighting_std, backend=backend, decoder=decoder, devices=_devices(device, devices),
         precision=precision,
         channels_last=channels_last, compile=compile_, bias_init=bias_init, lrn=lrn, final_crops=int(final_crops),
@@ -110,7 +120,7 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
     from alexprep.model.train import TrainingDiverged, train
 
     try:
-        train(shards, run_dir, config, resume=resume, log=click.echo, cache_dir=cache_dir)
+        train(shards, run_dir, config, resume=resume, log=click.echo, cache_dir=cache_dir, cache_limit=cache_limit)
     except TrainingDiverged as exc:
         click.echo(f"Error: {exc}", err=True)
         raise SystemExit(1)
@@ -128,8 +138,10 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: top1_error, top5_error, count, crops.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help=CACHE_HELP)
+@click.option("--cache-limit", type=ByteSize(), default=None, help=LIMIT_HELP.format("evaluation reads in order"))
 @user_errors
-def evaluate_command(checkpoint, shards, crops, split, batch_size, device, backend, precision, as_json, cache_dir):
+def evaluate_command(checkpoint, shards, crops, split, batch_size, device, backend, precision, as_json, cache_dir,
+                     cache_limit):
     """Top-1 and top-5 error of a checkpoint over a whole split, as in the paper's tables.
 
     CHECKPOINT is a checkpoint file or a run dir (its newest checkpoint). Every image of
@@ -139,14 +151,15 @@ def evaluate_command(checkpoint, shards, crops, split, batch_size, device, backe
     Example:
         alexprep evaluate runs/alexnet out/
         alexprep evaluate runs/alexnet/checkpoints/checkpoint-e090-s0900000.pt out/ --crops 10 --json
-        alexprep evaluate runs/alexnet s3://bucket/imagenet-256 --cache-dir /nvme/alexprep
+        alexprep evaluate runs/alexnet s3://bucket/imagenet-256 --cache-dir /nvme/alexprep --cache-limit 2G
     """
     from alexprep.model.inference import evaluate_checkpoint
     from alexprep.model.evaluate import error_table
 
     wanted = (1, 10) if crops == "both" else (int(crops),)
     results = evaluate_checkpoint(checkpoint, shards, crops=wanted, split=split, batch_size=batch_size,
-                                  device=device, backend=backend, precision=precision, cache_dir=cache_dir)
+                                  device=device, backend=backend, precision=precision, cache_dir=cache_dir,
+                                  cache_limit=cache_limit)
     if as_json:
         payload = [r.to_json() for r in results]
         click.echo(json.dumps(payload[0] if len(payload) == 1 else payload, indent=1))

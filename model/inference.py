@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
-from alexprep.imagenet_prep.shard_cache import open_split
+from alexprep.imagenet_prep.shard_cache import split_index
 from alexprep.model.alexnet import AlexNet, AlexNetConfig
 from alexprep.model.checkpoint import load_checkpoint, normalize_of, require_same_classes, stats_from_checkpoint
 from alexprep.model.distributed import resolve_devices
@@ -21,11 +21,11 @@ def model_from_checkpoint(ckpt: dict, devices=("cpu",)) -> AlexNet:
 
 def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", batch_size: int = 64,
                         device: str = "cpu", backend: str = "auto", precision: str = "fp32",
-                        cache_dir=None) -> list[EvalResult]:
+                        cache_dir=None, cache_limit: int | None = None) -> list[EvalResult]:
     """Errors of a checkpoint over `split` of build folder `root` (a path, or a URI read
-    through `cache_dir`), for each crop setting."""
+    through `cache_dir`, keeping at most `cache_limit` bytes there), for each crop setting."""
     ckpt = load_checkpoint(Path(checkpoint))
-    index, _ = open_split(root, split, cache_dir)
+    index = split_index(root, split, cache_dir)
     require_same_classes(ckpt, index)
     devices = resolve_devices((device,))
     model = model_from_checkpoint(ckpt, devices)
@@ -37,7 +37,7 @@ def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", 
     for n in crops:
         loader = eval_loader(root, batch_size=max(1, batch_size // (10 if n == 10 else 1)), device=device,
                              stats=stats, split=split, crops=n, normalize=normalize_of(ckpt),
-                             backend=pick_backend(backend), cache_dir=cache_dir)
+                             backend=pick_backend(backend), cache_dir=cache_dir, cache_limit=cache_limit)
         try:
             results.append(evaluate(model, loader, precision))
         finally:

@@ -119,10 +119,10 @@ class Run:
 
 # ---------------------------------------------------------------------------- set-up
 def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device,
-                 cache_dir=None) -> tuple[Loader, Loader]:
+                 cache_dir=None, cache_limit: int | None = None) -> tuple[Loader, Loader]:
     if config.batch_size % ranks.world_size:
         raise DataError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} ranks")
-    common = loader_options(config, ranks, device, cache_dir)
+    common = loader_options(config, ranks, device, cache_dir, cache_limit)
     train = train_loader(root, batch_size=config.batch_size // ranks.world_size, seed=config.seed,
                          lighting_std=config.lighting_std, order=config.order, **common)
     try:
@@ -133,12 +133,13 @@ def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device,
     return train, val
 
 
-def loader_options(config: TrainConfig, ranks: Ranks, device: torch.device, cache_dir=None) -> dict:
+def loader_options(config: TrainConfig, ranks: Ranks, device: torch.device, cache_dir=None,
+                   cache_limit: int | None = None) -> dict:
     """What the run's train, validation and 10-crop loaders share (a remote build's cache
-    included: it is a property of the node, not of the run, so not in TrainConfig)."""
+    and its limit included: they are the node's, not the run's, so not in TrainConfig)."""
     return dict(device=device_name(device), rank=ranks.rank, world_size=ranks.world_size, normalize=config.normalize,
                 backend=pick_backend(config.backend), workers=config.loader_workers or None, decoder=config.decoder,
-                cache_dir=cache_dir)
+                cache_dir=cache_dir, cache_limit=cache_limit)
 
 
 def make_eval_loader(root, config: TrainConfig, common: dict, stats, crops: int) -> Loader:
@@ -266,10 +267,11 @@ class StopSignal:
 
 # ---------------------------------------------------------------------------- the loop
 def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False, progress: bool = True,
-          log=print, cache_dir=None) -> dict:
+          log=print, cache_dir=None, cache_limit: int | None = None) -> dict:
     """Train AlexNet on build folder `root`, writing to `run_dir`; returns the final results
     (or the state at a stop: {"stopped": reason, "step": …}). `root` may be a URI, read
-    through the node-local `cache_dir` (docs/design.md, "Remote build folders")."""
+    through the node-local `cache_dir`, each split keeping at most `cache_limit` bytes there
+    (docs/design.md, "Remote build folders")."""
     root, run_dir = (root if is_uri(root) else Path(root)), Path(run_dir)
     ckpt = None
     if resume:
@@ -286,7 +288,7 @@ def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = 
     configure_cuda(config.precision, devices)
     if config.verify_shards and ranks.main:
         verify_shards(root, log)
-    train_data, val_data = make_loaders(root, config, ranks, devices[0], cache_dir)
+    train_data, val_data = make_loaders(root, config, ranks, devices[0], cache_dir, cache_limit)
     if train_data.cache is not None and ranks.main:
         log(f"{display(root)}: {train_data.cache.summary()}; the rest download in the background, in the order "
             "the batches need them")
@@ -525,7 +527,8 @@ def final_evaluation(run: Run, state: RunState) -> dict:
     config = run.config
     results = [EvalResult(**state.last_eval)] if state.last_eval else []
     if config.final_crops == 10:
-        common = loader_options(config, run.ranks, run.devices[0], run.val_loader.config.cache_dir)
+        val = run.val_loader.config
+        common = loader_options(config, run.ranks, run.devices[0], val.cache_dir, val.cache_limit)
         ten = make_eval_loader(run.root, config, common, run.val_loader.stats, crops=10)
         try:
             results.append(evaluate(run.model, ten, config.precision))

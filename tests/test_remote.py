@@ -646,6 +646,36 @@ def test_a_limit_below_the_window_is_one_line_before_any_download(fine_build, fi
     assert len(_epochs(loader, 1)) == len(loader)  # the limit it named works
 
 
+def test_the_cache_limit_flag(fine_build, fine_pushed, tmp_path):
+    from alexprep.cli.common import ByteSize
+
+    sizes = {"123456": 123456, "500M": 500 * 10**6, "20G": 20 * 10**9, "1.5T": 1_500_000_000_000, "20GB": 20 * 10**9,
+             "2Gi": 2 * 2**30, "4KiB": 4096, " 7 ": 7}
+    assert {text: ByteSize().convert(text, None, None) for text in sizes} == sizes
+    runner = CliRunner()
+    for bad in ("abc", "12X", "-5", "0", "1.2.3", "", "G", "0.1"):
+        for command in (["train", fine_pushed, "--run-dir", str(tmp_path / "r")], ["evaluate", str(tmp_path), fine_pushed]):
+            result = runner.invoke(cli, [*command, "--cache-dir", str(tmp_path / "c"), "--cache-limit", bad])
+            assert result.exit_code == 2 and f"{bad!r} is not a size" in result.output, (bad, result.output)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()  # refused before anything ran
+    result = runner.invoke(cli, ["train", fine_pushed, "--run-dir", str(tmp_path / "r"), "--order", "quasi",
+                                 "--cache-dir", str(tmp_path / "c"), "--cache-limit", "100K"])
+    assert result.exit_code == 2 and "is too small" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*.arrow"))  # nothing downloaded
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(cli, ["train", fine_pushed, "--run-dir", str(tmp_path / "run"), "--backend", "torch",
+                                 "--batch-size", "2", "--max-steps", "3", "--final-crops", "0", "--workers", "1",
+                                 "--order", "quasi", *cache, "--cache-limit", "800K"])
+    assert result.exit_code == 0, result.output
+    assert "kept under 800.0 KB" in result.output and "stopped at step 3" in result.output
+    evaluate = ["evaluate", str(tmp_path / "run"), "--crops", "1", "--json", "--backend", "torch", "--batch-size", "2"]
+    local, remote = (runner.invoke(cli, [*evaluate, *extra])
+                     for extra in ([str(fine_build)], [fine_pushed, *cache, "--cache-limit", "400K"]))
+    assert remote.exit_code == 0, remote.output
+    assert json.loads(local.output) == json.loads(remote.output) and json.loads(remote.output)["count"] == 24
+    assert _split_bytes(fine_build, "val") > 400_000  # evaluation evicted too
+
+
 def test_a_shard_is_deleted_only_by_the_last_process_to_let_go(fine_pushed, tmp_path):
     """Two caches on one folder (two ranks: flocks of separate descriptors conflict as between
     processes): neither deletes a shard the other holds or downloads."""
