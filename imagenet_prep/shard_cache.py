@@ -647,6 +647,10 @@ def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
     `cache_limit` is then read through an EvictingCache, if the limit holds them."""
     index, remote = _mirrored(root, split, cache_dir)
     if remote is None:
+        if cache_limit is not None:  # a flag with no effect would mislead: say so
+            raise DataError(f"a cache limit applies to a remote build read through a cache directory; "
+                            f"{rm.display(root) if rm.is_uri(root) else root} is read in place: drop the limit "
+                            f"(--cache-limit, cache_limit=)")
         return index, None
     cache = ShardCache(remote, index)
     window = in_use(index) if in_use is not None else None

@@ -679,6 +679,11 @@ def test_the_cache_limit_flag(fine_build, fine_pushed, tmp_path):
     assert remote.exit_code == 0, remote.output
     assert json.loads(local.output) == json.loads(remote.output) and json.loads(remote.output)["count"] == 24
     assert _split_bytes(fine_build, "val") > 400_000  # evaluation evicted too
+    # A limit on a local build (read in place) would do nothing: refused, not ignored.
+    result = runner.invoke(cli, ["train", str(fine_build), "--run-dir", str(tmp_path / "local"),
+                                 "--cache-limit", "1G"])
+    assert result.exit_code == 2 and "is read in place: drop the limit" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "local").exists()
 
 
 def test_a_shard_is_deleted_only_by_the_last_process_to_let_go(fine_pushed, tmp_path):
