@@ -120,6 +120,7 @@ SECTIONS = ("machine", "data", "lrn", "model", "two_device", "loader", "trainer"
 # The model section's contenders: ours (towers as grouped convolutions, as one device runs
 # them), ours with the towers as two separate halves on the same device, torchvision's.
 MODELS = ("alexprep", "alexprep-split", "torchvision")
+PRECISIONS = ("fp32", "tf32", "bf16")
 # The trainer section's runs (TrainConfig fields over its base): the first is the longest.
 TRAINER_RUNS = {
     "fp32": {},
@@ -951,7 +952,7 @@ class Check:
         """Whether --sections asks for `name` (the data section comes with any that needs it)."""
         asked = self.args.sections
         if name == "data":
-            return asked is None or bool(asked & {"data", "loader", "trainer", "resume", "eval"})
+            return asked is None or bool(set(asked) & {"data", "loader", "trainer", "resume", "eval"})
         return asked is None or name in asked
 
     def close(self) -> None:
@@ -1018,44 +1019,40 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 def train_in_new_process(root: Path, run_dir: Path, config: TrainConfig, device: torch.device) -> dict:
     """train() in a fresh Python, so that a CUDA fault (an illegal memory access poisons the
     whole process) fails this run alone, with its stderr; returns its peak GPU memory."""
-    import subprocess
-
-    code = "\n".join([
-        "import json, sys, torch",
-        f"sys.path[:0] = {[p for p in sys.path if p]!r}",
-        "from alexprep.model.config import TrainConfig",
-        "from alexprep.model.train import train",
+    dev = str(device)
+    stdout = _python_with_alexprep([
         f"config = TrainConfig.from_json(json.loads({json.dumps(config.to_json())!r}))",
         f"train({str(root)!r}, {str(run_dir)!r}, config, progress=False, log=lambda *a: None)",
         "peak = {}",
-        f"if torch.device({str(device)!r}).type == 'cuda':",
-        f"    peak = {{'peak_gpu_memory_mb': round(torch.cuda.max_memory_allocated({str(device)!r}) / 2**20, 1),",
-        f"            'peak_gpu_reserved_mb': round(torch.cuda.max_memory_reserved({str(device)!r}) / 2**20, 1)}}",
+        f"if torch.device({dev!r}).type == 'cuda':",
+        f"    peak = {{'peak_gpu_memory_mb': round(torch.cuda.max_memory_allocated({dev!r}) / 2**20, 1),",
+        f"            'peak_gpu_reserved_mb': round(torch.cuda.max_memory_reserved({dev!r}) / 2**20, 1)}}",
         "print('PEAK ' + json.dumps(peak))",
-    ])
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        raise RuntimeError(f"exit code {proc.returncode} in its own process: {proc.stderr.strip()[-1500:]}")
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("PEAK "))
-    return json.loads(line[5:])
+    ], timeout=600)
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("PEAK "))[5:])
 
 
 def resume_in_new_process(root: Path, run_dir: Path, max_steps: int, deterministic: bool) -> None:
-    """train(resume=True) in a fresh Python, importing alexprep the way this one did."""
-    import subprocess
-
-    code = "\n".join([
-        "import sys, torch",
-        f"sys.path[:0] = {[p for p in sys.path if p]!r}",
+    """train(resume=True) in a fresh Python, as a real resume runs."""
+    _python_with_alexprep([
         f"torch.use_deterministic_algorithms({deterministic}, warn_only=True)",
-        "from alexprep.model.config import TrainConfig",
-        "from alexprep.model.train import train",
         f"train({str(root)!r}, {str(run_dir)!r}, TrainConfig(max_steps={max_steps}), resume=True, progress=False,"
         " log=lambda *a: None)",
-    ])
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    ], timeout=300)
+
+
+def _python_with_alexprep(lines: list[str], timeout: float) -> str:
+    """Run `lines` in a fresh Python that imports alexprep the way this one did (with json,
+    torch, TrainConfig and train imported); its stdout, or RuntimeError with its stderr."""
+    import subprocess
+
+    code = "\n".join(["import json, sys, torch", f"sys.path[:0] = {[p for p in sys.path if p]!r}",
+                      "from alexprep.model.config import TrainConfig", "from alexprep.model.train import train",
+                      *lines])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
-        raise RuntimeError(f"the resumed run failed in its new process: {proc.stderr.strip()[-1500:]}")
+        raise RuntimeError(f"exit code {proc.returncode} in its own process: {proc.stderr.strip()[-1500:]}")
+    return proc.stdout
 
 
 def _relate(rows: list[dict]) -> None:
@@ -1176,7 +1173,7 @@ def print_table(result: dict) -> None:
         print(f"  {key:<52} {value}")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for gpu_check.json")
     parser.add_argument("--device", default="auto", help="auto (cuda:0 where CUDA is), cuda, cuda:N or cpu")
@@ -1189,47 +1186,40 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-workers", type=int, default=None, help="processes for the corpus and builds")
     parser.add_argument("--work-dir", default=None, help="where the corpus and shards go (default: tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument("--sections", default=None,
-                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; machine always runs)")
-    parser.add_argument("--precisions", default="fp32,tf32,bf16", help="the model section's precisions")
-    parser.add_argument("--trainer-runs", default=None,
-                        help=f"the trainer section's runs, of {','.join(TRAINER_RUNS)} (default: all)")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"the model section's contenders, of {','.join(MODELS)}")
+    lists = {"sections": (SECTIONS, None, "comma-separated subset (default: all; machine always runs)"),
+             "models": (MODELS, ",".join(MODELS), "the model section's contenders"),
+             "precisions": (PRECISIONS, ",".join(PRECISIONS), "the model section's precisions"),
+             "trainer_runs": (tuple(TRAINER_RUNS), None, "the trainer section's runs (default: all)")}
+    for name, (allowed, default, what) in lists.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default, help=f"{what}, of {','.join(allowed)}")
     for name, cap in (("data", 60), ("lrn", 40), ("model", 60), ("two-device", 40), ("loader", 45),
                       ("trainer", 75), ("resume", 90), ("eval", 30)):
         parser.add_argument(f"--cap-{name}", type=float, default=cap, help=f"section cap, s (default {cap})")
     args = parser.parse_args(argv)
-    if args.sections is not None:
-        args.sections = {x.strip() for x in args.sections.split(",") if x.strip()}
-        if args.sections - set(SECTIONS):
-            parser.error(f"--sections: unknown {', '.join(sorted(args.sections - set(SECTIONS)))}; "
-                         f"choose from {', '.join(SECTIONS)}")
-    args.models = [x.strip() for x in args.models.split(",") if x.strip()]
-    if args.trainer_runs is not None:
-        args.trainer_runs = [x.strip() for x in args.trainer_runs.split(",") if x.strip()]
-        if set(args.trainer_runs) - set(TRAINER_RUNS):
-            parser.error(f"--trainer-runs: choose from {', '.join(TRAINER_RUNS)}")
-    args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
-    if set(args.precisions) - {"fp32", "tf32", "bf16"}:
-        parser.error(f"--precisions: choose from fp32, tf32, bf16, not {','.join(args.precisions)}")
-    if set(args.models) - set(MODELS):
-        parser.error(f"--models: unknown {', '.join(sorted(set(args.models) - set(MODELS)))}; "
-                     f"choose from {', '.join(MODELS)}")
-    if args.device == "auto":
-        args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda":
-        args.device = "cuda:0"
-    gpu = args.device.startswith("cuda")
-    if gpu and not torch.cuda.is_available():
+    for name, (allowed, _, _) in lists.items():  # "a,b" -> ["a", "b"], each one of `allowed`
+        text = getattr(args, name)
+        if text is not None:
+            chosen = [x.strip() for x in text.split(",") if x.strip()]
+            if set(chosen) - set(allowed):
+                parser.error(f"--{name.replace('_', '-')}: unknown {', '.join(sorted(set(chosen) - set(allowed)))}; "
+                             f"choose from {', '.join(allowed)}")
+            setattr(args, name, chosen)
+    if args.device in ("auto", "cuda"):
+        args.device = "cuda:0" if args.device == "cuda" or torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available (torch {torch.__version__}, "
                      f"CUDA build {torch.version.cuda})")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    gpu = args.device.startswith("cuda")
     args.sizes = args.sizes or ("full" if gpu else "tiny")
     if args.compile_needs_s is None:
         args.compile_needs_s = 60.0 if gpu else 5.0
     if args.cpu_workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        args.cpu_workers = cores
+        args.cpu_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if gpu:
         torch.cuda.set_device(torch.device(args.device))
         torch.backends.cudnn.benchmark = True  # as the trainer sets it (model/train.py configure_cuda)

@@ -326,7 +326,10 @@ def setup_run(root, run_dir, config, ckpt, ranks, devices, train_data, val_data,
         write_text_atomic(run_dir / "config.json", json.dumps(config.to_json(), indent=1) + "\n")
     # Only the training step is compiled: checkpoints keep the module's own state_dict keys,
     # and evaluation (other batch sizes, dropout off) runs eager rather than compiling again.
-    forward = torch.compile(model, backend=COMPILE_BACKEND) if config.compile else model
+    forward = model
+    if config.compile:
+        forward = torch.compile(model, backend=COMPILE_BACKEND)
+        log("--compile: the first training step compiles the model (about 30 s on a 2-core CPU), then runs faster")
     return Run(root, run_dir, config, ranks, devices, model, optimizer, schedule, train_data, val_data,
                MetricsLog(run_dir / "metrics.jsonl", enabled=ranks.main), log, progress,
                _tensorboard(run_dir, config.tensorboard and ranks.main), forward)

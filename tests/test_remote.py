@@ -732,7 +732,7 @@ def test_ranks_sharing_a_limited_cache_read_the_local_batches(fine_build, fine_p
     for r in range(2):
         local = train_loader(fine_build, batch_size=2, device="cpu", seed=4, backend="torch", workers=0, order="quasi",
                              buffer_shards=1, rank=r, world_size=2)
-        assert _same(torch.load(tmp_path / f"rank{r}.pt"), _epochs(local, 2))
+        assert _same(torch.load(tmp_path / f"rank{r}.pt", weights_only=True), _epochs(local, 2))
     assert 0 < watch.peak <= limit, (watch.peak, limit)
 
 
