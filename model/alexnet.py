@@ -140,7 +140,9 @@ def _pow_neg(d: Tensor, beta: float) -> Tensor:
 
 def _lrn_denominator(xw: Tensor, size: int, alpha: float, k: float, groups: int) -> Tensor:
     """D = k + α Σ_window a², in a new tensor (in place adds on channel-shifted views)."""
-    d = torch.addcmul(xw.new_tensor(k), xw, xw, value=alpha)  # k + α a_j², in the new tensor's one pass
+    # k as a 0-d tensor filled where xw is: new_tensor(k) would copy it from the host,
+    # which on CUDA waits for the queue to drain (a hidden sync in every step).
+    d = torch.addcmul(xw.new_full((), k), xw, xw, value=alpha)  # k + α a_j², in the new tensor's one pass
     d5, x5 = _grouped(d, groups), _grouped(xw, groups)
     for to, frm in _window_offsets(size):
         d5[:, :, to].addcmul_(x5[:, :, frm], x5[:, :, frm], value=alpha)  # D = k + α Σ_i a_i²
@@ -230,14 +232,27 @@ class _NormPool(torch.autograd.Function):
         xw, indices = ctx.saved_tensors
         size, alpha, beta, k, groups, chunk, dtype = ctx.constants
         grad_x = torch.empty_like(xw)
+        # The pooled gradient in the layout of the input and the indices: a compiled graph
+        # around this Function may hand it a gradient laid out otherwise, and CUDA's
+        # max_pool2d_with_indices_backward is not to be trusted with mixed layouts (a
+        # suspect of the illegal memory access in benchmarks/GPU.md).
+        fmt = _memory_format(xw)
+        grad, indices = grad.to(xw.dtype).contiguous(memory_format=fmt), indices.contiguous(memory_format=fmt)
         for start in range(0, xw.shape[0], chunk):
             rows = slice(start, start + chunk)
             xc = xw[rows]
             gb = torch.ops.aten.max_pool2d_with_indices_backward(
-                grad[rows].to(xw.dtype), xc, [POOL_KERNEL] * 2, [POOL_STRIDE] * 2, [0, 0], [1, 1], False, indices[rows])
+                grad[rows], xc, [POOL_KERNEL] * 2, [POOL_STRIDE] * 2, [0, 0], [1, 1], False, indices[rows])
             d = _lrn_denominator(xc, size, alpha, k, groups)
             _lrn_input_grad(gb, xc, d, _pow_neg(d, beta), size, alpha, beta, groups, out=grad_x[rows])
         return grad_x.to(dtype), None, None, None, None, None, None
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last if t is laid out so (and not also NCHW-contiguous), else NCHW."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def local_response_norm(
@@ -304,13 +319,46 @@ def _lrn_formula(x: Tensor, size: int, alpha: float, beta: float, k: float, grou
 CPU_SLICE_BYTES = 8 << 20
 
 
+# torch.ops.alexprep.lrn_max_pool (model/lrn_pool_kernel.py) once imported, False where
+# Triton does not import, None until first asked for.
+_FUSED = None
+
+
+def fused_lrn_max_pool():
+    """The fused Triton operator where Triton imports, else None (the first call imports it).
+
+    A relative import: this file copied alone into another project has no kernel module
+    beside it, and runs its own PyTorch path everywhere."""
+    global _FUSED
+    if _FUSED is None:
+        try:
+            from . import lrn_pool_kernel  # noqa: F401  (registers the operator)
+            _FUSED = torch.ops.alexprep.lrn_max_pool
+        except ImportError:
+            _FUSED = False
+    return _FUSED or None
+
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in fp32
+
+
 def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
                                  beta: float = LRN_BETA, k: float = LRN_K, groups: int = 1,
-                                 chunk: int | None = None) -> Tensor:
+                                 chunk: int | None = None, fused: bool | None = None) -> Tensor:
     """`max_pool2d(local_response_norm(x, ...), 3, 2)` without keeping the normalised maps.
 
-    `chunk`: images per slice; by default the whole batch on a GPU (whose caching allocator
-    reuses memory anyway) and about CPU_SLICE_BYTES of maps per slice on the CPU."""
+    `fused`: None runs the fused Triton kernel (one pass each way) for CUDA tensors of
+    FUSED_DTYPES where Triton imports, and PyTorch operations otherwise; True requires the
+    kernel; False never uses it. Under torch.compile the kernel is one opaque operator
+    (once imported: `AlexNet` imports it when placed on a GPU); without it, the formula.
+    `chunk`: the PyTorch path's images per slice; by default the whole batch on a GPU
+    (whose caching allocator reuses memory anyway) and about CPU_SLICE_BYTES of maps per
+    slice on the CPU."""
+    if fused is None:
+        fused = (x.is_cuda and x.dtype in FUSED_DTYPES  # on the CPU, Triton is not even imported
+                 and bool(_FUSED if torch.compiler.is_compiling() else fused_lrn_max_pool()))
+    if fused:
+        return _fused_call(x, size, alpha, beta, k, groups)
     x = _checked_lrn_input(x, size, groups)
     if torch.compiler.is_compiling():
         return F.max_pool2d(_lrn_formula(x, size, alpha, beta, k, groups), POOL_KERNEL, POOL_STRIDE)
@@ -318,6 +366,19 @@ def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: floa
         per_image = x[0].numel() * max(x.element_size(), 4)
         chunk = x.shape[0] if x.device.type != "cpu" else max(1, CPU_SLICE_BYTES // max(per_image, 1))
     return _NormPool.apply(x, size, alpha, beta, k, groups, chunk)
+
+
+def _fused_call(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> Tensor:
+    op = fused_lrn_max_pool()
+    if op is None or x.dtype not in FUSED_DTYPES:
+        raise ValueError(f"fused=True needs Triton (pip install triton) and a {FUSED_DTYPES} input, "
+                         f"got {x.dtype}")
+    if size % 2 != 1 or x.shape[1] % groups:
+        _checked_lrn_input(x, size, groups)  # raises its own message
+    # Under autocast the output is float32, as autocast's own normalisations return (and
+    # as _checked_lrn_input makes the PyTorch path do); the kernel reads bf16 directly.
+    float_out = torch.is_autocast_enabled(x.device.type)
+    return op(x, size, alpha, beta, k, groups, float_out)[0]
 
 
 class Tower(nn.Module):
@@ -353,6 +414,10 @@ class AlexNet(nn.Module):
         config: an `AlexNetConfig`, or just the number of classes; None for the paper's.
         devices: one device (both towers on it, as grouped convolutions) or two (tower t
             on `devices[t]`; the same device twice is allowed).
+        fused_lrn: the normalisation + pooling blocks as the fused Triton kernel
+            (`local_response_norm_max_pool`'s `fused`): None where it can run (CUDA,
+            Triton installed), False never, True always (the CPU runs it only in Triton's
+            interpreter). Not part of the config: both compute the same function.
         **overrides: `AlexNetConfig` fields replacing those of `config`, so that
             `AlexNet(num_classes=10, devices=("cpu", "cpu"))` reads naturally.
 
@@ -366,9 +431,11 @@ class AlexNet(nn.Module):
         config: AlexNetConfig | int | None = None,
         *,
         devices: Sequence[str | torch.device] = ("cpu",),
+        fused_lrn: bool | None = None,
         **overrides,
     ) -> None:
         super().__init__()
+        self.fused_lrn = fused_lrn
         if config is None:
             config = AlexNetConfig()
         elif isinstance(config, int):
@@ -390,6 +457,8 @@ class AlexNet(nn.Module):
         for tower, device in zip(self.towers, tower_devices):
             tower.to(device)
         self.fc8.to(placed[0])
+        if fused_lrn is not False and any(d.type == "cuda" for d in placed):
+            fused_lrn_max_pool()  # imported now, so that a compiled forward finds it
 
     def reset_parameters(self) -> None:
         """The paper's initialisation (§5), or Caffe's biases if the config says so."""
@@ -456,7 +525,8 @@ class AlexNet(nn.Module):
         groups = 2 // len(hs)  # both towers in one tensor: normalise each separately
         alpha = self.config.lrn_alpha
         if not keep_normed:
-            return None, [local_response_norm_max_pool(h, alpha=alpha, groups=groups) for h in hs]
+            return None, [local_response_norm_max_pool(h, alpha=alpha, groups=groups, fused=self.fused_lrn)
+                          for h in hs]
         normed = [local_response_norm(h, alpha=alpha, groups=groups) for h in hs]
         return normed, [F.max_pool2d(h, POOL_KERNEL, POOL_STRIDE) for h in normed]
 
