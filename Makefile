@@ -12,7 +12,7 @@ SIMD_CC := $(shell grep -q avx2 /proc/cpuinfo 2>/dev/null && echo "cc -mavx2" ||
 DALI := $(shell [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ] && echo "nvidia-dali-cuda120")
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench bench-publish ffcv-env gpu-check clean
+.PHONY: setup test demo bench bench-publish ffcv-env gpu-path gpu-check gpu-fault clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -72,10 +72,18 @@ GPU_PY := $(PYTHON)
 else
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 endif
-gpu-check:
+GPU_PATH = PYTHONPATH="$(CURDIR)/build/gpu-path$${PYTHONPATH:+:$$PYTHONPATH}"
+gpu-path:
 	mkdir -p build/gpu-path/alexprep
 	for d in imagenet_prep model cli; do ln -sfn ../../../$$d build/gpu-path/alexprep/$$d; done
-	PYTHONPATH="$(CURDIR)/build/gpu-path$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PY) benchmarks/gpu_check.py --out "$(OUT)" $(GPU_CHECK_ARGS)
+
+gpu-check: gpu-path
+	$(GPU_PATH) $(GPU_PY) benchmarks/gpu_check.py --out "$(OUT)" $(GPU_CHECK_ARGS)
+
+# The CUDA fault hunt (benchmarks/cuda_fault.py): each suspect configuration in its own
+# process, failures again under compute-sanitizer. GPU_FAULT_ARGS="--only a,b" for a subset.
+gpu-fault: gpu-path
+	$(GPU_PATH) $(GPU_PY) benchmarks/cuda_fault.py --out "$(OUT)" $(GPU_FAULT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

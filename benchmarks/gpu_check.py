@@ -9,8 +9,14 @@ from the same run:
 
 - data: a corpus made from scikit-learn's two sample photos (scikit-image is not needed),
   built to JPEG and raw shards with the library's own build-shards and stats;
+- lrn: the normalisation + max-pool blocks alone (eager, fused Triton kernel, compiled)
+  against max pooling alone, the fused kernel's numbers checked against the eager path's;
+- convs: our grouped convolutions against dense ones of equal multiply-adds, forward and
+  both gradients, fp32 / TF32 / bf16, NCHW / channels_last, cuDNN benchmark_limit 10 and 0;
 - model: our AlexNet's forward + backward images/s at batch 128 in fp32 (TF32 off), TF32,
-  bf16 autocast and channels_last, against torchvision's alexnet() in the same settings;
+  bf16 autocast and channels_last, against torchvision's alexnet() in the same settings
+  (and ours with the LRN + pool as PyTorch operations, the fused kernel's baseline);
+- syncs: the trainer's steps under torch.cuda.set_sync_debug_mode("error"): 0 host syncs;
 - two_device: the placement ("cuda:0", "cpu") against one device, same weights and input:
   outputs and gradients compared (fp32, TF32 off; tolerances in the JSON), and its speed;
 - loader: the torch backend's training batches/s on the device: PIL decoding in workers
@@ -20,6 +26,8 @@ from the same run:
 - resume: N steps uninterrupted against N/2, a mid-epoch checkpoint, and a resume to N:
   the final weights compared bit for bit;
 - eval: 1-crop and 10-crop evaluation images/s (loader alone and loader + model);
+- digits: `alexprep demo`'s training run in fp32 and in bf16 channels_last, same seed: the
+  final errors side by side (does the faster precision learn as well?);
 - compile: torch.compile'd training steps (compile time apart) against eager, last
   because it is the slowest to warm up.
 
@@ -38,6 +46,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -108,7 +117,9 @@ from alexprep.imagenet_prep.loaders import eval_loader, train_loader  # noqa: E4
 from alexprep.imagenet_prep.sample_data import COMMON_SIZES, LARGE_SIZES, SMALL_SIZES, jpeg_bytes, load_photo, photo_crop  # noqa: E402,E501
 from alexprep.imagenet_prep.stats import compute_stats, write_stats  # noqa: E402
 from alexprep.imagenet_prep.transform import ImageSpec  # noqa: E402
-from alexprep.model.alexnet import POOL_KERNEL, POOL_STRIDE, AlexNet, AlexNetConfig, local_response_norm_max_pool  # noqa: E402,E501
+from alexprep.model.alexnet import (  # noqa: E402
+    POOL_KERNEL, POOL_STRIDE, AlexNet, AlexNetConfig, fused_lrn_max_pool, local_response_norm_max_pool,
+)
 from alexprep.model.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from alexprep.model.config import TrainConfig  # noqa: E402
 from alexprep.model.evaluate import evaluate  # noqa: E402
@@ -116,10 +127,16 @@ from alexprep.model.train import train  # noqa: E402
 
 MB = 2**20
 CLASSES = 10
-SECTIONS = ("machine", "data", "lrn", "model", "two_device", "loader", "trainer", "resume", "eval", "compile")
+SECTIONS = ("machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "trainer", "resume", "eval",
+            "digits", "compile")
 # The model section's contenders: ours (towers as grouped convolutions, as one device runs
-# them), ours with the towers as two separate halves on the same device, torchvision's.
-MODELS = ("alexprep", "alexprep-split", "torchvision")
+# them; the fused Triton LRN + pool where Triton imports), the same with the LRN + pool as
+# PyTorch operations, ours with the towers as two separate halves on the same device,
+# torchvision's.
+MODELS = ("alexprep", "alexprep-eager-lrn", "alexprep-split", "torchvision")
+# The convs section: the grouped convolutions of the towers (total in / out channels, maps'
+# side, kernel, padding; groups=2), against dense ones of equal multiply-adds (in / 2 -> out).
+CONV_LAYERS = {"conv2": (96, 256, 27, 5, 2), "conv4": (384, 384, 13, 3, 1), "conv5": (384, 256, 13, 3, 1)}
 PRECISIONS = ("fp32", "tf32", "bf16")
 # The trainer section's runs (TrainConfig fields over its base): the first is the longest.
 TRAINER_RUNS = {
@@ -410,24 +427,39 @@ class Check:
         def pool_only(t):
             return F.max_pool2d(t, POOL_KERNEL, POOL_STRIDE)
 
-        contenders = [("max_pool2d alone", pool_only), ("lrn+pool eager", lrn_pool)]
+        def fused(t):
+            return local_response_norm_max_pool(t, alpha=alpha, groups=2, fused=True)
+
+        contenders = [("max_pool2d alone", pool_only), ("lrn+pool eager", lrn_pool), ("lrn+pool fused", fused)]
         if not s.smoke:
             contenders.append(("lrn+pool compiled", torch.compile(lrn_pool, backend="inductor", dynamic=False)))
+        no_fused = ("the Triton kernel runs on CUDA (on the CPU in the interpreter: tests/test_lrn_pool.py)"
+                    if not self.gpu else None if fused_lrn_max_pool() else "Triton does not import")
         rows = []
-        for (stage, shape), precision in ((st, pr) for st in shapes.items() for pr in ("fp32", "bf16")):
-            x = torch.relu(torch.randn(shape, device=device)).requires_grad_()
+        # bf16 as training runs it: autocast, channels_last (conv outputs are bf16 there).
+        for (stage, shape), (precision, layout) in ((st, pl) for st in shapes.items()
+                                                    for pl in (("fp32", "nchw"), ("bf16", "channels_last"))):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = torch.relu(torch.randn(shape, device=device)).to(dtype).contiguous(memory_format=fmt).requires_grad_()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 grad = torch.randn_like(pool_only(x.detach()))
             for name, fn in contenders:
-                row = {"stage": stage, "shape": list(shape), "precision": precision, "contender": name}
-                if time.monotonic() > deadline:
-                    rows.append({**row, "skipped": "out of this section's time"})
-                    continue
-                try:
-                    row.update(self._block_timing(fn, x, grad, precision))
-                except Exception as exc:
-                    row["error"] = reason(exc)
+                row = {"stage": stage, "shape": list(shape), "precision": precision, "layout": layout,
+                       "contender": name}
+                if name == "lrn+pool fused" and no_fused:
+                    row["skipped"] = no_fused
+                elif time.monotonic() > deadline:
+                    row["skipped"] = "out of this section's time"
+                else:
+                    try:
+                        row.update(self._block_timing(fn, x, grad, precision))
+                        if name == "lrn+pool fused":
+                            row.update(_agreement(fused, lrn_pool, x, grad, precision))
+                    except Exception as exc:
+                        row["error"] = reason(exc)
                 rows.append(row)
+                self.partial(rows)
         for r in rows:
             base = next((b.get("ms") for b in rows if b["stage"] == r["stage"] and b["precision"] == r["precision"]
                          and b["contender"] == "max_pool2d alone"), None)
@@ -435,7 +467,10 @@ class Check:
                 r["vs_pool_alone"] = round(r["ms"] / base, 2)
         return {"what": "forward + backward of one block on a random post-ReLU input, ms per call (median of "
                         "blocks of calls, one sync per block; the compiled contender's first call, its "
-                        "compilation, apart); bf16: under autocast, as training runs it", "rows": rows}
+                        "compilation, apart); bf16: a bf16 channels_last input under autocast, as training "
+                        "runs it; 'fused': the Triton kernel (model/lrn_pool_kernel.py), its output and input "
+                        "gradient against the eager path's (max |difference| / max |eager|); target: "
+                        "vs_pool_alone <= 1.2", "rows": rows}
 
     def _block_timing(self, fn, x, grad, precision: str) -> dict:
         device, reps = self.device, (1 if self.sizes.smoke else 20)
@@ -460,6 +495,92 @@ class Check:
             sync(device)
             times.append((time.perf_counter() - t) / reps)
         return {"ms": round(1000 * statistics.median(times), 3), "first_call_s": round(first, 3)}
+
+    # ------------------------------------------------------------------------- convs
+    def convs(self, deadline) -> dict:
+        """Our grouped convolutions against dense ones of equal multiply-adds, each pass
+        (forward, input gradient, weight gradient) alone; in a fresh process per cuDNN
+        benchmark_limit (its algorithm cache cannot be emptied in place)."""
+        if self.sizes.smoke:
+            return {"skipped": "GPU only: cuDNN's algorithms (the CPU's are checked by train_throughput)"}
+        out = {"what": "ms per call, median of 3 blocks of 20 calls after a warm-up; grouped = the towers' "
+                       "groups=2 convolution, dense = in/2 -> out channels, groups=1, equal multiply-adds; "
+                       "bf16: the tensors in bf16, as autocast casts them; cudnn.benchmark on",
+               "batch": self.sizes.batch, "rows": []}
+        for limit in (None, 0):
+            left = deadline - time.monotonic()
+            if left < 10:
+                out["rows"].append({"benchmark_limit": limit, "skipped": "out of this section's time"})
+                continue
+            with mp.get_context("spawn").Pool(1) as pool:
+                rows = pool.apply_async(conv_timings, (str(self.device), self.sizes.batch, limit)).get(left)
+            out["rows"].extend(rows)
+            self.partial(out["rows"])
+        return out
+
+    # ------------------------------------------------------------------------- syncs
+    def syncs(self, deadline) -> dict:
+        """The trainer's steps under torch.cuda.set_sync_debug_mode("error") (model/train.py
+        SYNC_DEBUG_ENV), each run in its own process: a host sync inside a step raises,
+        naming the operation; the reads every log_every steps are outside the steps."""
+        if not self.gpu:
+            return {"skipped": "torch's sync debug mode watches CUDA streams only"}
+        rows = []
+        plan = {"fp32": {}, "bf16_channels_last": dict(precision="bf16", channels_last=True),
+                "bf16_channels_last_compiled": dict(precision="bf16", channels_last=True, compile=True)}
+        for name, kw in plan.items():
+            row = {"name": name, **kw}
+            if time.monotonic() > deadline - (60 if kw.get("compile") else 10):
+                row["skipped"] = "out of this section's time"
+            else:
+                config = self._config(max_steps=25, log_every=10, **kw)
+                try:
+                    train_in_new_process(self.jpeg, self.work / "runs" / f"syncs-{name}", config, self.device,
+                                         env={"ALEXPREP_SYNC_DEBUG": "error"})
+                    row.update(host_syncs_in_steps=0, steps=25)
+                except Exception as exc:
+                    text = str(exc)
+                    row.update(host_syncs_in_steps="at least 1", error=reason(exc),
+                               where=[ln.strip() for ln in text.splitlines() if "alexprep" in ln][-4:])
+            rows.append(row)
+            self.partial(rows)
+        return {"what": "alexprep.model.train.train() for 25 steps, log_every=10, with ALEXPREP_SYNC_DEBUG=error; "
+                        "target: 0 host syncs inside a step", "rows": rows}
+
+    # ------------------------------------------------------------------------- digits
+    def digits(self, deadline) -> dict:
+        """Does bf16 learn as fp32 does? `alexprep demo`'s run (scikit-learn's digits, same
+        seed) on the GPU in fp32 and in bf16 channels_last, each in its own process."""
+        if self.sizes.smoke:
+            return {"skipped": "a digits run takes minutes on a CPU (that is `make demo`)"}
+        from alexprep.imagenet_prep.sample_data import write_digits_tree
+
+        src, out = self.work / "digits", self.work / "digits-out"
+        write_digits_tree(src, kaggle_val=True)
+        build_shards(src, out, BuildConfig(shard_size=256, workers=max(1, self.args.cpu_workers)))
+        write_stats(out, compute_stats(out))
+        rows = []
+        for name, kw in {"fp32": {}, "bf16_channels_last": dict(precision="bf16", channels_last=True)}.items():
+            row = {"name": name, **kw}
+            if time.monotonic() > deadline - 20:
+                row["skipped"] = "out of this section's time"
+                rows.append(row)
+                continue
+            config = TrainConfig(batch_size=32, epochs=6, bias_init="caffe", max_drops=0, backend="torch",
+                                 log_every=10, devices=(str(self.device),), **{"precision": "fp32", **kw})
+            run_dir = self.work / "runs" / f"digits-{name}"
+            t = time.perf_counter()
+            try:
+                train_in_new_process(out, run_dir, config, self.device)
+                final = json.loads((run_dir / "final.json").read_text())
+                row.update(run_s=round(time.perf_counter() - t, 1), results=final.get("results"))
+            except Exception as exc:
+                row["error"] = reason(exc)
+            rows.append(row)
+            self.partial(rows)
+        return {"what": "the demo's recipe (batch 32, 6 epochs, biases 0.1, seed 0) on the GPU; final 1- and "
+                        "10-crop errors on the digits' val split; the precision is kept if its errors are "
+                        "fp32's within binomial noise", "rows": rows, "verdict": _same_error(rows)}
 
     # ------------------------------------------------------------------------- model
     def _model_contender(self, model_name: str, module, layout: str, precision: str, compiled: bool = False,
@@ -519,6 +640,8 @@ class Check:
         torch.manual_seed(0)
         if model_name == "alexprep":
             return AlexNet(devices=(self.device,)), None
+        if model_name == "alexprep-eager-lrn":
+            return AlexNet(devices=(self.device,), fused_lrn=False), None
         if model_name == "alexprep-split":
             return AlexNet(devices=(self.device, self.device)), None
         missing = have_torchvision()
@@ -541,7 +664,8 @@ class Check:
                         row["skipped"] = missing
                     elif precision == "tf32" and not self.gpu:
                         row["skipped"] = "TF32 is a CUDA setting (Ampere and later)"
-                    elif self.sizes.smoke and ((layout, precision) != ("nchw", "fp32") or model_name == "alexprep-split"):
+                    elif self.sizes.smoke and ((layout, precision) != ("nchw", "fp32")
+                                               or model_name in ("alexprep-split", "alexprep-eager-lrn")):
                         row["skipped"] = SMOKE_SKIP
                     elif time.monotonic() > deadline:
                         row["skipped"] = "out of this section's time"
@@ -930,12 +1054,13 @@ class Check:
         if self.wanted("data"):
             self.section("data", self.data, a.cap_data, needs_s=5)
         have_data = self.jpeg is not None and self.raw is not None
-        for name, fn, cap in (("lrn", self.lrn, a.cap_lrn), ("model", self.model, a.cap_model),
-                              ("two_device", self.two_device, a.cap_two_device)):
+        for name, fn, cap in (("lrn", self.lrn, a.cap_lrn), ("convs", self.convs, a.cap_convs),
+                              ("model", self.model, a.cap_model), ("two_device", self.two_device, a.cap_two_device)):
             if self.wanted(name):
                 self.section(name, fn, cap)
-        for name, fn, cap in (("loader", self.loader, a.cap_loader), ("trainer", self.trainer, a.cap_trainer),
-                              ("resume", self.resume, a.cap_resume), ("eval", self.eval, a.cap_eval),
+        for name, fn, cap in (("syncs", self.syncs, a.cap_syncs), ("loader", self.loader, a.cap_loader),
+                              ("trainer", self.trainer, a.cap_trainer), ("resume", self.resume, a.cap_resume),
+                              ("eval", self.eval, a.cap_eval), ("digits", self.digits, a.cap_digits),
                               ("compile", self.compile, 600)):
             if not self.wanted(name):
                 continue
@@ -952,7 +1077,7 @@ class Check:
         """Whether --sections asks for `name` (the data section comes with any that needs it)."""
         asked = self.args.sections
         if name == "data":
-            return asked is None or bool(set(asked) & {"data", "loader", "trainer", "resume", "eval"})
+            return asked is None or bool(set(asked) & {"data", "syncs", "loader", "trainer", "resume", "eval"})
         return asked is None or name in asked
 
     def close(self) -> None:
@@ -1012,11 +1137,93 @@ GRAD_FACTOR = 4.0  # two float32 computations' errors against float64 differ by 
 FLOOR = 1e-6  # below this relative error, differences are float32's last bits
 
 
+def _agreement(fused, eager, x, grad, precision: str) -> dict:
+    """The fused block's output and input gradient against the eager block's, same input."""
+    outs = []
+    for fn in (fused, eager):
+        t = x.detach().clone().requires_grad_()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = fn(t)
+        y.backward(grad.to(y.dtype))
+        outs.append((y.detach().double(), t.grad.double()))
+    (fy, fg), (ey, eg) = outs
+    return {"output_vs_eager": _rel(fy, ey), "grad_vs_eager": _rel(fg, eg)}
+
+
+def conv_timings(device_name: str, batch: int, limit) -> list[dict]:
+    """Rows of CONV_LAYERS' grouped and dense forms (a spawned process: fresh cuDNN cache)."""
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    if limit is not None:
+        torch.backends.cudnn.benchmark_limit = limit
+    rows = []
+    for layer, (cin, cout, side, kernel, pad) in CONV_LAYERS.items():
+        for precision, layout in ((p, lay) for p in PRECISIONS for lay in ("nchw", "channels_last")):
+            set_tf32(precision == "tf32")
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            row = {"layer": layer, "precision": precision, "layout": layout,
+                   "benchmark_limit": torch.backends.cudnn.benchmark_limit}
+            for form, groups in (("grouped", 2), ("dense", 1)):
+                x = torch.randn(batch, cin // (2 // groups), side, side, device=device, dtype=dtype)
+                x = x.contiguous(memory_format=fmt)
+                w = (torch.randn(cout, cin // 2, kernel, kernel, device=device, dtype=dtype) * 0.01)
+                w = w.contiguous(memory_format=fmt)
+                row[form] = _conv_passes(x, w, pad, groups)
+            row["grouped_vs_dense"] = {k: round(row["grouped"][k] / row["dense"][k], 3) for k in row["grouped"]}
+            rows.append(row)
+    set_tf32(False)
+    return rows
+
+
+def _conv_passes(x, w, pad: int, groups: int) -> dict:
+    """ms of forward, input gradient and weight gradient of one convolution."""
+    g = torch.randn_like(F.conv2d(x, w, None, padding=pad, groups=groups))
+    args = ([0], [1, 1], [pad, pad], [1, 1], False, [0, 0], groups)
+    passes = {"forward": lambda: F.conv2d(x, w, None, padding=pad, groups=groups),
+              "input_grad": lambda: torch.ops.aten.convolution_backward(g, x, w, *args, [True, False, False]),
+              "weight_grad": lambda: torch.ops.aten.convolution_backward(g, x, w, *args, [False, True, False])}
+    out = {}
+    for name, fn in passes.items():
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(3):
+            sync(x.device)
+            t = time.perf_counter()
+            for _ in range(20):
+                fn()
+            sync(x.device)
+            times.append((time.perf_counter() - t) / 20)
+        out[name] = round(1000 * statistics.median(times), 4)
+    return out
+
+
+def _same_error(rows: list[dict]) -> dict | None:
+    """bf16's final errors against fp32's: equal within twice the binomial standard error
+    of a difference of two error rates on the same n images."""
+    done = {r["name"]: r["results"] for r in rows if r.get("results")}
+    if len(done) < 2:
+        return None
+    verdict = {}
+    for a, b in zip(done["fp32"], done["bf16_channels_last"]):
+        n, p = a.get("count") or a.get("images"), a["top1_error"]
+        tolerance = 2 * math.sqrt(2 * max(p * (1 - p), 1e-4) / n) if n else None
+        diff = b["top1_error"] - p
+        verdict[f"{a.get('crops', '?')}-crop"] = {"fp32": p, "bf16": b["top1_error"], "difference": round(diff, 4),
+                                                  "tolerance": tolerance and round(tolerance, 4),
+                                                  "same": bool(tolerance and abs(diff) <= tolerance)}
+    return verdict
+
+
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a - ref).abs().max().item() / max(ref.abs().max().item(), 1e-300)
 
 
-def train_in_new_process(root: Path, run_dir: Path, config: TrainConfig, device: torch.device) -> dict:
+def train_in_new_process(root: Path, run_dir: Path, config: TrainConfig, device: torch.device,
+                         env: dict | None = None) -> dict:
     """train() in a fresh Python, so that a CUDA fault (an illegal memory access poisons the
     whole process) fails this run alone, with its stderr; returns its peak GPU memory."""
     dev = str(device)
@@ -1028,7 +1235,7 @@ def train_in_new_process(root: Path, run_dir: Path, config: TrainConfig, device:
         f"    peak = {{'peak_gpu_memory_mb': round(torch.cuda.max_memory_allocated({dev!r}) / 2**20, 1),",
         f"            'peak_gpu_reserved_mb': round(torch.cuda.max_memory_reserved({dev!r}) / 2**20, 1)}}",
         "print('PEAK ' + json.dumps(peak))",
-    ], timeout=600)
+    ], timeout=600, env=env)
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("PEAK "))[5:])
 
 
@@ -1041,7 +1248,7 @@ def resume_in_new_process(root: Path, run_dir: Path, max_steps: int, determinist
     ], timeout=300)
 
 
-def _python_with_alexprep(lines: list[str], timeout: float) -> str:
+def _python_with_alexprep(lines: list[str], timeout: float, env: dict | None = None) -> str:
     """Run `lines` in a fresh Python that imports alexprep the way this one did (with json,
     torch, TrainConfig and train imported); its stdout, or RuntimeError with its stderr."""
     import subprocess
@@ -1049,7 +1256,8 @@ def _python_with_alexprep(lines: list[str], timeout: float) -> str:
     code = "\n".join(["import json, sys, torch", f"sys.path[:0] = {[p for p in sys.path if p]!r}",
                       "from alexprep.model.config import TrainConfig", "from alexprep.model.train import train",
                       *lines])
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     if proc.returncode:
         raise RuntimeError(f"exit code {proc.returncode} in its own process: {proc.stderr.strip()[-1500:]}")
     return proc.stdout
@@ -1140,6 +1348,18 @@ def summary(result: dict) -> dict:
     def rows(name):
         return sec.get(name, {}).get("rows", [])
 
+    for r in rows("lrn"):
+        if r.get("vs_pool_alone"):
+            out[f"lrn {r['stage']} {r['precision']} {r['contender']} vs pool alone"] = r["vs_pool_alone"]
+    for r in rows("convs"):
+        if "grouped_vs_dense" in r and r["benchmark_limit"] != 0:
+            out[f"convs {r['layer']} {r['precision']} {r['layout']} grouped/dense fwd,dgrad,wgrad"] = \
+                ",".join(f"{v:.2f}" for v in r["grouped_vs_dense"].values())
+    for r in rows("syncs"):
+        out[f"syncs {r['name']} host syncs in steps"] = r.get("host_syncs_in_steps", r.get("skipped"))
+    if sec.get("digits", {}).get("verdict"):
+        for crops, v in sec["digits"]["verdict"].items():
+            out[f"digits {crops} bf16 vs fp32 error"] = f"{v['bf16']:.4f} vs {v['fp32']:.4f} (same: {v['same']})"
     for r in rows("model") + rows("compile"):
         key = f"model {r['model']} {r['layout']} {r['precision']}{' compiled' if r.get('compile') else ''}"
         out[key] = r.get("images_per_s", r.get("skipped") or r.get("error"))
@@ -1192,8 +1412,8 @@ def parse_args(argv=None) -> argparse.Namespace:
              "trainer_runs": (tuple(TRAINER_RUNS), None, "the trainer section's runs (default: all)")}
     for name, (allowed, default, what) in lists.items():
         parser.add_argument(f"--{name.replace('_', '-')}", default=default, help=f"{what}, of {','.join(allowed)}")
-    for name, cap in (("data", 60), ("lrn", 40), ("model", 60), ("two-device", 40), ("loader", 45),
-                      ("trainer", 75), ("resume", 90), ("eval", 30)):
+    for name, cap in (("data", 60), ("lrn", 40), ("convs", 60), ("model", 60), ("syncs", 60), ("two-device", 40),
+                      ("loader", 45), ("trainer", 75), ("resume", 90), ("eval", 30), ("digits", 90)):
         parser.add_argument(f"--cap-{name}", type=float, default=cap, help=f"section cap, s (default {cap})")
     args = parser.parse_args(argv)
     for name, (allowed, _, _) in lists.items():  # "a,b" -> ["a", "b"], each one of `allowed`

@@ -61,6 +61,12 @@ def decode_jpeg_batch(encoded: list[torch.Tensor], device: torch.device) -> list
     not decode."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if device.type == "cuda":
+        # torchvision's CUDA decoder allocates its outputs on the caller's stream but writes
+        # them from its own without waiting (pytorch/vision#9606; nvJPEG's batched hardware
+        # decode writes when called, so only a host wait orders it): memory just freed by
+        # kernels still queued could be overwritten under them. Wait for the queue first.
+        torch.cuda.current_stream(device).synchronize()
     return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
@@ -233,8 +239,8 @@ class TorchBackend(BatchStream):
             windows = item.windows.to(device, non_blocking=True)
             if self.mode == "bytes":
                 decoded = self._decode_batch(item.pixels, item.index)
-                if self.dataset.rrc:
-                    crops = resized_windows_batched(decoded, windows[:, 0], self.loader.config.crop)
+                if self.dataset.rrc:  # the host's copy of the windows: reading the device's is a sync
+                    crops = resized_windows_batched(decoded, item.windows[:, 0], self.loader.config.crop)
                 else:  # all size x size: one gather
                     crops = cut_windows_batched(torch.stack(decoded).permute(0, 2, 3, 1), windows,
                                                 self.loader.config.crop)

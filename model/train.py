@@ -14,9 +14,11 @@ step on whether to stop (distributed.any_rank).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -378,8 +380,9 @@ def train_one_epoch(run: Run, state: RunState, stop: StopSignal) -> str | None:
             t_data = time.perf_counter()
             sums.wait += t_data - clock
             window[1], window[2] = window[1] + len(labels), window[2] + t_data - clock
-            loss, correct = train_step(run, images, labels)
-            pending.add(loss, correct)
+            with sync_check(run.devices):
+                loss, correct = train_step(run, images, labels)
+                pending.add(loss, correct)
             state.step, state.batch = state.step + 1, state.batch + 1
             sums.seen, sums.steps = sums.seen + len(labels), sums.steps + 1
             if bar:
@@ -432,6 +435,27 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     loss.backward()
     run.optimizer.step()
     return loss, (logits.detach().argmax(1) == labels).sum()
+
+
+# `ALEXPREP_SYNC_DEBUG=warn` (or `error`): every training step runs under
+# torch.cuda.set_sync_debug_mode, so that an operation that makes the host wait for the GPU
+# inside a step warns (or raises, naming it). The reads every log_every steps are outside.
+SYNC_DEBUG_ENV = "ALEXPREP_SYNC_DEBUG"
+
+
+@contextlib.contextmanager
+def sync_check(devices):
+    """Around one training step: torch's sync debug mode as SYNC_DEBUG_ENV asks, on CUDA."""
+    mode = os.environ.get(SYNC_DEBUG_ENV, "")
+    if mode not in ("warn", "error") or not any(d.type == "cuda" for d in devices):
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
 
 
 class DeviceSums:
