@@ -219,10 +219,8 @@ def _clean(name: str) -> str:
 
 
 def _sparse_map(info: tarfile.TarInfo) -> tuple[tuple | None, str | None]:
-    """(the member's sparse map, or None), or (None, why it cannot be read): a map that
-    leaves the file, or one that expands a few stored bytes into more than any image."""
-    if not info.sparse:
-        return None, None
+    """(the member's sparse map, None), or (None, why it cannot be read): a map that leaves
+    the file, or one that expands a few stored bytes into more than any image."""
     # Empty segments carry no data (GNU's map ends with (size, 0) and pads with (0, 0)).
     segments, at = tuple((int(o), int(n)) for o, n in info.sparse if int(n) != 0), 0
     for offset, count in segments:
@@ -236,6 +234,14 @@ def _sparse_map(info: tarfile.TarInfo) -> tuple[tuple | None, str | None]:
 
 def _entry_of(info: tarfile.TarInfo, name: str, start: int, size: int, files: dict):
     """What extracting `info` leaves at `name`: a TarEntry, or why no file alexprep reads."""
+    if info.isreg():  # nearly every member: tested first
+        sparse, why = _sparse_map(info) if info.sparse else (None, None)
+        if why:
+            return why
+        stored = sum(n for _, n in sparse) if sparse else info.size
+        if info.offset_data + stored > size:  # past the tar's end: what lies there is not this member's
+            return "the tar ends inside this member: it is truncated"
+        return TarEntry(name, start + info.offset_data, info.size, stored, sparse)
     if info.islnk():
         target = files.get(_clean(info.linkname))
         if target is None:
@@ -245,15 +251,7 @@ def _entry_of(info: tarfile.TarInfo, name: str, start: int, size: int, files: di
     if info.issym():
         return (f"a symbolic link to {info.linkname!r}: links are not followed inside an archive "
                 "(extract it to follow them)")
-    if not info.isreg():
-        return f"not a regular file (tar type {info.type!r}: a device, FIFO or other special file)"
-    sparse, why = _sparse_map(info)
-    if why:
-        return why
-    stored = sum(n for _, n in sparse) if sparse else info.size
-    if info.offset_data + stored > size:  # past the tar's end: what lies there is not this member's
-        return "the tar ends inside this member: it is truncated"
-    return TarEntry(name, start + info.offset_data, info.size, stored, sparse)
+    return f"not a regular file (tar type {info.type!r}: a device, FIFO or other special file)"
 
 
 def index_tar(fd: int, start: int, size: int) -> TarIndex:
