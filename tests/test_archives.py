@@ -7,8 +7,10 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -517,3 +519,31 @@ def test_sparse_members_read_as_tar_x_writes_them(tmp_path, flavour):
     for wnid in ("n00000001", "n00000002"):
         rel = f"{wnid}/{wnid}_sparse.JPEG"
         assert archives.read_member(members[rel]) == (classes / rel).read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("unzip") is None, reason="needs unzip to extract")
+def test_kaggle_zip_read_as_unzip_leaves_it(tmp_path):
+    classes = photo_classes(tmp_path / "photos")
+    again = sorted((photo_classes(tmp_path / "others", seed=9) / "n00000001").iterdir())[1]
+    base = archives.KAGGLE_BASE + "train/"
+    zipped = tmp_path / "zipped" / archives.KAGGLE_ZIP
+    zipped.parent.mkdir()
+    with warnings.catch_warnings(), zipfile.ZipFile(zipped, "w") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns of the name it is given twice
+        for path in sorted(classes.rglob("*.JPEG")):
+            zf.write(path, base + path.relative_to(classes).as_posix())
+        zf.write(again, f"{base}n00000001/{again.name}")  # a second copy: unzip -o keeps the last
+        link = zipfile.ZipInfo(f"{base}n00000001/z_symbolic.JPEG")
+        link.create_system, link.external_attr = 3, (stat.S_IFLNK | 0o777) << 16  # as Info-ZIP stores a link
+        zf.writestr(link, "n00000001_0.JPEG")
+    extracted = tmp_path / "extracted"
+    subprocess.run(["unzip", "-o", "-q", str(zipped), "-d", str(extracted)], check=True)
+    assert (extracted / base / "n00000001" / "z_symbolic.JPEG").is_symlink()
+    build(zipped.parent, tmp_path / "from_zip", splits=("train",))
+    build(extracted, tmp_path / "from_tree", splits=("train",))
+    ours, theirs = images(tmp_path / "from_zip"), images(tmp_path / "from_tree")
+    key = f"{base}n00000001/"
+    assert ours == {k: v for k, v in theirs.items() if k != key + "z_symbolic.JPEG"} and len(ours) == 6
+    assert ours[key + again.name][2] == theirs[key + again.name][2]
+    skipped = {s["key"]: s["reason"] for s in manifest(tmp_path / "from_zip", "train")["skipped"]}
+    assert "earlier copy" in skipped[key + again.name] and "symbolic link" in skipped[key + "z_symbolic.JPEG"]
