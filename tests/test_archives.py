@@ -547,3 +547,38 @@ def test_kaggle_zip_read_as_unzip_leaves_it(tmp_path):
     assert ours[key + again.name][2] == theirs[key + again.name][2]
     skipped = {s["key"]: s["reason"] for s in manifest(tmp_path / "from_zip", "train")["skipped"]}
     assert "earlier copy" in skipped[key + again.name] and "symbolic link" in skipped[key + "z_symbolic.JPEG"]
+
+
+@needs_tar
+def test_a_sparse_member_too_large_is_refused_alone(tmp_path):
+    """1.5 GiB of holes stores in a few blocks: expanded it would be more than any image,
+    so that member is refused with its reason, and the rest is built."""
+    classes = photo_classes(tmp_path / "photos")
+    with open(classes / "n00000001" / "huge.JPEG", "wb") as f:
+        f.write(b"\xff\xd8" + b"x" * 100)
+        f.truncate(1536 << 20)
+    class_tars = []
+    for folder in sorted(classes.iterdir()):
+        class_tars.append(tmp_path / f"{folder.name}.tar")
+        subprocess.run(["tar", "--sparse", "-cf", str(class_tars[-1]), "-C", str(folder),
+                        *sorted(p.name for p in folder.iterdir())], check=True)
+    assert class_tars[0].stat().st_size < 1 << 20
+    out = tmp_path / "out"
+    build(train_tar_of(class_tars, tmp_path / "downloads"), out, splits=("train",))
+    skipped = {s["key"]: s["reason"] for s in manifest(out, "train")["skipped"]}
+    assert list(skipped) == ["train/n00000001/huge.JPEG"]
+    assert f"a sparse member expanding to {1536 << 20} bytes" in skipped["train/n00000001/huge.JPEG"]
+    assert len(images(out)) == 6
+
+
+def test_a_train_tar_with_a_class_outside_its_devkit_is_one_line(imagenet, tmp_path):
+    _, downloads = imagenet
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    write_meta_mat(devkit, {"n00000001": 1, "n00000002": 2})  # n00000003 missing
+    tgz = tmp_path / archives.DEVKIT_TGZ
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(devkit, arcname=devkit.name)
+    result = CliRunner().invoke(cli, ["build-shards", str(downloads / archives.TRAIN_TAR), str(tmp_path / "out"),
+                                      "--workers", "1", "--devkit", str(tgz)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "holds class n00000003, not among the 2 classes of the devkit" in result.output
