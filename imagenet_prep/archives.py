@@ -334,7 +334,7 @@ class ArchiveSplit:
     prefix: str  # the key of the split's folder when extracted: "train/", "ILSVRC/Data/CLS-LOC/val/"
     workers: int = 1
     zip_infos: list | None = None
-    _index: TarIndex | None = field(default=None, repr=False)
+    _index: TarIndex | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.archive}" + (f":{self.prefix}" if self.kind == "zip" else "")
@@ -356,9 +356,11 @@ class ArchiveSplit:
 
     def _refusal(self, index: TarIndex) -> str:
         lost, whole = _WHOLE.get(self.archive.name, ("the members from there on", ""))
+        again = f"download {self.archive.name} again{f' ({whole} whole)' if whole else ''} and rerun"
+        if not index.members and not index.notes and not index.truncated:
+            return f"{self.archive} {index.problem} (an empty or partial download, or another file under its name): {again}"
         state = "the download is truncated" if index.truncated else "the archive is damaged"
-        return (f"{self.archive} {index.problem}: {state}, and {lost} are missing: download {self.archive.name} "
-                f"again{f' ({whole} whole)' if whole else ''} and rerun")
+        return f"{self.archive} {index.problem}: {state}, and {lost} are missing: {again}"
 
     def class_names(self) -> list[str]:
         """The split's class folders, without listing their files (the train tar's class

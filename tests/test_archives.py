@@ -326,6 +326,11 @@ def test_a_truncated_or_damaged_val_tar_is_one_line(imagenet, tmp_path):
                                       "--devkit", str(downloads / archives.DEVKIT_TGZ)])
     assert result.exit_code == 2, result.output
     assert f"{val} is damaged at byte {third.offset}" in result.output and "the archive is damaged" in result.output
+    val.write_bytes(b"<html>404 Not Found</html>\n" * 40)  # a download that saved an error page
+    result = CliRunner().invoke(cli, ["build-shards", str(val), str(tmp_path / "out"), "--workers", "1",
+                                      "--devkit", str(downloads / archives.DEVKIT_TGZ)])
+    assert result.exit_code == 2 and f"{val} is not a tar archive" in result.output, result.output
+    assert f"download {archives.VAL_TAR} again" in result.output
 
 
 def test_a_truncated_zip_is_one_line(kaggle, tmp_path):
