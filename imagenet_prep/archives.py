@@ -23,11 +23,12 @@ import contextlib
 import io
 import multiprocessing as mp
 import os
+import stat
 import struct
 import tarfile
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from alexprep.imagenet_prep.errors import DataError
@@ -50,11 +51,12 @@ class Member:
 
     archive: str  # the archive file on disk
     offset: int  # tar: the member's first data byte; zip: its local header
-    size: int  # bytes stored
+    size: int  # bytes stored (a sparse tar member: its bytes once its holes are filled)
     inner: str  # its path inside the archive, for reports ("n01440764.tar/n01440764_18.JPEG")
     method: int = TAR  # zip: 0 stored, 8 deflated
     crc: int = 0  # zip: CRC-32 of the uncompressed bytes
     length: int = 0  # zip: uncompressed size
+    sparse: tuple | None = None  # a sparse tar member: ((offset in the file, bytes), ...) stored in turn
 
     def describe(self) -> str:
         return f"{self.archive}:{self.inner}"
@@ -93,6 +95,8 @@ def read_member(member: Member) -> bytes:
     """The member's bytes. Raises UnreadableImage (with the archive's path) when the
     archive is truncated or damaged there."""
     fd = _fd(member.archive)
+    if member.sparse is not None:
+        return _read_sparse(fd, member)
     if member.method == TAR:
         data = _pread_exact(fd, member.size, member.offset)
         if len(data) < member.size:
@@ -122,6 +126,19 @@ def read_member(member: Member) -> bytes:
     if len(data) != member.length or zlib.crc32(data) != member.crc:
         raise UnreadableImage(f"the member fails its CRC check ({member.archive} is damaged)")
     return data
+
+
+def _read_sparse(fd: int, member: Member) -> bytes:
+    """A sparse member (GNU or PAX): its stored segments, one after the other from its
+    offset, put in place in a file of zeros, as `tar -x` writes it."""
+    data, at = bytearray(member.size), member.offset
+    for offset, count in member.sparse:
+        chunk = _pread_exact(fd, count, at)
+        if len(chunk) < count:
+            raise UnreadableImage(f"the archive ends inside this member ({member.archive} is truncated)")
+        data[offset:offset + count] = chunk
+        at += count
+    return bytes(data)
 
 
 def read_source(source) -> bytes:
@@ -167,13 +184,32 @@ class _Window(io.RawIOBase):
         return self.pos
 
 
+@dataclass(frozen=True, slots=True)
+class TarEntry:
+    """A file as `tar -x` leaves it: a regular member, or a hard link resolved to its target."""
+
+    name: str
+    offset: int  # its first data byte, absolute in the file on disk
+    size: int  # the file's bytes (a sparse member: expanded)
+    stored: int  # bytes stored in the archive (a sparse member: its segments only)
+    sparse: tuple | None = None  # ((offset in the file, bytes), ...) for a sparse member
+
+
 @dataclass
 class TarIndex:
-    """A tar's regular files as (name, data offset, size), absolute in the file on disk, and
-    what went wrong reading it (None when it ends with its end-of-archive marker)."""
+    """What `tar -x` of a tar at [start, start + size) of a file would leave: its files, in
+    archive order (`members`), the members that leave no file alexprep reads (`notes`:
+    (name, why): links, a repeated name's earlier copies, special files), and what went
+    wrong reading it (`problem`, None when it ends with its end-of-archive marker;
+    `truncated` when the file ends before the tar does)."""
 
-    members: list[tuple[str, int, int]] = field(default_factory=list)
+    members: list[TarEntry] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
     problem: str | None = None
+    truncated: bool = False
+
+
+MAX_SPARSE_BYTES = 1 << 30  # a sparse member expands to this at most (its holes cost no storage)
 
 
 def _clean(name: str) -> str:
@@ -182,31 +218,86 @@ def _clean(name: str) -> str:
     return name.lstrip("/")
 
 
+def _sparse_map(info: tarfile.TarInfo) -> tuple[tuple | None, str | None]:
+    """(the member's sparse map, None), or (None, why it cannot be read): a map that leaves
+    the file, or one that expands a few stored bytes into more than any image."""
+    # Empty segments carry no data (GNU's map ends with (size, 0) and pads with (0, 0)).
+    segments, at = tuple((int(o), int(n)) for o, n in info.sparse if int(n) != 0), 0
+    for offset, count in segments:
+        if offset < at or count < 0 or offset + count > info.size:
+            return None, "a sparse member whose map of holes is damaged (segments out of order or past its end)"
+        at = offset + count
+    if info.size > MAX_SPARSE_BYTES:
+        return None, f"a sparse member expanding to {info.size} bytes, more than any image ({MAX_SPARSE_BYTES} at most)"
+    return segments, None
+
+
+def _entry_of(info: tarfile.TarInfo, name: str, start: int, size: int, files: dict):
+    """What extracting `info` leaves at `name`: a TarEntry, or why no file alexprep reads."""
+    if info.isreg():  # nearly every member: tested first
+        sparse, why = _sparse_map(info) if info.sparse else (None, None)
+        if why:
+            return why
+        stored = sum(n for _, n in sparse) if sparse else info.size
+        if info.offset_data + stored > size:  # past the tar's end: what lies there is not this member's
+            return "the tar ends inside this member: it is truncated"
+        return TarEntry(name, start + info.offset_data, info.size, stored, sparse)
+    if info.islnk():
+        target = files.get(_clean(info.linkname))
+        if target is None:
+            return (f"a hard link to {info.linkname!r}, which is not a file earlier in the archive "
+                    "(tar -x cannot make it either)")
+        return replace(target, name=name) if isinstance(target, TarEntry) else target
+    if info.issym():
+        return (f"a symbolic link to {info.linkname!r}: links are not followed inside an archive "
+                "(extract it to follow them)")
+    return f"not a regular file (tar type {info.type!r}: a device, FIFO or other special file)"
+
+
 def index_tar(fd: int, start: int, size: int) -> TarIndex:
-    """Walk the headers of the tar at [start, start + size) of `fd`, skipping the data."""
+    """Walk the headers of the tar at [start, start + size) of `fd`, skipping the data, and
+    keep what `tar -x` would: hard links give their target's bytes, a repeated name its
+    last copy (the earlier ones noted), links and special files noted."""
     index = TarIndex()
-    window = _Window(fd, start, size)
     try:
-        tar = tarfile.open(fileobj=window, mode="r:")
+        tar = tarfile.open(fileobj=_Window(fd, start, size), mode="r:")
     except tarfile.TarError:
-        index.problem = "not a tar archive"
+        index.problem = "is not a tar archive"
         return index
-    end = 0
+    files: dict[str, TarEntry | str] = {}  # name -> its file, or why it leaves none we read
+    last, last_end, error = None, 0, None
     try:
         for info in tar:
-            if info.isreg():
-                index.members.append((_clean(info.name), start + info.offset_data, info.size))
-            end = tar.offset
-    except tarfile.TarError as exc:
-        index.problem = f"ends early ({exc})"
-        return index
-    end = tar.offset
-    # tarfile stops quietly at a truncated or garbled header: a whole tar ends with zeros.
-    marker = os.pread(fd, tarfile.BLOCKSIZE, start + end) if end + tarfile.BLOCKSIZE <= size else b""
-    if marker != bytes(tarfile.BLOCKSIZE):
-        last = index.members[-1][0] if index.members else "its start"
-        index.problem = f"ends early, at byte {end} of {size}, after {last}: the rest is missing or damaged"
+            last, last_end = info.name, tar.offset  # tar.offset: past this member's data
+            if info.isdir():
+                continue
+            name = _clean(info.name)
+            earlier = files.pop(name, None)  # popped: the later copy takes its place in order
+            if isinstance(earlier, TarEntry):
+                index.notes.append((name, f"an earlier copy (at byte {earlier.offset - start} of the tar), replaced "
+                                          "by a later member of the same name: the last is built, as tar -x keeps it"))
+            files[name] = _entry_of(info, name, start, size, files)
+    except (tarfile.TarError, ValueError, EOFError) as exc:  # tarfile lets a garbled PAX sparse map's ValueError out
+        error = str(exc)
+    index.members = [e for e in files.values() if isinstance(e, TarEntry)]
+    index.notes += [(name, why) for name, why in files.items() if isinstance(why, str)]
+    _check_end(index, fd, start, size, max(tar.offset, last_end), last, error)
     return index
+
+
+def _check_end(index: TarIndex, fd: int, start: int, size: int, end: int, last: str | None, error: str | None) -> None:
+    """A whole tar ends with a zero block where its headers stop; tarfile stops quietly at a
+    truncated or garbled header, so the end is checked here, and said where it is."""
+    after = f"after {last}" if last else "at its start"
+    if end > size:
+        index.truncated = True
+        index.problem = f"ends at byte {size}, inside {last} ({end - size} bytes before that member's end)"
+    elif end + tarfile.BLOCKSIZE > size:
+        index.truncated = True
+        index.problem = f"ends {after}, at byte {size}, where more members or its end-of-archive marker should follow"
+    elif os.pread(fd, tarfile.BLOCKSIZE, start + end) != bytes(tarfile.BLOCKSIZE):
+        index.problem = (f"is damaged at byte {end} of {size}, {after}: no tar header there"
+                         + (f" ({error})" if error else ""))
 
 
 def _advise_random(fd: int) -> None:
@@ -225,6 +316,12 @@ def _index_class_tar(args) -> tuple[str, TarIndex]:
 
 
 # ---------------------------------------------------------------------------- splits in archives
+# What each archive loses from the cut on, and roughly its size when whole, for the one line
+# that says to download it again.
+_WHOLE = {TRAIN_TAR: ("the class tars from there on", "about 138 GiB"),
+          VAL_TAR: ("the images from there on", "about 6.3 GiB")}
+
+
 @dataclass
 class ArchiveSplit:
     """One split stored in an archive; `layout.list_split` lists it like a folder.
@@ -237,24 +334,40 @@ class ArchiveSplit:
     prefix: str  # the key of the split's folder when extracted: "train/", "ILSVRC/Data/CLS-LOC/val/"
     workers: int = 1
     zip_infos: list | None = None
+    _index: TarIndex | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.archive}" + (f":{self.prefix}" if self.kind == "zip" else "")
 
     def _outer(self) -> TarIndex:
-        fd = os.open(self.archive, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _advise_random(fd)
-            return index_tar(fd, 0, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+        """The tar's own index, read once. A truncated or damaged tar is refused in one line
+        before anything that follows from it (its classes, its images) is used."""
+        if self._index is None:
+            fd = os.open(self.archive, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _advise_random(fd)
+                index = index_tar(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+            if index.problem:
+                raise DataError(self._refusal(index))
+            self._index = index
+        return self._index
+
+    def _refusal(self, index: TarIndex) -> str:
+        lost, whole = _WHOLE.get(self.archive.name, ("the members from there on", ""))
+        again = f"download {self.archive.name} again{f' ({whole} whole)' if whole else ''} and rerun"
+        if not index.members and not index.notes and not index.truncated:
+            return f"{self.archive} {index.problem} (an empty or partial download, or another file under its name): {again}"
+        state = "the download is truncated" if index.truncated else "the archive is damaged"
+        return f"{self.archive} {index.problem}: {state}, and {lost} are missing: {again}"
 
     def class_names(self) -> list[str]:
         """The split's class folders, without listing their files (the train tar's class
         tars, from its outer headers only)."""
         if self.kind == "nested":
-            return sorted({Path(n).name[:-4] for n, _, _ in self._outer().members
-                           if "/" not in n and n.endswith(".tar") and not n.startswith(".")})
+            return sorted({Path(e.name).name[:-4] for e in self._outer().members
+                           if "/" not in e.name and e.name.endswith(".tar") and not e.name.startswith(".")})
         if self.kind == "zip":
             return sorted({rel.split("/", 1)[0] for rel in self._zip_rels() if "/" in rel} - {""})
         return []
@@ -264,45 +377,72 @@ class ArchiveSplit:
             if info.filename.startswith(self.prefix):
                 yield info.filename[len(self.prefix):]
 
+    def _problem(self, rel: str, why: str, inner: str) -> dict:
+        """A member that gives no image, as the build reports it: its key when extracted,
+        why, and where it lies."""
+        return {"key": self.prefix + rel, "reason": why, "archive": f"{self.archive}:{inner}"}
+
     def scan(self):
         """(top-level folders, an iterator of (path relative to the split folder, Member),
         problems). The members stream out one class tar at a time, so that a listing never
         holds ImageNet's 1.28 million as objects; `problems` is complete once they have."""
-        archive = str(self.archive)
         if self.kind == "zip":
+            problems = []
             dirs = {rel.split("/", 1)[0] for rel in self._zip_rels() if "/" in rel}
-            entries = ((info.filename[len(self.prefix):],
-                        Member(archive, info.header_offset, info.compress_size, info.filename,
-                               info.compress_type, info.CRC, info.file_size))
-                       for info in self.zip_infos
-                       if info.filename.startswith(self.prefix) and not info.is_dir()
-                       and info.filename != self.prefix)
-            return dirs, entries, []
-        outer = self._outer()
-        problems = []
-        if outer.problem:
-            problems.append({"key": self.prefix.rstrip("/"), "reason": f"{outer.problem} (later members, if any, "
-                             "are missing: download the archive again)", "archive": archive})
+            return dirs, self._zip_entries(problems), problems
+        archive, outer = str(self.archive), self._outer()
+        problems = [self._problem(name, why, name) for name, why in outer.notes]
         if self.kind == "flat":
-            return set(), ((n, Member(archive, o, s, n)) for n, o, s in outer.members), problems
+            return set(), ((e.name, _member(archive, e, e.name)) for e in outer.members), problems
         dirs, loose, class_tars = set(), [], []
-        for name, offset, size in outer.members:
-            if "/" not in name and name.endswith(".tar"):
-                dirs.add(name[:-4])
-                class_tars.append((archive, name, offset, size))
+        for e in outer.members:
+            if "/" not in e.name and e.name.endswith(".tar"):
+                dirs.add(e.name[:-4])
+                if e.sparse is None:
+                    class_tars.append((archive, e.name, e.offset, e.size))
+                else:  # its bytes are not one range of the file, so its members are not either
+                    problems.append(self._problem(e.name, "class tar stored as a sparse member of the train tar: "
+                                                  "its images cannot be read in place (extract it)", e.name))
             else:
-                loose.append((name, Member(archive, offset, size, name)))
+                loose.append((e.name, _member(archive, e, e.name)))
         return dirs, self._nested_entries(loose, class_tars, problems), problems
 
     def _nested_entries(self, loose: list, class_tars: list, problems: list):
         yield from loose
         archive = str(self.archive)
         for name, index in _map(_index_class_tar, class_tars, self.workers):
+            wnid = name[:-4]
             if index.problem:
-                problems.append({"key": self.prefix + name, "reason": f"class tar {index.problem}"
-                                 + ("" if index.members else ": none of its images can be read"), "archive": archive})
-            for inner, offset, size in index.members:
-                yield f"{name[:-4]}/{inner}", Member(archive, offset, size, f"{name}/{inner}")
+                problems.append(self._problem(name, f"class tar {index.problem}" + (
+                    "" if index.members else ": none of its images can be read") + f" (download {self.archive.name} "
+                    "again)", name))
+            problems.extend(self._problem(f"{wnid}/{inner}", why, f"{name}/{inner}") for inner, why in index.notes)
+            for e in index.members:
+                yield f"{wnid}/{e.name}", _member(archive, e, f"{name}/{e.name}")
+
+    def _zip_entries(self, problems: list):
+        """The zip's files as extraction leaves them: a repeated name's last copy (as
+        Python's and most unzips' extraction), symbolic links skipped."""
+        latest: dict[str, zipfile.ZipInfo] = {}
+        for info in self.zip_infos:
+            name = info.filename
+            if name.startswith(self.prefix) and not info.is_dir() and name != self.prefix:
+                if latest.pop(name, None) is not None:
+                    problems.append(self._problem(name[len(self.prefix):], "an earlier copy, replaced by a later "
+                                                  "member of the same name: the last is built, as unzip keeps it", name))
+                latest[name] = info
+        for name, info in latest.items():
+            rel = name[len(self.prefix):]
+            if stat.S_ISLNK(info.external_attr >> 16):
+                problems.append(self._problem(rel, "a symbolic link: links are not followed inside an archive "
+                                              "(extract it to follow them)", name))
+                continue
+            yield rel, Member(str(self.archive), info.header_offset, info.compress_size, name,
+                              info.compress_type, info.CRC, info.file_size)
+
+
+def _member(archive: str, entry: TarEntry, inner: str) -> Member:
+    return Member(archive, entry.offset, entry.size, inner, sparse=entry.sparse)
 
 
 POOL_MIN_ITEMS = 64  # below this many class tars, a pool's start costs more than it saves

@@ -85,7 +85,9 @@ def label_root(src: Path) -> Path:
 
 
 def _is_ignored(name: str) -> bool:
-    return name.startswith(".") or Path(name).suffix.lower() in NON_IMAGE_SUFFIXES
+    # splitext, not Path(name).suffix: a Path per file interns its name (sys.intern), and the
+    # intern table's growth over 1.28M names is memory the listing's budget does not have.
+    return name.startswith(".") or os.path.splitext(name)[1].lower() in NON_IMAGE_SUFFIXES
 
 
 def _walk_files(folder: Path):
@@ -236,14 +238,30 @@ def known_class_names(src: Path, labels: ValLabelSource) -> dict[str, str]:
     return {}
 
 
+def _mapped_classes(train: ArchiveSplit, names: dict[str, str], built: bool) -> ClassList:
+    """The devkit's or the synset mapping's classes; the train archive's (read only when it
+    is built now) must be among them."""
+    if built:
+        extra = sorted(set(train.class_names()) - set(names))
+        if extra:
+            raise DataError(f"{train} holds class {extra[0]}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}, "
+                            f"not among the {len(names)} classes of the devkit or synset mapping beside it: give "
+                            "--classes FILE, or the devkit of these archives")
+    return ClassList.from_wnids(names.keys(), names)
+
+
 def infer_class_list(src: Path, folders: dict[str, Path], listings: dict[str, SplitListing], labels: ValLabelSource) -> ClassList:
     """The class list for a new build folder when none is given: the train tree's class
     folders (even when only val is built now); else the devkit's 1000 classes or Kaggle's
-    synset mapping; else the val tree's class folders."""
+    synset mapping; else the val tree's class folders. A train split still in its archive
+    takes the devkit's or the mapping's classes when one is present, so that a partial
+    download never shrinks the list (archives.py refuses a truncated one in one line)."""
     src = Path(src)
     names = known_class_names(src, labels)
     if "train" in folders:
         train = folders["train"]
+        if isinstance(train, ArchiveSplit) and names:
+            return _mapped_classes(train, names, "train" in listings)
         wnids = train.class_names() if isinstance(train, ArchiveSplit) else [
             e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith(".")]
         if wnids:

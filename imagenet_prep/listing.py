@@ -53,6 +53,7 @@ class SplitListing:
     wnids: list[str] = field(default_factory=list)  # distinct wnids, sorted; codes index it
     ignored: list[str] = field(default_factory=list)
     problems: list[dict] = field(default_factory=list)  # damaged archives: {"key", "reason", "archive"}
+    sparse: dict[str, tuple] = field(default_factory=dict)  # rel -> map of a sparse tar member (rare: no column)
     _blob: bytes | bytearray = b""
     _ends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     _codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
@@ -87,7 +88,8 @@ class SplitListing:
         return Member(str(self.folder.archive), int(m["offset"][i]), int(m["size"][i]),
                       _inner(int(m["rule"][i]), self.prefix, rel),
                       int(m["method"][i]) if "method" in m else TAR,
-                      int(m["crc"][i]) if "crc" in m else 0, int(m["length"][i]) if "length" in m else 0)
+                      int(m["crc"][i]) if "crc" in m else 0, int(m["length"][i]) if "length" in m else 0,
+                      self.sparse.get(rel) if self.sparse else None)
 
     def index_of(self, key: str) -> int | None:
         """The row of `key`, by binary search over the sorted keys, or None."""
@@ -123,6 +125,8 @@ class ListingBuilder:
 
     def add(self, rel: str, source, wnid: str) -> None:
         top = rel.split("/", 1)[0] if "/" in rel else ""
+        if isinstance(source, Member) and source.sparse is not None:
+            self.listing.sparse[rel] = source.sparse
         if top != self.pending_top:
             self._seal()
             self.pending_top = top

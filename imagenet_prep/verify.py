@@ -5,6 +5,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
 from alexprep.imagenet_prep import layout
 from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
@@ -51,7 +54,34 @@ def verify_build(root: Path, decode_images: bool = False, on_shard=None, workers
                     report.bad.append(problem)
                 if on_shard:
                     on_shard()
+            report.bad += _repeated_keys(index)
     return report
+
+
+def _repeated_keys(index) -> list[str]:
+    """A key written more than once in a split (a build writes each image once), named with
+    its shards. Keys are compared by hash first, so that a split's 1.28M keys are never all
+    held as strings at once."""
+    hashes = []
+    for shard in index.shards:
+        try:
+            keys = open_shard(index, shard).column("key").to_pylist()
+        except DataError:  # reported by the shard's own check
+            keys = []
+        hashes.append(np.fromiter(map(hash, keys), np.int64, len(keys)))
+    values, counts = np.unique(np.concatenate(hashes or [np.zeros(0, np.int64)]), return_counts=True)
+    suspects = values[counts > 1]
+    if not len(suspects):
+        return []
+    shards_of: dict[str, list[str]] = {}
+    for shard, shard_hashes in zip(index.shards, hashes):
+        rows = np.flatnonzero(np.isin(shard_hashes, suspects))
+        if len(rows):
+            keys = open_shard(index, shard).column("key").take(pa.array(rows)).to_pylist()
+            for key in keys:
+                shards_of.setdefault(key, []).append(shard.name)
+    return [f"{index.folder}: key {key!r} is written {len(names)} times (in {', '.join(sorted(names))}): a build "
+            "writes each image once; rebuild this split" for key, names in sorted(shards_of.items()) if len(names) > 1]
 
 
 def _check_shard(index, shard, decode_images: bool) -> tuple[int, str | None]:
