@@ -44,6 +44,15 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _offsets(BIG: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's flat element indices: int32 (cheap division on a GPU) unless the
+    tensor has 2^31 elements or more, when element offsets would overflow it."""
+    if BIG:
+        return tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _position(offs, C, H, W, CL: tl.constexpr):
     """(n, c, h, w) of flat element indices in memory order: channel fastest for
     channels_last, width fastest for NCHW, so that neighbouring lanes read neighbouring
@@ -84,10 +93,10 @@ def _denominator(x_ptr, pix, c, g0, g1, sxc, valid, alpha, k, HALF: tl.constexpr
 def _lrn_pool_fwd(x_ptr, out_ptr, idx_ptr, total, C, HO, WO, CG,
                   sxn, sxc, sxh, sxw, son, soc, soh, sow,
                   alpha, beta, k,
-                  HALF: tl.constexpr, CL: tl.constexpr, BLOCK: tl.constexpr):
+                  HALF: tl.constexpr, CL: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr):
     """One lane per pooled output: the 3x3 window's normalised values, their max and its
     position (0..8, row-major) as int8."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = _offsets(BIG, BLOCK)
     valid = offs < total
     n, c, ho, wo = _position(offs, C, HO, WO, CL)
     g0 = (c // CG) * CG
@@ -130,12 +139,12 @@ def _pooled_grad(g_ptr, idx_ptr, n, c, h, w, HO, WO, son, soc, soh, sow, sgn, sg
 def _lrn_pool_bwd(x_ptr, g_ptr, idx_ptr, gx_ptr, total, C, H, W, HO, WO, CG,
                   sxn, sxc, sxh, sxw, son, soc, soh, sow, sgn, sgc, sgh, sgw,
                   alpha, beta, k,
-                  HALF: tl.constexpr, CL: tl.constexpr, BLOCK: tl.constexpr):
+                  HALF: tl.constexpr, CL: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr):
     """One lane per input element j:
     ∂L/∂a_j = gb_j D_j^-β - 2αβ a_j Σ_{i in window(j)} gb_i a_i D_i^(-β-1),
     where gb is ∂L/∂b (the pooled gradient routed to its argmaxes) and window(j) is j's
     clipped channel window (i is in window(j) exactly when j is in window(i))."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = _offsets(BIG, BLOCK)
     valid = offs < total
     n, c, h, w = _position(offs, C, H, W, CL)
     g0 = (c // CG) * CG
@@ -209,7 +218,8 @@ def lrn_max_pool(x: Tensor, size: int, alpha: float, beta: float, k: float, grou
     if total:
         with _device_of(x):
             _lrn_pool_fwd[_grid(total)](x, out, idx, total, c, ho, wo, c // groups, *x.stride(), *out.stride(),
-                                        float(alpha), float(beta), float(k), HALF=size // 2, CL=cl, BLOCK=BLOCK,
+                                        float(alpha), float(beta), float(k), HALF=size // 2, CL=cl, BIG=x.numel() >= 2**31,
+                                        BLOCK=BLOCK,
                                         num_warps=NUM_WARPS)
     return out, idx
 
@@ -238,7 +248,8 @@ def lrn_max_pool_backward(grad: Tensor, x: Tensor, idx: Tensor, size: int, alpha
         with _device_of(x):
             _lrn_pool_bwd[_grid(total)](x, grad, idx, gx, total, c, h, w, idx.shape[2], idx.shape[3], c // groups,
                                         *x.stride(), *idx.stride(), *grad.stride(),
-                                        float(alpha), float(beta), float(k), HALF=size // 2, CL=cl, BLOCK=BLOCK,
+                                        float(alpha), float(beta), float(k), HALF=size // 2, CL=cl, BIG=x.numel() >= 2**31,
+                                        BLOCK=BLOCK,
                                         num_warps=NUM_WARPS)
     return gx
 
