@@ -88,6 +88,9 @@ class BuildConfig:
         unknown = set(self.splits) - set(layout.SPLITS)
         if unknown or not self.splits:
             raise DataError(f"--split must be among {layout.SPLITS}, not {sorted(unknown) or 'nothing'}")
+        for name in ("val_labels", "devkit", "classes_file"):  # "~/..." as a shell would give it
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
 
 
 class DiskFull(OSError):
@@ -320,7 +323,7 @@ def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), prog
     `progress(done, total)` is called from time to time when given.
     """
     started = time.perf_counter()
-    src, out = Path(src), Path(out)
+    src, out = Path(src).expanduser(), Path(out).expanduser()  # "~/imagenet" as a shell would give it
     folders = layout.find_split_folders(src, config.workers)
     wanted = {s: f for s, f in folders.items() if s in config.splits}
     if not wanted:
