@@ -1,8 +1,6 @@
 """`alexprep build-shards` and `alexprep verify`."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from alexprep.cli.common import BadInput, UserPath, format_bytes, progress_bars, user_errors

@@ -1,8 +1,6 @@
 """`alexprep push`: a finished build folder into object storage."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from alexprep.cli.common import UserPath, format_bytes, progress_bars, user_errors
