@@ -8,9 +8,10 @@ steps of one epoch, `end_of_epoch` validates, logs and checkpoints.
 Defaults, the run dir and what a checkpoint holds: docs/design.md, "Training". A resumed
 run continues where the newest checkpoint stopped, mid-epoch included: the loaders' draws
 are keyed by (seed, epoch, sample), and each rank's dropout RNG state travels in the
-checkpoint. Bit-exact on the CPU; on CUDA only with `TrainConfig(deterministic=True)`. Under `torchrun`, each process owns one tower pair, the loaders give each
-rank its part of every global batch, DDP averages gradients, and the ranks agree every
-step on whether to stop (distributed.any_rank).
+checkpoint. Bit-exact on the CPU; on CUDA only with `TrainConfig(deterministic=True)`.
+Under `torchrun`, each process owns one tower pair, the loaders give each rank its part of
+every global batch, DDP averages gradients, and the ranks agree every step on whether to
+stop (distributed.any_rank).
 """
 from __future__ import annotations
 
