@@ -32,7 +32,7 @@ test: setup
 demo: setup
 	$(VENV)/bin/alexprep demo
 
-# Every benchmark in --quick mode (under ~10 minutes on 2 cores). Results go to the
+# Every benchmark in --quick mode (more than 14 minutes on 2 cores: benchmarks/README.md). Results go to the
 # git-ignored benchmarks/out/; `make bench-publish` copies them into the tracked
 # benchmarks/results/ that the READMEs cite. FFCV's contenders need `make ffcv-env`
 # (tried here; where it cannot be made, they record why and are skipped).

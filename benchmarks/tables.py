@@ -1,7 +1,7 @@
 """The documents' benchmark tables and numbers, made from `benchmarks/results/*.json`.
 
     python -m benchmarks.tables            # exit 1 and name the blocks that differ
-    python -m benchmarks.tables --write    # rewrite them in README.md and benchmarks/README.md
+    python -m benchmarks.tables --write    # rewrite them in README.md, benchmarks/README.md, docs/design.md
 
 A block is whatever lies between `<!-- tables:NAME -->` and `<!-- /tables:NAME -->` (a
 table on lines of its own, or a number inside a sentence); NAME is a function below. The
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DOCUMENTS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
+DOCUMENTS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "docs" / "design.md")
 BLOCK = re.compile(r"<!-- tables:(?P<name>[\w-]+) -->(?P<body>.*?)<!-- /tables:(?P=name) -->", re.S)
 X = "\u00d7"  # the multiplication sign every ratio is written with
 

@@ -29,7 +29,7 @@ LIMIT_HELP = ("The most bytes a split may take in --cache-dir (20G, 500M, 123456
 @click.command("train")
 @click.argument("shards", type=BuildRoot())
 @click.option("--run-dir", type=UserPath(), required=True, help="Where checkpoints and logs go.")
-@click.option("--resume", is_flag=True, help="Continue the run in --run-dir exactly where it stopped.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir where it stopped.")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True,
               help="The global batch (split over torchrun ranks).")
@@ -95,7 +95,8 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
 
     SHARDS is the build folder OUT of build-shards (with OUT/stats.npz from `alexprep
     stats`), or the URI it was pushed to with --cache-dir. Defaults are section 5 of the paper. Checkpoints every epoch, every
-    --checkpoint-minutes and on Ctrl-C / SIGTERM; --resume continues exactly.
+    --checkpoint-minutes and on Ctrl-C / SIGTERM; --resume continues where it stopped
+    (bit-exact on CUDA only with --deterministic).
 
     \b
     Example:

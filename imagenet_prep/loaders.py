@@ -78,7 +78,7 @@ class LoaderConfig:
     lighting_std: float | None = None  # sigma of PCA lighting alphas; 0 disables; None: the recipe's
     normalize: str | None = None  # "mean-image" (the paper's) or "channel"; None: the recipe's
     order: str = "random"  # "quasi" for datasets larger than RAM (see augment.epoch_order)
-    buffer_shards: int = 4  # "quasi": shards shuffled together (~160 MB of q95 JPEGs)
+    buffer_shards: int = 4  # "quasi": shards shuffled together (~110 MB of q95 JPEGs)
     crops: int = 1  # eval: 1 (centre) or 10 (corners, centre and mirrors)
     rank: int = 0
     world_size: int = 1
