@@ -363,7 +363,13 @@ def render(text: str) -> str:
     """`text` with every marked block made again from the results (unknown names: KeyError)."""
     def one(m: re.Match) -> str:
         name, _, arg = m["name"].partition("-")  # "shards-16": shards(16)
-        made = BLOCKS[name](int(arg)) if arg else BLOCKS[name]()
+        if name not in BLOCKS:
+            raise SystemExit(f"benchmarks/tables.py: no block {name!r} (known: {', '.join(BLOCKS)})")
+        try:
+            made = BLOCKS[name](int(arg)) if arg else BLOCKS[name]()
+        except (KeyError, StopIteration) as exc:  # a result the block needs is not in results/
+            raise SystemExit(f"benchmarks/tables.py: block {m['name']!r} needs {exc!r}, which benchmarks/results/ "
+                             "lacks (a contender skipped in the published run?): say so in the block's function")
         body = f"\n{made}\n" if "\n" in m["body"] else made
         return f"<!-- tables:{m['name']} -->{body}<!-- /tables:{m['name']} -->"
 
