@@ -311,7 +311,10 @@ def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = 
         if not list_checkpoints(run_dir / "checkpoints"):
             raise DataError(f"--resume: {run_dir} holds no checkpoint to resume from")
         ckpt = load_checkpoint(run_dir)
-        config = dataclasses.replace(TrainConfig.from_json(ckpt["config"]), max_steps=config.max_steps)
+        asked, config = config, dataclasses.replace(TrainConfig.from_json(ckpt["config"]), max_steps=config.max_steps)
+        if asked.deterministic and not config.deterministic:  # the run's saved settings win, as for every option
+            log(f"--resume keeps {run_dir}'s settings: this run was not started with --deterministic, so it stays "
+                "non-deterministic (start a new run with it for a bit-exact resume on CUDA)")
     elif (run_dir / "config.json").exists() or list_checkpoints(run_dir / "checkpoints"):
         raise DataError(f"{run_dir} holds another run: pass --resume to continue it, or choose a new --run-dir")
     with deterministic_mode(config.deterministic):
