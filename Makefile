@@ -32,16 +32,18 @@ test: setup
 demo: setup
 	$(VENV)/bin/alexprep demo
 
-# Every benchmark in --quick mode (under ~10 minutes on 2 cores). Results go to the
-# git-ignored benchmarks/out/; `make bench-publish` copies them into the tracked
-# benchmarks/results/ that the READMEs cite. FFCV's contenders need `make ffcv-env`
-# (tried here; where it cannot be made, they record why and are skipped).
+# Every benchmark in --quick mode (more than 14 minutes on 2 cores: benchmarks/README.md).
+# Results go to the git-ignored benchmarks/out/; `make bench-publish` copies them into the
+# tracked benchmarks/results/ and remakes the documents' tables from them
+# (benchmarks/tables.py). FFCV's contenders need `make ffcv-env` (tried here; where it
+# cannot be made, they record why and are skipped).
 bench: setup
 	-@$(MAKE) --no-print-directory ffcv-env
 	$(PY) -m benchmarks.run_all --quick
 
 bench-publish:
 	$(PY) -m benchmarks.run_all --publish-only
+	$(PY) -m benchmarks.tables --write
 
 # FFCV in its own venv (never in .venv): it pins its own numba and builds from source
 # against system OpenCV and libturbojpeg (apt, as root, where pkg-config lacks them).

@@ -1,11 +1,9 @@
 """`alexprep build-shards` and `alexprep verify`."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from alexprep.cli.common import BadInput, format_bytes, progress_bars, user_errors
+from alexprep.cli.common import BadInput, UserPath, format_bytes, progress_bars, user_errors
 from alexprep.imagenet_prep.build import DEFAULT_SHARD_SIZE, BuildConfig, DiskFull, build_shards, default_workers
 from alexprep.imagenet_prep.transform import ENCODINGS, RESAMPLE_FILTERS, RESIZE_MODES, ImageSpec
 
@@ -28,8 +26,8 @@ class PartType(click.ParamType):
 
 
 @click.command("build-shards")
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("src", type=UserPath())
+@click.argument("out", type=UserPath())
 @click.option("--split", type=click.Choice(["train", "val", "all"]), default="all", show_default=True,
               help="Which split to build (those present in SRC).")
 @click.option("--encoding", type=click.Choice(ENCODINGS), default="jpeg", show_default=True,
@@ -48,7 +46,7 @@ class PartType(click.ParamType):
               help="keep-aspect only: the longer side's cap (a wider image gets a shorter side below "
                    "--shorter-side).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
-              help="Images per shard (~40 MB of q95 JPEG at the default).")
+              help="Images per shard (26-28 MB of q95 JPEG at the default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the spread of samples over shards.")
 @click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default="all cores",
               help="Worker processes.")
@@ -57,11 +55,11 @@ class PartType(click.ParamType):
 @click.option("--on-error", type=click.Choice(["report", "fail"]), default="report", show_default=True,
               help="Unreadable files are always listed; 'fail' also exits with code 1.")
 @click.option("--overwrite", is_flag=True, help="Replace a different build found in OUT.")
-@click.option("--val-labels", type=click.Path(path_type=Path),
+@click.option("--val-labels", type=UserPath(),
               help="Labels of a flat val/ folder: LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt.")
-@click.option("--devkit", type=click.Path(path_type=Path),
+@click.option("--devkit", type=UserPath(),
               help="The ILSVRC2012 devkit: its folder (holds data/meta.mat) or ILSVRC2012_devkit_t12.tar.gz.")
-@click.option("--classes", "classes_file", type=click.Path(path_type=Path),
+@click.option("--classes", "classes_file", type=UserPath(),
               help="The class list: a classes.json, or one wnid per line.")
 @click.option("--no-stats", is_flag=True, help="Do not keep statistics partials (`stats --recompute` can still compute them).")
 @user_errors
@@ -133,7 +131,7 @@ def _image_spec(encoding, quality, resample, resize, shorter_side, max_side) -> 
 
 
 @click.command("verify")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=UserPath())
 @click.option("--decode", "decode_images", is_flag=True, help="Also decode every image (slower).")
 @user_errors
 def verify_command(out, decode_images):

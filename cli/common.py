@@ -6,10 +6,12 @@ import functools
 import re
 import sys
 from decimal import Decimal
+from pathlib import Path
 
 import click
 
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.remote import is_uri
 
 
 class BadInput(click.ClickException):
@@ -60,6 +62,27 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+class UserPath(click.Path):
+    """A path argument with `~` expanded, as a shell does only for an unquoted word
+    (`--run-dir=~/runs` or `"~/imagenet"` reach us with the tilde); a pathlib.Path."""
+
+    def __init__(self, **kwargs):
+        super().__init__(path_type=Path, **kwargs)
+
+    def convert(self, value, param, ctx):
+        return super().convert(Path(value).expanduser() if isinstance(value, (str, Path)) else value, param, ctx)
+
+
+class BuildRoot(click.ParamType):
+    """A build folder OUT given as a local path (`~` expanded) or a URI (kept as given)."""
+
+    name = "folder_or_uri"
+
+    def convert(self, value, param, ctx) -> str:
+        value = str(value)
+        return value if is_uri(value) else str(Path(value).expanduser())
 
 
 class ByteSize(click.ParamType):

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import click
 
-from alexprep.cli.common import user_errors
+from alexprep.cli.common import UserPath, user_errors
 from alexprep.imagenet_prep.errors import DataError
 
 
 @click.command("demo")
-@click.option("--out", "work", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
+@click.option("--out", "work", type=UserPath(), default=Path("demo-out"), show_default=True,
               help="Working folder (replaced).")
 @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)

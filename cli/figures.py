@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from alexprep.cli.common import progress_bars, user_errors
+from alexprep.cli.common import UserPath, progress_bars, user_errors
 
-_checkpoint_arg = click.argument("checkpoint", type=click.Path(path_type=Path))
-_shards_arg = click.argument("shards", type=click.Path(path_type=Path))
+_checkpoint_arg = click.argument("checkpoint", type=UserPath())
+_shards_arg = click.argument("shards", type=UserPath())
 _dpi = click.option("--dpi", type=click.IntRange(min=20, max=600), default=100, show_default=True,
                     help="Pixels per inch of the PNG.")
 _device = click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
@@ -28,7 +28,7 @@ def inspect_group() -> None:
 
 @inspect_group.command("kernels", short_help="conv1's 96 kernels as a grid (Figure 3).")
 @_checkpoint_arg
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("kernels.png"), show_default=True)
+@click.option("-o", "--output", type=UserPath(), default=Path("kernels.png"), show_default=True)
 @_dpi
 @user_errors
 def kernels_command(checkpoint, output, dpi):
@@ -50,7 +50,7 @@ def kernels_command(checkpoint, output, dpi):
 @inspect_group.command("predict", short_help="Images with their top-5 predictions (Figure 4, left).")
 @_checkpoint_arg
 @_shards_arg
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("predictions.png"), show_default=True)
+@click.option("-o", "--output", type=UserPath(), default=Path("predictions.png"), show_default=True)
 @click.option("--n", "count", type=click.IntRange(min=1, max=64), default=8, show_default=True, help="Images shown.")
 @click.option("--split", default="val", show_default=True, help="Which split of SHARDS the images come from.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of images.")
@@ -80,7 +80,7 @@ def predict_command(checkpoint, shards, output, count, split, seed, crops, devic
 @inspect_group.command("neighbors", short_help="Nearest images in fc7 space (Figure 4, right).")
 @_checkpoint_arg
 @_shards_arg
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("neighbors.png"), show_default=True)
+@click.option("-o", "--output", type=UserPath(), default=Path("neighbors.png"), show_default=True)
 @click.option("--queries", type=click.IntRange(min=1, max=64), default=5, show_default=True,
               help="Query images (rows of the figure).")
 @click.option("--k", type=click.IntRange(min=1, max=32), default=6, show_default=True,
@@ -88,7 +88,7 @@ def predict_command(checkpoint, shards, output, count, split, seed, crops, devic
 @click.option("--query-split", default="val", show_default=True, help="Split the queries come from.")
 @click.option("--split", default="train", show_default=True, help="Split searched for neighbors.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of queries.")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--cache", "cache_dir", type=UserPath(), default=None,
               help="Feature cache folder [default: SHARDS/features].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @_device

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from alexprep.cli.common import user_errors
+from alexprep.cli.common import UserPath, user_errors
 
 
 @click.command("predict")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=UserPath())
+@click.argument("images", nargs=-1, required=True, type=UserPath())
 @click.option("--crops", type=click.Choice(["1", "10"]), default="1", show_default=True,
               help="Centre crop, or the paper's 10 crops with softmax averaged.")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Classes listed per image.")

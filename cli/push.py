@@ -1,15 +1,13 @@
 """`alexprep push`: a finished build folder into object storage."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from alexprep.cli.common import format_bytes, progress_bars, user_errors
+from alexprep.cli.common import UserPath, format_bytes, progress_bars, user_errors
 
 
 @click.command("push")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=UserPath())
 @click.argument("uri")
 @click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True, help="Parallel uploads.")
 @user_errors

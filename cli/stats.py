@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from alexprep.cli.common import progress_bars, user_errors
+from alexprep.cli.common import UserPath, progress_bars, user_errors
 
 
 @click.command("stats")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=UserPath())
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON (for scripts) instead of a summary.")
 @click.option("--recompute", is_flag=True,
               help="Compute from the shard pixels, not the shards' partial sums (for builds made with --no-stats, "

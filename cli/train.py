@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from alexprep.cli.common import ByteSize, user_errors
+from alexprep.cli.common import BuildRoot, ByteSize, UserPath, user_errors
 from alexprep.model.config import PRECISIONS, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -28,9 +27,9 @@ LIMIT_HELP = ("The most bytes a split may take in --cache-dir (20G, 500M, 123456
 
 
 @click.command("train")
-@click.argument("shards")
-@click.option("--run-dir", type=click.Path(path_type=Path), required=True, help="Where checkpoints and logs go.")
-@click.option("--resume", is_flag=True, help="Continue the run in --run-dir exactly where it stopped.")
+@click.argument("shards", type=BuildRoot())
+@click.option("--run-dir", type=UserPath(), required=True, help="Where checkpoints and logs go.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir where it stopped.")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULTS.epochs, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True,
               help="The global batch (split over torchrun ranks).")
@@ -66,6 +65,9 @@ LIMIT_HELP = ("The most bytes a split may take in --cache-dir (20G, 500M, 123456
 @click.option("--compile", "compile_", is_flag=True,
               help="Experimental: torch.compile the training step (fused kernels; the first steps compile). "
               "Not yet verified on a GPU: see benchmarks/GPU.md.")
+@click.option("--deterministic", is_flag=True,
+              help="Deterministic kernels and no cuDNN algorithm search, so that --resume is bit-exact on CUDA "
+              "(slower). Without it a resumed run continues where it stopped, not bit-exact on CUDA.")
 @click.option("--bias-init", type=click.Choice(["paper", "caffe"]), default=DEFAULTS.bias_init, show_default=True,
               help="paper: biases 1 in conv2/4/5, fc6/7; caffe: 0.1 (learns sooner).")
 @click.option("--lrn", type=click.Choice(["cuda-convnet", "paper"]), default=DEFAULTS.lrn, show_default=True)
@@ -80,20 +82,21 @@ LIMIT_HELP = ("The most bytes a split may take in --cache-dir (20G, 500M, 123456
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events.")
 @click.option("--verify-shards", is_flag=True,
               help="Check every shard's SHA-256 against its manifest before training (sizes are always checked).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help=CACHE_HELP)
+@click.option("--cache-dir", type=UserPath(), default=None, help=CACHE_HELP)
 @click.option("--cache-limit", type=ByteSize(), default=None,
               help=LIMIT_HELP.format("--order quasi; validation reads in order"))
 @user_errors
 def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, weight_decay, decay_biases,
                   bias_lr_mult, patience, max_drops, plateau_threshold, milestones, seed, order, lighting_std, backend,
-                  decoder, device, devices, precision, channels_last, compile_, bias_init, lrn, final_crops,
+                  decoder, device, devices, precision, channels_last, compile_, deterministic, bias_init, lrn, final_crops,
                   checkpoint_minutes, keep_last, log_every, max_steps, workers, tensorboard, verify_shards, cache_dir,
                   cache_limit):
     """Train the paper's AlexNet on a build folder, with the paper's recipe.
 
     SHARDS is the build folder OUT of build-shards (with OUT/stats.npz from `alexprep
     stats`), or the URI it was pushed to with --cache-dir. Defaults are section 5 of the paper. Checkpoints every epoch, every
-    --checkpoint-minutes and on Ctrl-C / SIGTERM; --resume continues exactly.
+    --checkpoint-minutes and on Ctrl-C / SIGTERM; --resume continues where it stopped
+    (bit-exact on CUDA only with --deterministic).
 
     \b
     Example:
@@ -112,8 +115,8 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
         decay_biases=decay_biases, bias_lr_mult=bias_lr_mult, patience=patience, max_drops=max_drops,
         plateau_threshold=plateau_threshold, milestones=steps, seed=seed, order=order,
         lighting_std=lighting_std, backend=backend, decoder=decoder, devices=_devices(device, devices),
-        precision=precision,
-        channels_last=channels_last, compile=compile_, bias_init=bias_init, lrn=lrn, final_crops=int(final_crops),
+        precision=precision, channels_last=channels_last, compile=compile_, deterministic=deterministic,
+        bias_init=bias_init, lrn=lrn, final_crops=int(final_crops),
         checkpoint_minutes=checkpoint_minutes, keep_last=keep_last, log_every=log_every, max_steps=max_steps,
         loader_workers=workers, tensorboard=tensorboard, verify_shards=verify_shards,
     )
@@ -127,8 +130,8 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
 
 
 @click.command("evaluate")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("shards")
+@click.argument("checkpoint", type=UserPath())
+@click.argument("shards", type=BuildRoot())
 @click.option("--crops", type=click.Choice(["1", "10", "both"]), default="both", show_default=True,
               help="Centre crop, the paper's 10 crops (softmax averaged), or both.")
 @click.option("--split", default="val", show_default=True)
@@ -137,7 +140,7 @@ def train_command(shards, run_dir, resume, epochs, batch_size, lr, momentum, wei
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: top1_error, top5_error, count, crops.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help=CACHE_HELP)
+@click.option("--cache-dir", type=UserPath(), default=None, help=CACHE_HELP)
 @click.option("--cache-limit", type=ByteSize(), default=None, help=LIMIT_HELP.format("evaluation reads in order"))
 @user_errors
 def evaluate_command(checkpoint, shards, crops, split, batch_size, device, backend, precision, as_json, cache_dir,

@@ -1,7 +1,7 @@
 """What each training batch holds: the epoch's sample order, and every sample's draws.
 
 All of it is numpy on the host, so the DALI pipeline and its PyTorch twin apply the very
-same draws (DESIGN.md, "Augmentation semantics"):
+same draws (docs/design.md, "Augmentation semantics"):
 
 - Draws come from a counter-based generator: a SplitMix64 hash of (seed, epoch, sample
   index, word number). A sample's crop offset, flip and lighting alpha therefore depend
@@ -142,7 +142,7 @@ def lighting_shift(alpha: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray) 
 
     √λ (the standard deviation along each principal axis), not the paper's λ: on 0-255
     pixels λ is ~1e4 and would shift pixels by ~1,000 levels; cuda-convnet2 scales by the
-    standard deviation, a shift of ~10 levels (DESIGN.md).
+    standard deviation, a shift of ~10 levels (docs/design.md).
     """
     alpha = np.asarray(alpha, np.float64).reshape(-1, 3)
     scale = np.sqrt(np.clip(np.asarray(eigvals, np.float64), 0.0, None))  # clip: -1e-13 from eigh

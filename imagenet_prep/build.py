@@ -43,7 +43,7 @@ from alexprep.imagenet_prep.shards import (
 from alexprep.imagenet_prep.stats import PartialStats
 from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, encode, load_image, pil_flavour
 
-# ~1024 images is ~40 MB of q95 JPEG: long sequential reads (FFCV's pages are 8 MiB), about
+# ~1024 images is 26-28 MB of q95 JPEG (benchmarks/results): long sequential reads (FFCV's pages are 8 MiB), about
 # 1,250 shards for ImageNet-1k so that 16-64 workers or machines each get many, a few
 # shards fit a shuffle buffer in RAM, and a crash loses at most a few seconds per worker.
 DEFAULT_SHARD_SIZE = 1024
@@ -88,6 +88,9 @@ class BuildConfig:
         unknown = set(self.splits) - set(layout.SPLITS)
         if unknown or not self.splits:
             raise DataError(f"--split must be among {layout.SPLITS}, not {sorted(unknown) or 'nothing'}")
+        for name in ("val_labels", "devkit", "classes_file"):  # "~/..." as a shell would give it
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
 
 
 class DiskFull(OSError):
@@ -320,7 +323,7 @@ def build_shards(src: Path, out: Path, config: BuildConfig = BuildConfig(), prog
     `progress(done, total)` is called from time to time when given.
     """
     started = time.perf_counter()
-    src, out = Path(src), Path(out)
+    src, out = Path(src).expanduser(), Path(out).expanduser()  # "~/imagenet" as a shell would give it
     folders = layout.find_split_folders(src, config.workers)
     wanted = {s: f for s, f in folders.items() if s in config.splits}
     if not wanted:

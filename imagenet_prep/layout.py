@@ -1,6 +1,6 @@
 """Finding the samples of an input tree: which files, which split, which class.
 
-Layouts read (DESIGN.md):
+Layouts read (docs/design.md):
 - `SRC/train/<wnid>/*` and `SRC/val/<wnid>/*` (ImageFolder trees; any class names),
 - the Kaggle tree `SRC/ILSVRC/Data/CLS-LOC/{train,val}`,
 - a flat `val/*.JPEG` labelled by Kaggle's `LOC_val_solution.csv` or by the devkit's

@@ -3,8 +3,9 @@
 ImageNet's train split lists 1.28 million files. As Python objects (a key, a path and a
 wnid string, a tuple per file) that was ~1 KB a file, 1.3 GB before a shard was written
 (benchmarks/scale.py). Here a file costs the UTF-8 bytes of its path below the split
-folder, 8 bytes of offset and 4 of class code, plus 19 bytes of byte range when it lies
-in a tar (32 in a zip); its path or archive member is rebuilt when a worker needs it.
+folder, 4 bytes of end offset (8 past 2 GiB of paths) and 4 of class code, plus 19 bytes
+of byte range when it lies in a tar (32 in a zip); its path or archive member is rebuilt
+when a worker needs it.
 
 Order: keys sorted as strings. Every key is `prefix + rel` and rel is `top/...` (a class
 folder) or a bare file name, so sorting groups by `top + "/"` and each group's rels

@@ -54,7 +54,8 @@ MAX_FAILURES_LISTED = 100  # decode failures kept with their shard and row (all 
 
 
 def pick_backend(backend: str) -> str:
-    """"dali" or "torch" for "auto": DALI where it is installed."""
+    """"dali" or "torch" for "auto": DALI where it imports. The one place "auto" is
+    resolved (the loaders' default, and TrainConfig's through them)."""
     if backend != "auto":
         return backend
     try:
@@ -71,13 +72,13 @@ class LoaderConfig:
 
     batch_size: int  # per rank
     device: str = "cpu"  # "cpu" or "cuda:N"
-    backend: str = "dali"  # "dali", or "torch" where DALI does not install
+    backend: str = "auto"  # "dali", "torch", or "auto": DALI where it imports, else torch (pick_backend)
     train: bool = True  # random crops, flips and lighting; else fixed crops
     seed: int = 0  # with (epoch, sample index), fixes every draw and the order
     lighting_std: float | None = None  # sigma of PCA lighting alphas; 0 disables; None: the recipe's
     normalize: str | None = None  # "mean-image" (the paper's) or "channel"; None: the recipe's
     order: str = "random"  # "quasi" for datasets larger than RAM (see augment.epoch_order)
-    buffer_shards: int = 4  # "quasi": shards shuffled together (~160 MB of q95 JPEGs)
+    buffer_shards: int = 4  # "quasi": shards shuffled together (~110 MB of q95 JPEGs)
     crops: int = 1  # eval: 1 (centre) or 10 (corners, centre and mirrors)
     rank: int = 0
     world_size: int = 1
@@ -99,7 +100,7 @@ class LoaderConfig:
             raise DataError(f"recipe must be one of {RECIPES}, not {self.recipe!r}")
         normalize, lighting_std = RECIPE_DEFAULTS[self.recipe]
         scale, ratio = rrc.check_params(self.scale, self.ratio)
-        resolved = dict(scale=scale, ratio=ratio,
+        resolved = dict(scale=scale, ratio=ratio, backend=pick_backend(self.backend),
                         resize=rrc.default_resize(self.crop) if self.resize is None else self.resize,
                         normalize=normalize if self.normalize is None else self.normalize,
                         lighting_std=lighting_std if self.lighting_std is None else self.lighting_std)
@@ -111,7 +112,7 @@ class LoaderConfig:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise DataError(f"batch_size must be a positive integer, not {self.batch_size!r}")
         if self.backend not in BACKENDS:
-            raise DataError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
+            raise DataError(f"backend must be auto, dali or torch, not {self.backend!r}")
         parse_device(self.device)  # the syntax only; availability is checked on use
         checks = [
             (self.normalize in NORMALIZE, f"normalize must be one of {NORMALIZE}, not {self.normalize!r}"),
@@ -384,7 +385,7 @@ class Loader:
 
 def train_loader(root, *, batch_size: int, device: str, seed: int, stats=None, split: str = "train",
                  rank: int = 0, world_size: int = 1, lighting_std: float | None = None, normalize: str | None = None,
-                 order: str = "random", dtype="float32", backend: str = "dali", buffer_shards: int = 4,
+                 order: str = "random", dtype="float32", backend: str = "auto", buffer_shards: int = 4,
                  workers: int | None = None, prefetch: int = 2, decoder: str = "auto",
                  recipe: str = "paper", size: int = augment.CROP, scale=rrc.SCALE, ratio=rrc.RATIO,
                  cache_dir=None, cache_limit: int | None = None) -> Loader:
@@ -392,7 +393,7 @@ def train_loader(root, *, batch_size: int, device: str, seed: int, stats=None, s
     `(batch_size, 3, size, size)` of `dtype` on `device`, labels `(batch_size,)` int64.
 
     stats: None (read `root/stats.npz`), a path, or a DatasetStats. device: "cpu" or
-    "cuda:N". backend: "dali" or "torch". rank/world_size: this process's part of each
+    "cuda:N". backend: "dali", "torch" or "auto" (DALI where it imports, else torch). rank/world_size: this process's part of each
     epoch (equal, disjoint parts). See the module docstring for what every image is.
     recipe: "paper" (224 crops of 256x256 centre-crop builds, mean image, lighting 0.1) or
     "rrc" (RandomResizedCrop(size, scale, ratio) of keep-aspect builds, channel mean and
@@ -413,7 +414,7 @@ def train_loader(root, *, batch_size: int, device: str, seed: int, stats=None, s
 
 def eval_loader(root, *, batch_size: int, device: str, stats=None, split: str = "val", crops: int = 1,
                 rank: int = 0, world_size: int = 1, normalize: str | None = None, dtype="float32",
-                backend: str = "dali", workers: int | None = None, prefetch: int = 2,
+                backend: str = "auto", workers: int | None = None, prefetch: int = 2,
                 decoder: str = "auto", recipe: str = "paper", size: int = augment.CROP, resize: int | None = None,
                 cache_dir=None, cache_limit: int | None = None) -> Loader:
     """Evaluation batches `(images, labels)`: images `(B, 3, 224, 224)` (the centre crop) or

@@ -11,7 +11,7 @@ the class index), `wnid` (string), `key` (the source path relative to SRC); for
 which differs from row to row; raw bytes are then height x width x 3). Centre-crop shards
 have no size columns: every image is size x size, and their bytes are as before.
 
-Build folder (DESIGN.md):
+Build folder (docs/design.md):
     OUT/classes.json
     OUT/<split>/<split>-00000-of-01252.arrow        a shard
     OUT/<split>/<split>-00000-of-01252.stats.npz    its statistics partial and its record

@@ -37,6 +37,8 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" (true fp32, TF32 off), "tf32" (TF32 matmuls on Ampere+), "bf16" autocast
     channels_last: bool = False  # NHWC memory format, faster on some GPUs
     compile: bool = False  # torch.compile the training forward and backward (its first steps compile)
+    deterministic: bool = False  # deterministic kernels, no cuDNN search: a bit-exact resume on CUDA, slower;
+    # off, a resumed run continues where it stopped but is not bit-exact on CUDA (the CPU's kernels always are)
     bias_init: str = "paper"  # "paper" (1) or "caffe" (0.1, learns sooner)
     lrn: str = "cuda-convnet"  # LRN semantics (alexnet.AlexNetConfig)
     dropout: float = 0.5  # §4.2

@@ -6,11 +6,12 @@ steps of one epoch, `end_of_epoch` validates, logs and checkpoints.
     train("OUT", "runs/alexnet", TrainConfig(), resume=True)
 
 Defaults, the run dir and what a checkpoint holds: docs/design.md, "Training". A resumed
-run continues exactly where the newest checkpoint stopped, mid-epoch included: the loaders'
-draws are keyed by (seed, epoch, sample), and each rank's dropout RNG state travels in the
-checkpoint. Under `torchrun`, each process owns one tower pair, the loaders give each
-rank its part of every global batch, DDP averages gradients, and the ranks agree every
-step on whether to stop (distributed.any_rank).
+run continues where the newest checkpoint stopped, mid-epoch included: the loaders' draws
+are keyed by (seed, epoch, sample), and each rank's dropout RNG state travels in the
+checkpoint. Bit-exact on the CPU; on CUDA only with `TrainConfig(deterministic=True)`.
+Under `torchrun`, each process owns one tower pair, the loaders give each rank its part of
+every global batch, DDP averages gradients, and the ranks agree every step on whether to
+stop (distributed.any_rank).
 """
 from __future__ import annotations
 
@@ -149,16 +150,46 @@ def make_eval_loader(root, config: TrainConfig, common: dict, stats, crops: int)
     return eval_loader(root, batch_size=batch, stats=stats, crops=crops, **common)
 
 
-def configure_cuda(precision: str, devices) -> None:
+def configure_cuda(precision: str, devices, benchmark: bool = True) -> None:
     """fp32 means fp32: cuDNN convolutions and matmuls default to TF32 on Ampere and later,
     which `--precision tf32` asks for by name. cuDNN picks its fastest algorithms for the
-    fixed input shapes (benchmark mode)."""
+    fixed input shapes (benchmark mode), unless the run is deterministic."""
     if not any(d.type == "cuda" for d in devices):
         return
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = benchmark
+
+
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")  # the workspaces CUDA's docs name for reproducible cuBLAS
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """`--deterministic` for the run's length, then the process's settings back: deterministic
+    kernels (an op that has none raises), cuBLAS's fixed workspace, and cuDNN's deterministic
+    algorithms without its benchmark search (a new process may find other ones). cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when it starts: set here if CUDA has not started, else required."""
+    if not enabled:
+        yield
+        return
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in DETERMINISTIC_CUBLAS:
+        if torch.cuda.is_initialized():
+            raise DataError("deterministic training needs CUBLAS_WORKSPACE_CONFIG=:4096:8 before CUDA starts, and "
+                            "this process has started CUDA: export CUBLAS_WORKSPACE_CONFIG=:4096:8 before Python "
+                            "starts, or train before any other CUDA work")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = DETERMINISTIC_CUBLAS[0]
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.benchmark, cudnn.deterministic)
+    torch.use_deterministic_algorithms(True)
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.benchmark, cudnn.deterministic = before[2:]
 
 
 def dropout_seed(seed: int, rank: int) -> int:
@@ -274,20 +305,28 @@ def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = 
     (or the state at a stop: {"stopped": reason, "step": …}). `root` may be a URI, read
     through the node-local `cache_dir`, each split keeping at most `cache_limit` bytes there
     (docs/design.md, "Remote build folders")."""
-    root, run_dir = (root if is_uri(root) else Path(root)), Path(run_dir)
+    root, run_dir = (root if is_uri(root) else Path(root).expanduser()), Path(run_dir).expanduser()
     ckpt = None
     if resume:
         if not list_checkpoints(run_dir / "checkpoints"):
             raise DataError(f"--resume: {run_dir} holds no checkpoint to resume from")
         ckpt = load_checkpoint(run_dir)
-        config = dataclasses.replace(TrainConfig.from_json(ckpt["config"]), max_steps=config.max_steps)
+        asked, config = config, dataclasses.replace(TrainConfig.from_json(ckpt["config"]), max_steps=config.max_steps)
+        if asked.deterministic and not config.deterministic:  # the run's saved settings win, as for every option
+            log(f"--resume keeps {run_dir}'s settings: this run was not started with --deterministic, so it stays "
+                "non-deterministic (start a new run with it for a bit-exact resume on CUDA)")
     elif (run_dir / "config.json").exists() or list_checkpoints(run_dir / "checkpoints"):
         raise DataError(f"{run_dir} holds another run: pass --resume to continue it, or choose a new --run-dir")
+    with deterministic_mode(config.deterministic):
+        return _run(root, run_dir, config, ckpt, progress, log, cache_dir, cache_limit)
 
+
+def _run(root, run_dir: Path, config: TrainConfig, ckpt, progress, log, cache_dir, cache_limit) -> dict:
+    """train() once its config is known: ranks, devices, loaders, then the epochs."""
     ranks = init_distributed(config.devices)
     devices = resolve_devices(config.devices, ranks)
     use_devices(devices)
-    configure_cuda(config.precision, devices)
+    configure_cuda(config.precision, devices, benchmark=not config.deterministic)
     if config.verify_shards and ranks.main:
         verify_shards(root, log)
     train_data, val_data = make_loaders(root, config, ranks, devices[0], cache_dir, cache_limit)
