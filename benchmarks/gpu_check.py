@@ -924,30 +924,28 @@ class Check:
         n, half = s.resume_steps, s.resume_steps // 2
         deterministic = mode.startswith("deterministic")
         new_process = "new_process" in mode
-        caught: list[str] = []
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-        try:
-            with warnings.catch_warnings(record=True) as seen:
-                warnings.simplefilter("always")
-                whole, parts = self.work / f"resume-{mode}-whole", self.work / f"resume-{mode}-parts"
-                config = self._config(max_steps=n, log_every=max(1, n // 4))
-                t = time.perf_counter()
-                train(self.jpeg, whole, config, progress=False, log=lambda *a: None)
-                whole_s = time.perf_counter() - t
-                first = train(self.jpeg, parts, self._config(max_steps=half, log_every=max(1, n // 4)),
-                              progress=False, log=lambda *a: None)
-                mid = load_checkpoint(parts)
-                t = time.perf_counter()
-                if new_process:  # as a real resume runs: a fresh process, its own cuDNN search
-                    resume_in_new_process(self.jpeg, parts, n, deterministic)
-                else:
-                    train(self.jpeg, parts, self._config(max_steps=n), resume=True, progress=False,
-                          log=lambda *a: None)
-                resumed_s = time.perf_counter() - t
-            caught = sorted({str(w.message).splitlines()[0][:200] for w in seen
-                             if "deterministic" in str(w.message).lower()})
-        finally:
-            torch.use_deterministic_algorithms(False)
+        # `train --deterministic` (TrainConfig.deterministic) sets and restores the settings
+        # itself; the resume takes it from the run's config.json.
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            whole, parts = self.work / f"resume-{mode}-whole", self.work / f"resume-{mode}-parts"
+            config = self._config(max_steps=n, log_every=max(1, n // 4), deterministic=deterministic)
+            t = time.perf_counter()
+            train(self.jpeg, whole, config, progress=False, log=lambda *a: None)
+            whole_s = time.perf_counter() - t
+            first = train(self.jpeg, parts, self._config(max_steps=half, log_every=max(1, n // 4),
+                                                         deterministic=deterministic),
+                          progress=False, log=lambda *a: None)
+            mid = load_checkpoint(parts)
+            t = time.perf_counter()
+            if new_process:  # as a real resume runs: a fresh process
+                resume_in_new_process(self.jpeg, parts, n)
+            else:
+                train(self.jpeg, parts, self._config(max_steps=n), resume=True, progress=False,
+                      log=lambda *a: None)
+            resumed_s = time.perf_counter() - t
+        caught = sorted({str(w.message).splitlines()[0][:200] for w in seen
+                         if "deterministic" in str(w.message).lower()})
         a, b = load_checkpoint(whole), load_checkpoint(parts)
         probe = train_loader(self.jpeg, batch_size=s.batch, device="cpu", seed=0, backend="torch", workers=0)
         per_epoch = len(probe)
@@ -963,11 +961,11 @@ class Check:
                and a["step"] == b["step"] == n,
                "nondeterminism_warnings": caught}
         if deterministic:
-            row["settings"] = ("torch.use_deterministic_algorithms(True, warn_only=True) (cuDNN picks "
-                               "deterministic algorithms), CUBLAS_WORKSPACE_CONFIG="
-                               f"{os.environ.get('CUBLAS_WORKSPACE_CONFIG')}; cudnn.benchmark stays on as the "
-                               "trainer sets it: in one process its choice is cached, a new process searches "
-                               "again and may pick another (deterministic) algorithm")
+            row["settings"] = ("TrainConfig(deterministic=True), as `train --deterministic`: "
+                               "torch.use_deterministic_algorithms(True) (an operation without a deterministic "
+                               "kernel fails the row, naming it), CUBLAS_WORKSPACE_CONFIG="
+                               f"{os.environ.get('CUBLAS_WORKSPACE_CONFIG')}, cudnn.deterministic on, "
+                               "cudnn.benchmark off")
         if new_process:
             row["nondeterminism_warnings_note"] = "the new process's warnings are not collected"
         shutil.rmtree(whole, ignore_errors=True)
@@ -1239,10 +1237,9 @@ def train_in_new_process(root: Path, run_dir: Path, config: TrainConfig, device:
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("PEAK "))[5:])
 
 
-def resume_in_new_process(root: Path, run_dir: Path, max_steps: int, deterministic: bool) -> None:
-    """train(resume=True) in a fresh Python, as a real resume runs."""
+def resume_in_new_process(root: Path, run_dir: Path, max_steps: int) -> None:
+    """train(resume=True) in a fresh Python, as a real resume runs (its settings from config.json)."""
     _python_with_alexprep([
-        f"torch.use_deterministic_algorithms({deterministic}, warn_only=True)",
         f"train({str(root)!r}, {str(run_dir)!r}, TrainConfig(max_steps={max_steps}), resume=True, progress=False,"
         " log=lambda *a: None)",
     ], timeout=300)
