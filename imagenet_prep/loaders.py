@@ -373,6 +373,12 @@ class Loader:
         if cache is not None and os.getpid() == self._pid:
             cache.close()
 
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __del__(self):
         # Only in the process that made it: a forked child (a DataLoader or build worker)
         # that collects an inherited Loader must not touch DALI's threads, which it lacks.
