@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from alexprep.cli.main import cli
+from alexprep.cli.train import train_command
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.model.alexnet import AlexNet
 from alexprep.model.checkpoint import list_checkpoints, load_checkpoint
@@ -341,3 +342,89 @@ def test_damaged_shards_are_named_before_or_during_training(stats_build, tmp_pat
     # the damaged image is in the epoch unless the order dropped it (32 images, 4 batches of 8: none dropped)
     assert epoch["decode_failures"] == 1 and final["decode_failures"] == 1
     assert any(f"{path.name} row 0" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------- every option reaches its field
+# One row per parameter that `alexprep train` declares: arguments that set it to something
+# other than its default, where the value must arrive (a TrainConfig field, or a keyword
+# of train(): "root", "run_dir", "resume", "cache_dir", "cache_limit") and the value. A new
+# option without a row fails test_every_train_option_reaches_its_field.
+TRAIN_OPTIONS = {
+    "shards": (["OTHER"], "root", "OTHER"),  # the argument; the base invocation gives "OUT"
+    "run_dir": (["--run-dir", "elsewhere"], "run_dir", Path("elsewhere")),
+    "resume": (["--resume"], "resume", True),
+    "epochs": (["--epochs", "7"], "epochs", 7),
+    "batch_size": (["--batch-size", "64"], "batch_size", 64),
+    "lr": (["--lr", "0.02"], "lr", 0.02),
+    "momentum": (["--momentum", "0.8"], "momentum", 0.8),
+    "weight_decay": (["--weight-decay", "0.001"], "weight_decay", 0.001),
+    "decay_biases": (["--decay-biases"], "decay_biases", True),
+    "bias_lr_mult": (["--bias-lr-mult", "2"], "bias_lr_mult", 2.0),
+    "patience": (["--patience", "5"], "patience", 5),
+    "max_drops": (["--max-drops", "1"], "max_drops", 1),
+    "plateau_threshold": (["--plateau-threshold", "0.05"], "plateau_threshold", 0.05),
+    "milestones": (["--milestones", "30,60"], "milestones", (30, 60)),
+    "seed": (["--seed", "7"], "seed", 7),
+    "order": (["--order", "quasi"], "order", "quasi"),
+    "lighting_std": (["--lighting-std", "0.2"], "lighting_std", 0.2),
+    "backend": (["--backend", "torch"], "backend", "torch"),
+    "decoder": (["--decoder", "pil"], "decoder", "pil"),
+    "device": (["--device", "cuda:1"], "devices", ("cuda:1",)),
+    "devices": (["--devices", "cpu,cuda:0"], "devices", ("cpu", "cuda:0")),
+    "precision": (["--precision", "bf16"], "precision", "bf16"),
+    "channels_last": (["--channels-last"], "channels_last", True),
+    "compile_": (["--compile"], "compile", True),
+    "bias_init": (["--bias-init", "caffe"], "bias_init", "caffe"),
+    "lrn": (["--lrn", "paper"], "lrn", "paper"),
+    "final_crops": (["--final-crops", "1"], "final_crops", 1),
+    "checkpoint_minutes": (["--checkpoint-minutes", "5"], "checkpoint_minutes", 5.0),
+    "keep_last": (["--keep-last", "4"], "keep_last", 4),
+    "log_every": (["--log-every", "7"], "log_every", 7),
+    "max_steps": (["--max-steps", "9"], "max_steps", 9),
+    "workers": (["--workers", "3"], "loader_workers", 3),
+    "tensorboard": (["--tensorboard"], "tensorboard", True),
+    "verify_shards": (["--verify-shards"], "verify_shards", True),
+    "cache_dir": (["--cache-dir", "cache"], "cache_dir", Path("cache")),
+    "cache_limit": (["--cache-limit", "2G"], "cache_limit", 2 * 10**9),
+}
+CALL_KEYWORDS = ("root", "run_dir", "resume", "cache_dir", "cache_limit")
+
+
+def _train_call(monkeypatch, args: list[str]) -> dict:
+    """What `alexprep train ARGS` hands the library: TrainConfig's fields and train()'s
+    other arguments in one dict (train() itself replaced, so nothing runs)."""
+    import alexprep.model.train as train_module
+
+    seen = {}
+
+    def fake_train(root, run_dir, config, **kwargs):
+        seen.update({f: getattr(config, f) for f in TrainConfig.__dataclass_fields__})
+        seen.update(root=root, run_dir=run_dir, resume=kwargs.pop("resume", False), **kwargs)
+        return {}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    result = CliRunner().invoke(cli, ["train", *args])
+    assert result.exit_code == 0, result.output
+    return seen
+
+
+def test_the_option_table_rows_are_real_fields():
+    fields = set(TrainConfig.__dataclass_fields__) | set(CALL_KEYWORDS)
+    assert {target for _, target, _ in TRAIN_OPTIONS.values()} <= fields
+
+
+@pytest.mark.parametrize("name", [p.name for p in train_command.params])
+def test_every_train_option_reaches_its_field(name, monkeypatch):
+    """Each option, set alone, changes its own field to its value and nothing else."""
+    assert name in TRAIN_OPTIONS, f"`alexprep train` declares {name!r}: add its row to TRAIN_OPTIONS"
+    args, target, value = TRAIN_OPTIONS[name]
+    base = ["OUT", "--run-dir", "run"]
+    baseline = _train_call(monkeypatch, base)
+    assert baseline[target] != value, f"{name}: the row's value is the default; pick another"
+    if name == "shards":
+        got = _train_call(monkeypatch, args + base[1:])
+    else:
+        got = _train_call(monkeypatch, base + args)
+    assert got[target] == value and type(got[target]) is type(value), (name, got[target])
+    changed = {k for k in baseline if got.get(k) != baseline[k]}
+    assert changed == {target}, f"{name} also changed {changed - {target}}"
