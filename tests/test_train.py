@@ -2,11 +2,14 @@
 the train/evaluate commands' errors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -181,6 +184,107 @@ def test_interrupted_and_resumed_run_gives_the_same_weights(uninterrupted, stats
     whole = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     pick = lambda rows: [(r["train_loss"], r["val_top1_error"]) for r in rows if r["kind"] == "epoch"]  # noqa: E731
     assert pick(metrics) == pick(whole)
+
+
+# `alexprep train` with FAST's settings (the option table below shows each reaching its field).
+FAST_ARGS = ["--batch-size", "8", "--epochs", "2", "--backend", "torch", "--final-crops", "0", "--log-every", "1",
+             "--bias-init", "caffe", "--workers", "1"]
+
+
+def _step_rows(run_dir: Path) -> list[dict]:
+    """The step rows of metrics.jsonl so far (a line being written is left out)."""
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [r for r in map(json.loads, text.splitlines(keepends=True)[:None if text.endswith("\n") else -1])
+            if r["kind"] == "step"]
+
+
+def _wait_for(proc: subprocess.Popen, predicate, what: str, timeout: float = 300) -> None:
+    """Until `predicate()` holds; fails if the run ends first. Polls every 5 ms: the kill
+    lands on the event, not after a guessed time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def _reaped():
+    """Registers child processes; kills those still running when the test ends early."""
+    started = []
+    try:
+        yield lambda proc: started.append(proc) or proc
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def test_sigkill_in_a_step_and_in_a_checkpoint_write_then_resume_gives_the_same_weights(uninterrupted, stats_build,
+                                                                                        tmp_path):
+    """`alexprep train` is killed (SIGKILL: no handler runs) first in the middle of epoch 2,
+    then, resumed, in the middle of writing its epoch-2 checkpoint; a second --resume
+    finishes the run with the uninterrupted run's weights, bit for bit.
+
+    The first kill lands as step 6's metrics row appears: the run is fetching or computing
+    step 7, past the epoch-1 checkpoint (step 4). For the second, the resumed run's temporary checkpoint
+    name (.checkpoint-e002-s0000008.pt.tmp-PID) is made a FIFO before it gets there: the
+    run's torch.save blocks in it once the pipe is full, and the kill lands after 1 MiB of
+    the checkpoint is written. What that leaves is put back as a regular file, as a disk
+    would hold it."""
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "alexprep.cli.main", "train", str(stats_build), "--run-dir", str(run_dir), *FAST_ARGS]
+    with open(tmp_path / "log.txt", "w") as log, _reaped() as procs:
+        first = procs(subprocess.Popen(cmd, stdout=log, stderr=log))
+        _wait_for(first, lambda: any(r["step"] == 6 for r in _step_rows(run_dir)), "step 6's row")
+        _kill(first)
+        assert json.loads((run_dir / "config.json").read_text()) == FAST.to_json()  # the reference's settings
+        assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["checkpoint-e001-s0000004.pt"]
+
+        rows_before = len(_step_rows(run_dir))
+        second = procs(subprocess.Popen(cmd + ["--resume"], stdout=log, stderr=log))
+        # Its first row (step 5) comes three steps and a validation before the checkpoint write.
+        _wait_for(second, lambda: len(_step_rows(run_dir)) > rows_before, "the resumed run's first row")
+        fifo = run_dir / "checkpoints" / f".checkpoint-e002-s0000008.pt.tmp-{second.pid}"
+        os.mkfifo(fifo)  # fails if the run had already started writing there
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        written = bytearray()
+        try:
+            def read_some() -> bool:
+                try:
+                    written.extend(os.read(fd, 1 << 20))
+                except BlockingIOError:
+                    pass
+                return len(written) >= 1 << 20
+
+            _wait_for(second, read_some, "1 MiB of the epoch-2 checkpoint")
+            _kill(second)
+        finally:
+            os.close(fd)
+        assert written[:4] == b"PK\x03\x04"  # torch.save's zip archive, begun
+        fifo.unlink()
+        fifo.write_bytes(bytes(written))  # a checkpoint cut off mid-write, under its temporary name
+        assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["checkpoint-e001-s0000004.pt"]
+
+        third = subprocess.run(cmd + ["--resume"], stdout=log, stderr=log)
+        assert third.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    ckpt = load_checkpoint(run_dir)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (2, 0, 8)
+    reference = _weights(uninterrupted)
+    assert ckpt["model"].keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(ckpt["model"][name], reference[name]), name
+    velocities = load_checkpoint(uninterrupted)["optimizer"]["state"]
+    assert ckpt["optimizer"]["state"].keys() == velocities.keys()
+    for i, state in velocities.items():
+        assert torch.equal(ckpt["optimizer"]["state"][i]["velocity"], state["velocity"]), i
 
 
 def test_compile_trains_the_same_weights_and_saves_plain_checkpoints(uninterrupted, stats_build, tmp_path,
