@@ -373,17 +373,20 @@ def test_eval_sees_every_image_once(backend, world, jpeg_out):
     assert n % 5 != 0
     seen = []
     for rank in range(world):
-        loader = eval_loader(jpeg_out, batch_size=5, device="cpu", rank=rank, world_size=world, backend=backend,
-                             workers=0)
-        batches = run(loader)
-        assert len(batches) == len(loader)
-        for batch, (x, y) in zip(loader.plan(), batches):
-            assert x.shape == (len(batch), 3, CROP, CROP) and 1 <= len(batch) <= 5
-            np.testing.assert_array_equal(y.numpy(), labels[batch.index])
-            for i, sample in enumerate(batch.index):
-                assert_close(x[i], reference(images[sample], stats, 16, 16, False), jpeg=True)
-            seen.extend(int(s) for s in batch.index)
-        assert run(loader)[0][0].shape == batches[0][0].shape  # evaluation repeats identically
+        with eval_loader(jpeg_out, batch_size=5, device="cpu", rank=rank, world_size=world, backend=backend,
+                         workers=0) as loader:
+            batches = run(loader)
+            assert len(batches) == len(loader)
+            for batch, (x, y) in zip(loader.plan(), batches):
+                assert x.shape == (len(batch), 3, CROP, CROP) and 1 <= len(batch) <= 5
+                np.testing.assert_array_equal(y.numpy(), labels[batch.index])
+                for i, sample in enumerate(batch.index):
+                    assert_close(x[i], reference(images[sample], stats, 16, 16, False), jpeg=True)
+                seen.extend(int(s) for s in batch.index)
+            again = run(loader)  # evaluation repeats identically: the same batches, bit for bit
+            assert len(again) == len(batches)
+            for (x, y), (x2, y2) in zip(batches, again):
+                assert torch.equal(x2, x) and torch.equal(y2, y)
     assert sorted(seen) == list(range(n))
 
 
@@ -479,12 +482,14 @@ def test_batched_gpu_render_equals_the_per_image_cpu_render(normalize, crops, ra
     else:
         loader = train_loader(raw_out, batch_size=8, device="cpu", seed=2, normalize=normalize, backend="torch",
                               workers=0)
-    batch = loader.plan(0)[1]
-    finished, labels, _, _, _, which, _ = ShardBatches(loader.samples, CROP, "render", norm=loader.norm)[batch]
-    crops_u8, labels_u8, windows, cmn, _, _, _ = ShardBatches(loader.samples, CROP, "windows")[batch]
-    assert tuple(which) == (0, 1)
-    assert crops_u8.dtype == torch.uint8 and torch.equal(labels, labels_u8)
-    assert torch.equal(render(crops_u8, windows, cmn, *norm_tensors(loader.norm, torch.device("cpu"))), finished)
+    with loader:
+        batch = loader.plan(0)[1]
+        finished = ShardBatches(loader.samples, CROP, "render", norm=loader.norm)[batch]
+        cut = ShardBatches(loader.samples, CROP, "windows")[batch]
+        assert tuple(finished.which) == tuple(cut.which) == (0, 1)
+        assert cut.pixels.dtype == torch.uint8 and torch.equal(finished.labels, cut.labels)
+        rendered = render(cut.pixels, cut.windows, cut.cmn_mean, *norm_tensors(loader.norm, torch.device("cpu")))
+        assert torch.equal(rendered, finished.pixels)
 
 
 @pytest.mark.gpu
@@ -515,18 +520,26 @@ def test_torchvision_decoding_path_equals_the_pil_path(raw_out, jpeg_out, monkey
 
     spec = read_split(jpeg_out, "train").spec
 
+    decoded = []  # images that went through the batched decoder
+
     def pil_batch(encoded, device):
+        decoded.extend(encoded)
         return [torch.from_numpy(decode(x.numpy().tobytes(), spec).copy()).permute(2, 0, 1) for x in encoded]
 
     monkeypatch.setattr(torch_backend, "have_torchvision", lambda: True)
     monkeypatch.setattr(torch_backend, "decode_jpeg_batch", pil_batch)
-    for make in (lambda d: train_loader(jpeg_out, batch_size=8, device="cpu", seed=4, backend="torch", workers=1,
-                                        decoder=d),
-                 lambda d: eval_loader(jpeg_out, batch_size=4, device="cpu", crops=10, backend="torch", workers=0,
-                                       decoder=d)):
-        batched, per_image = make("torchvision"), make("pil")
-        assert batched._backend.mode == "bytes" and per_image._backend.mode == "render"
-        for (a, la), (b, lb) in zip(run(batched), run(per_image)):
+    for make, images in ((lambda d: train_loader(jpeg_out, batch_size=8, device="cpu", seed=4, backend="torch",
+                                                 workers=1, decoder=d), 32),
+                         (lambda d: eval_loader(jpeg_out, batch_size=4, device="cpu", crops=10, backend="torch",
+                                                workers=0, decoder=d), 12)):
+        decoded.clear()
+        with make("torchvision") as batched, make("pil") as per_image:
+            from_batched = run(batched)
+            assert len(decoded) == images  # every image took the batched path ...
+            from_per_image = run(per_image)
+            assert len(decoded) == images  # ... and none of the per-image path's
+        assert len(from_batched) == len(from_per_image) > 0
+        for (a, la), (b, lb) in zip(from_batched, from_per_image):
             assert torch.equal(la, lb) and torch.equal(a, b)
 
 
