@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from alexprep.cli.main import cli
 from alexprep.cli.train import train_command
@@ -148,6 +150,19 @@ def uninterrupted(stats_build, tmp_path_factory) -> Path:
     return run_dir
 
 
+def assert_curves_drawn(path: Path) -> None:
+    """curves.png is the figure plot_curves sets (10 x 3.8 inches at 90 dpi) and holds its
+    lines: matplotlib's first three cycle colours (loss and train top-1 in blue, val top-1
+    in orange, val top-5 in green), each over more pixels than its legend entry alone takes
+    (49 to 81 at this size; two epochs' lines add 90 to 950)."""
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size == (900, 342)
+        rgb = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
+    for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C)):
+        near = np.abs(rgb - colour).sum(axis=1) <= 30
+        assert near.sum() > 100, (colour, int(near.sum()))
+
+
 def test_run_dir_contents_and_checkpoint(uninterrupted, stats_build):
     rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
@@ -156,7 +171,7 @@ def test_run_dir_contents_and_checkpoint(uninterrupted, stats_build):
                 "data_wait_fraction"):
         assert key in epochs[0]
     assert 0 <= epochs[0]["data_wait_fraction"] <= 1
-    assert (uninterrupted / "curves.png").stat().st_size > 1000
+    assert_curves_drawn(uninterrupted / "curves.png")
     assert len(list_checkpoints(uninterrupted / "checkpoints")) == FAST.keep_last == 2
     ckpt = torch.load(list_checkpoints(uninterrupted / "checkpoints")[-1], weights_only=True)
     classes = json.loads((stats_build / "classes.json").read_text())["classes"]
