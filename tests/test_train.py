@@ -375,11 +375,34 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+def _errors_by_hand(run_dir: Path, build: Path, crops: int) -> tuple[float, float]:
+    """The checkpoint's top-1 and top-5 error over the val split, without evaluate(): its
+    logits per crop, softmax averaged over the 10 crops and the label ranked in numpy."""
+    from test_evaluate import numpy_errors, softmax64
+
+    from alexprep.imagenet_prep.loaders import eval_loader
+
+    model = AlexNet(4)
+    model.load_state_dict(_weights(run_dir))
+    model.eval()
+    scores, labels = [], []
+    with eval_loader(build, batch_size=6, device="cpu", crops=crops, backend="torch", workers=0) as loader, \
+            torch.no_grad():
+        for x, y in loader:
+            logits = model(x.flatten(0, 1) if crops == 10 else x).numpy()
+            scores.append(softmax64(logits.reshape(len(y), 10, -1)).mean(axis=1) if crops == 10 else logits)
+            labels.append(y.numpy())
+    return numpy_errors(np.concatenate(scores).astype(np.float64), np.concatenate(labels))
+
+
 def test_evaluate_reports_both_crop_settings(uninterrupted, stats_build):
     result = run("evaluate", uninterrupted, stats_build, "--backend", "torch", "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert [p["crops"] for p in payload] == [1, 10] and all(p["count"] == 12 for p in payload)
+    for p in payload:
+        top1, top5 = _errors_by_hand(uninterrupted, stats_build, p["crops"])
+        assert p["top1_error"] == pytest.approx(top1, abs=1e-12) and p["top5_error"] == pytest.approx(top5, abs=1e-12)
     last_epoch = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()
                   if '"epoch"' in l][-1]
     assert payload[0]["top1_error"] == pytest.approx(last_epoch["val_top1_error"])
