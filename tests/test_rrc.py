@@ -96,17 +96,6 @@ def run(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-@pytest.fixture
-def closes():
-    """`closes(loader)` returns the loader and closes it when the test ends, pass or fail:
-    its workers and shard maps do not outlive the test (left to the garbage collector,
-    they slowed the tests that ran after these)."""
-    made = []
-    yield lambda loader: made.append(loader) or loader
-    for loader in made:
-        loader.close()
-
-
 # ---------------------------------------------------------------------------- references
 def reference_window(seed: int, epoch: int, sample: int, height: int, width: int, scale=rrc.SCALE,
                      ratio=rrc.RATIO) -> tuple[int, int, int, int, int]:
