@@ -183,6 +183,7 @@ class Loader:
     `len(loader)` is the number of batches per epoch on this rank. Each `iter(loader)`
     runs epoch `loader.epoch` and advances it, so plain nested loops see a new order every
     epoch; `set_epoch(e, start_batch=k)` makes the next iteration epoch e from batch k.
+    `with eval_loader(...) as val:` closes it (its workers, pipeline and shard maps) on exit.
     """
 
     def __init__(self, root, split: str, config: LoaderConfig, stats=None):
@@ -373,6 +374,12 @@ class Loader:
         cache = getattr(self, "_cache", None)
         if cache is not None and os.getpid() == self._pid:
             cache.close()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __del__(self):
         # Only in the process that made it: a forked child (a DataLoader or build worker)

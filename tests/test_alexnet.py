@@ -14,17 +14,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alexprep.model.alexnet import (
-    LRN_ALPHA,
-    LRN_BETA,
-    LRN_K,
-    LRN_SIZE,
-    PAPER_PARAMETER_COUNT,
-    AlexNet,
-    AlexNetConfig,
-    local_response_norm,
-    local_response_norm_max_pool,
-)
+# The public API under test, and nothing else: the LRN's constants are written below, not
+# imported, so that a changed constant in the model fails here.
+from alexprep.model.alexnet import AlexNet, AlexNetConfig, local_response_norm, local_response_norm_max_pool
+
+# §3.3: "k = 2, n = 5, α = 10^-4, and β = 0.75".
+LRN_K = 2.0
+LRN_SIZE = 5
+LRN_ALPHA = 1e-4
+LRN_BETA = 0.75
+# The α each convention passes to the formula: cuda-convnet's (and PyTorch's) divides the
+# paper's by the window size n = 5.
+ALPHA_CUDA_CONVNET = 2e-5
+ALPHA_PAPER = 1e-4
 
 ONE = ("cpu",)
 TWO = ("cpu", "cpu")
@@ -47,14 +49,15 @@ def halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t.chunk(2, dim=1)
 
 
-def lrn_direct(a: torch.Tensor, alpha: float, n: int = LRN_SIZE) -> torch.Tensor:
+def lrn_direct(a: torch.Tensor, alpha: float, n: int = LRN_SIZE, k: float = LRN_K,
+               beta: float = LRN_BETA) -> torch.Tensor:
     """§3.3's formula, one channel at a time: the sum runs over max(0, i-n/2)..min(C-1, i+n/2)."""
     channels = a.shape[1]
     out = torch.empty_like(a)
     for i in range(channels):
         lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
         total = (a[:, lo : hi + 1] ** 2).sum(dim=1)
-        out[:, i] = a[:, i] / (LRN_K + alpha * total) ** LRN_BETA
+        out[:, i] = a[:, i] / (k + alpha * total) ** beta
     return out
 
 
@@ -70,12 +73,12 @@ def paper_model() -> AlexNet:
 
 def test_parameter_count_is_the_papers(paper_model):
     assert sum(p.numel() for p in paper_model.parameters()) == 60_965_224
-    assert paper_model.num_parameters() == PAPER_PARAMETER_COUNT
+    assert paper_model.num_parameters() == 60_965_224
 
 
 def test_parameter_count_same_in_two_device_placement():
     torch.manual_seed(0)
-    assert AlexNet(devices=TWO).num_parameters() == PAPER_PARAMETER_COUNT
+    assert AlexNet(devices=TWO).num_parameters() == 60_965_224
 
 
 @PLACEMENTS
@@ -122,11 +125,24 @@ def test_conv1_pads_bottom_and_right_only():
 # -- local response normalisation -----------------------------------------------------
 
 
-@pytest.mark.parametrize("alpha", [LRN_ALPHA, LRN_ALPHA / LRN_SIZE, 0.3])
+@pytest.mark.parametrize("alpha", [ALPHA_PAPER, ALPHA_CUDA_CONVNET, 0.3])
 def test_lrn_matches_the_formula(alpha):
     # Large activations so that the normalisation is far from the identity.
     a = torch.randn(2, 11, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 30
     torch.testing.assert_close(local_response_norm(a, alpha=alpha), lrn_direct(a, alpha))
+
+
+def test_lrn_defaults_are_the_papers_constants():
+    """Called without constants, both public functions compute §3.3's formula with k = 2,
+    n = 5, α = 1e-4 and β = 0.75, in float64 to 1e-12; the input is large enough
+    (α Σa² ≈ 5 beside k = 2) that any other value of any one constant is told apart."""
+    a = torch.randn(2, 12, 7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 100
+    want = lrn_direct(a, alpha=1e-4, n=5, k=2.0, beta=0.75)
+    torch.testing.assert_close(local_response_norm(a), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(local_response_norm_max_pool(a), F.max_pool2d(want, 3, 2), rtol=1e-12, atol=0)
+    for wrong in ({"k": 1.0}, {"n": 3}, {"n": 7}, {"alpha": 2e-5}, {"beta": 0.5}):
+        other = lrn_direct(a, **{"alpha": 1e-4, "n": 5, "k": 2.0, "beta": 0.75, **wrong})
+        assert not torch.allclose(other, want, rtol=1e-3, atol=0), wrong
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -155,8 +171,8 @@ def test_lrn_groups_normalise_each_group_alone():
 
 def test_lrn_cuda_convnet_semantics_equal_pytorch_local_response_norm():
     a = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(0)) * 30
-    torch_lrn = torch.nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
-    torch.testing.assert_close(local_response_norm(a, alpha=LRN_ALPHA / LRN_SIZE), torch_lrn(a))
+    torch_lrn = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+    torch.testing.assert_close(local_response_norm(a, alpha=ALPHA_CUDA_CONVNET), torch_lrn(a))
 
 
 def lrn_direct_grouped(a: torch.Tensor, alpha: float, groups: int, n: int = LRN_SIZE) -> torch.Tensor:
@@ -339,7 +355,7 @@ def test_training_keeps_only_the_pooled_maps_and_the_input():
 
 
 @PLACEMENTS
-@pytest.mark.parametrize("lrn, alpha", [("cuda-convnet", LRN_ALPHA / LRN_SIZE), ("paper", LRN_ALPHA)])
+@pytest.mark.parametrize("lrn, alpha", [("cuda-convnet", ALPHA_CUDA_CONVNET), ("paper", ALPHA_PAPER)])
 def test_model_normalises_each_tower_with_the_configured_alpha(devices, lrn, alpha):
     model = make(devices, lrn=lrn).eval()
     # Scaled-up input so that Σa² is large enough for α to matter at float32 precision.
@@ -350,6 +366,10 @@ def test_model_normalises_each_tower_with_the_configured_alpha(devices, lrn, alp
     assert not torch.allclose(s["norm1"], s["conv1"], rtol=1e-3)  # it did normalise
     want = torch.cat([lrn_direct(h, alpha) for h in halves(s["conv2"])], dim=1)
     torch.testing.assert_close(s["norm2"], want, rtol=1e-5, atol=1e-6)
+    # The other convention's α (five times larger or smaller) is told apart.
+    other = ALPHA_PAPER if alpha == ALPHA_CUDA_CONVNET else ALPHA_CUDA_CONVNET
+    assert not torch.allclose(s["norm1"], torch.cat([lrn_direct(h, other) for h in halves(s["conv1"])], dim=1),
+                              rtol=1e-3)
 
 
 # -- the towers -----------------------------------------------------------------------

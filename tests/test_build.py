@@ -1,6 +1,7 @@
 """build-shards end to end: counts, the error report, determinism, parts, resume after kill -9."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -198,6 +199,19 @@ def _temporaries(out: Path) -> list[Path]:
     return [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
+@contextlib.contextmanager
+def _stopped(proc: subprocess.Popen):
+    """`proc` and its workers (a session of their own) held with SIGSTOP, then continued:
+    what it holds (its lock, its half-written shard) stays as it is for as long as the
+    block runs, however long that takes on a busy machine."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        assert proc.poll() is None, "the build ended before it could be held"
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+
+
 @pytest.fixture(scope="module")
 def slow_tree(tmp_path_factory) -> tuple[Path, Path]:
     """Large photos (a build of a few seconds, long enough to run a second one beside it),
@@ -212,12 +226,14 @@ def slow_tree(tmp_path_factory) -> tuple[Path, Path]:
 def test_a_second_build_into_the_same_out_is_refused_and_touches_nothing(slow_tree, tmp_path):
     src, reference = slow_tree
     out = tmp_path / "out"
-    first = subprocess.Popen(_cli(src, out, "--shard-size", "2", "--workers", "1"),
+    first = subprocess.Popen(_cli(src, out, "--shard-size", "2", "--workers", "1"), start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Wait until the first run holds OUT and is writing a shard under its temporary name.
+    # Wait until the first run holds OUT and is writing a shard under its temporary name,
+    # and hold it there while the second runs.
     _wait_for(lambda: _temporaries(out), "the first run's first temporary shard")
-    second = subprocess.run(_cli(src, out, "--shard-size", "2", "--workers", "1"), capture_output=True, text=True)
-    assert first.poll() is None, "the first build ended before the second started: make it longer"
+    with _stopped(first):
+        second = subprocess.run(_cli(src, out, "--shard-size", "2", "--workers", "1"), capture_output=True,
+                                text=True)
     assert second.returncode == 2, second.stderr
     assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert f"is being built by another build-shards (build-shards, whole build: pid {first.pid} on " in second.stderr
@@ -244,11 +260,17 @@ def test_parts_run_at_once_into_one_out(slow_tree, tmp_path):
     src, reference = slow_tree
     out = tmp_path / "out"
     cmd = lambda part: _cli(src, out, "--shard-size", "2", "--workers", "1", "--part", part)  # noqa: E731
-    first = subprocess.Popen(cmd("0/2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # The second part starts while the first is writing a shard: it must not remove that file.
+    first = subprocess.Popen(cmd("0/2"), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    # The second part runs whole while the first is held writing a shard: it must not
+    # remove that file.
     _wait_for(lambda: _temporaries(out), "part 0's first temporary shard")
-    second = subprocess.Popen(cmd("1/2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results = [(p, *p.communicate(timeout=120)) for p in (first, second)]
+    with _stopped(first):
+        held = _temporaries(out)
+        second = subprocess.Popen(cmd("1/2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        second_result = (second, *second.communicate(timeout=120))
+        assert held and all(p.exists() for p in held), "the second part removed the first's temporary shard"
+    results = [(first, *first.communicate(timeout=120)), second_result]
     for proc, stdout, stderr in results:
         assert proc.returncode == 0, stderr
     assert shard_bytes(out) == shard_bytes(reference) and not _temporaries(out)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -60,7 +61,8 @@ def test_collectives_carry_cpu_tensors(monkeypatch, stats_build_raw):
     monkeypatch.setattr(distributed, "dist", Initialized)
     assert distributed.all_reduce([1, 2]) == [1.0, 2.0]
     assert distributed.any_rank(False) is False
-    result = evaluate(AlexNet(AlexNetConfig(num_classes=4)), loader)  # sums its counts over ranks
+    with loader:
+        result = evaluate(AlexNet(AlexNetConfig(num_classes=4)), loader)  # sums its counts over ranks
     assert result.count == 12
     assert [d for d, _ in seen] == ["cpu", "cpu", "cpu"]
     assert seen[1][1] == dist.ReduceOp.MAX
@@ -112,34 +114,40 @@ def test_fp32_turns_tf32_off_on_gpus():
          torch.backends.cudnn.benchmark) = saved
 
 
-class _Listed(BatchStream):
-    """A stream whose batches come back as pin_memory returns them in some torch releases:
-    (epoch, number) as a list."""
+class _ListedBatches(BatchStream):
+    """A backend whose batches come back as pin_memory returns them in some torch releases:
+    (epoch, number) as a list. It implements the two hooks every backend implements and
+    hands out each planned batch's labels (`skip`: it loses the batch after that many)."""
 
-    def __init__(self):
-        class Config:
-            dtype = "float32"
-
-        class Loader:
-            config = Config()
-
-            def plan(self, epoch):
-                return None
-
-        super().__init__(Loader())
-        self.number = 0
+    def __init__(self, loader, skip: int | None = None):
+        super().__init__(loader)
+        self.skip, self.produced = skip, 0
 
     def _restart(self, feed):
-        pass
+        self.feed = feed
 
     def _produce(self):
-        self.number += 1
-        return [0, self.number - 1], torch.zeros(1), torch.zeros(1)
+        batch = next(self.feed)
+        self.produced += 1
+        if self.produced == self.skip:
+            batch = next(self.feed)  # a batch lost on the way
+        return [batch.epoch, batch.number], torch.zeros(len(batch), 1), torch.from_numpy(batch.labels)
 
 
-def test_batches_are_checked_by_value_not_by_type():
-    got = list(_Listed()._iterate(0, 0, range(3)))  # generation 0: the stream's own
-    assert len(got) == 3
+def test_batches_are_checked_by_value_not_by_type(stats_build_raw):
+    """Run through its public `run(plan, start)`, on a real loader's plans: listed
+    (epoch, number) pairs are accepted, epoch after epoch, and a batch out of place is not."""
+    from alexprep.imagenet_prep.loaders import train_loader
+
+    with train_loader(stats_build_raw, batch_size=8, device="cpu", seed=0, backend="torch", workers=0) as loader:
+        stream = _ListedBatches(loader)
+        for epoch in range(2):  # the second continues the stream
+            plan = loader.plan(epoch)
+            labels = [y for _, y in stream.run(plan, 0)]
+            assert len(labels) == len(plan) == 4
+            assert all(np.array_equal(y.numpy(), batch.labels) for y, batch in zip(labels, plan))
+        with pytest.raises(RuntimeError, match="returned batch 2 of epoch 0, expected 1 of 0"):
+            list(_ListedBatches(loader, skip=2).run(loader.plan(0), 0))
 
 
 def test_sigterm_on_one_rank_stops_both_at_one_step_with_a_checkpoint(stats_build, tmp_path):

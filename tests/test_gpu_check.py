@@ -16,16 +16,20 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 SECTIONS = ["machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "trainer", "resume", "eval",
             "digits", "compile"]
 GPU_ONLY = ("convs", "syncs", "digits")  # the CPU smoke skips these whole, saying why
-# A measured row carries one of these; a row that did not run says why.
+# A measured row carries one of these; a row that did not run says why (an error is a
+# failure, not a reason: on the CPU every row runs or is left out on purpose).
 NUMBERS = ("images_per_s", "images_per_s_wall", "eval_images_per_s", "exact", "ms")
-REASONS = ("skipped", "error")
+# The script's own 270 s budget is for a lent GPU machine; on a busy 2-core CI the smoke's
+# sections take 3-5 minutes, and past the budget the last ones would be skipped untested.
+SMOKE_BUDGET_S = 1500
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu_check")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(out),
-                           "--work-dir", str(out)], capture_output=True, text=True, timeout=900, cwd=REPO)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(out), "--work-dir", str(out),
+                           "--budget-s", str(SMOKE_BUDGET_S)], capture_output=True, text=True,
+                          timeout=SMOKE_BUDGET_S + 300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     result["_stdout"] = proc.stdout
@@ -39,8 +43,9 @@ def test_every_section_ran_or_says_why(smoke):
         assert "error" not in section, (name, section.get("traceback", section["error"]))
         assert ("skipped" in section) == (name in GPU_ONLY), (name, section.get("skipped"))
         for row in section.get("rows", []):
+            assert "error" not in row, (name, row)
             has_number = any(isinstance(row.get(k), (int, float)) for k in NUMBERS)
-            has_reason = any(isinstance(row.get(k), str) and row[k] for k in REASONS)
+            has_reason = isinstance(row.get("skipped"), str) and row["skipped"]
             assert has_number or has_reason, (name, row)
     assert "gpu_check on cpu" in smoke["_stdout"]
 
@@ -65,7 +70,8 @@ def test_what_must_run_on_the_cpu_ran(smoke):
     trainer = sections["trainer"]["rows"][0]
     assert trainer["images_per_s_wall"] > 0 and 0 <= trainer["data_wait_fraction"] <= 1
     assert {r["crops"] for r in sections["eval"]["rows"]} == {1, 10}
-    assert sections["compile"]["rows"][0].get("images_per_s") or sections["compile"]["rows"][0].get("error")
+    compiled = sections["compile"]["rows"][0]  # dynamo's "eager" backend on the CPU: tracing, no code generation
+    assert compiled["compile"] and "error" not in compiled and compiled["images_per_s"] > 0, compiled
     assert sections["machine"]["imported_alexprep"]
 
 

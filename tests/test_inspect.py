@@ -44,7 +44,11 @@ def run(*args):
 
 
 def png_size(path: Path) -> tuple[int, int]:
+    """The PNG's size in pixels, once it is seen to hold a drawing (a blank page has one
+    colour; these figures of photos and kernels have thousands)."""
     with Image.open(path) as img:
+        colours = len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0))
+        assert img.format == "PNG" and colours > 1000, colours
         return img.size
 
 

@@ -98,12 +98,12 @@ def run(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # ---------------------------------------------------------------------------- train outputs
 @BACKENDS
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
-def test_train_batches_equal_the_reference(backend, encoding, raw_out, jpeg_out):
+def test_train_batches_equal_the_reference(backend, encoding, raw_out, jpeg_out, closes):
     out = raw_out if encoding == "raw" else jpeg_out
     images, labels = split_images(out, "train")
     stats = load_stats(out)
-    loader = train_loader(out, batch_size=8, device="cpu", seed=11, backend=backend,
-                          workers=0 if backend == "torch" else 2)
+    loader = closes(train_loader(out, batch_size=8, device="cpu", seed=11, backend=backend,
+                                 workers=0 if backend == "torch" else 2))
     plan = loader.plan(0)
     batches = run(loader)
     assert len(batches) == len(loader) == len(images) // 8
@@ -141,11 +141,11 @@ def _recover(output: np.ndarray, image: np.ndarray, stats: DatasetStats):
 
 
 @pytest.mark.dali
-def test_recovered_draws_from_outputs(raw_out):
+def test_recovered_draws_from_outputs(raw_out, closes):
     """Offsets, flips and alphas read back from the pixels: as planned, and distributed as stated."""
     images, _ = split_images(raw_out, "train")
     stats = load_stats(raw_out)
-    loader = train_loader(raw_out, batch_size=16, device="cpu", seed=2, lighting_std=0.1)
+    loader = closes(train_loader(raw_out, batch_size=16, device="cpu", seed=2, lighting_std=0.1))
     found = []
     for epoch in range(8):
         plan = loader.plan(epoch)
@@ -164,12 +164,12 @@ def test_recovered_draws_from_outputs(raw_out):
 
 
 @BACKENDS
-def test_channel_normalisation_and_no_lighting(backend, raw_out):
+def test_channel_normalisation_and_no_lighting(backend, raw_out, closes):
     images, _ = split_images(raw_out, "train")
     stats = load_stats(raw_out)
     for normalize, sigma in (("channel", 0.1), ("mean-image", 0.0)):
-        loader = train_loader(raw_out, batch_size=8, device="cpu", seed=4, backend=backend, normalize=normalize,
-                              lighting_std=sigma, workers=0 if backend == "torch" else 2)
+        loader = closes(train_loader(raw_out, batch_size=8, device="cpu", seed=4, backend=backend, normalize=normalize,
+                                     lighting_std=sigma, workers=0 if backend == "torch" else 2))
         batch = loader.plan(0)[0]
         x, _ = next(iter(loader))
         if sigma == 0:
@@ -181,12 +181,12 @@ def test_channel_normalisation_and_no_lighting(backend, raw_out):
 
 
 @pytest.mark.dali
-def test_backends_agree_exactly_on_raw_shards(raw_out, jpeg_out):
+def test_backends_agree_exactly_on_raw_shards(raw_out, jpeg_out, closes):
     for out, exact in ((raw_out, True), (jpeg_out, False)):
-        for make in (lambda b: train_loader(out, batch_size=8, device="cpu", seed=9, backend=b, workers=0),
-                     lambda b: eval_loader(out, batch_size=5, device="cpu", crops=10, backend=b, workers=0),
-                     lambda b: train_loader(out, batch_size=8, device="cpu", seed=9, backend=b, workers=0,
-                                            normalize="channel")):
+        for make in (lambda b: closes(train_loader(out, batch_size=8, device="cpu", seed=9, backend=b, workers=0)),
+                     lambda b: closes(eval_loader(out, batch_size=5, device="cpu", crops=10, backend=b, workers=0)),
+                     lambda b: closes(train_loader(out, batch_size=8, device="cpu", seed=9, backend=b, workers=0,
+                                                   normalize="channel"))):
             dali, twin = run(make("dali")), run(make("torch"))
             assert len(dali) == len(twin)
             for (a, la), (b, lb) in zip(dali, twin):
@@ -197,9 +197,9 @@ def test_backends_agree_exactly_on_raw_shards(raw_out, jpeg_out):
                     assert (a - b).abs().max() <= 4 and (a - b).abs().mean() <= 0.05
 
 
-def test_torch_workers_give_the_same_batches(raw_out):
-    one = run(train_loader(raw_out, batch_size=8, device="cpu", seed=1, backend="torch", workers=0))
-    two = train_loader(raw_out, batch_size=8, device="cpu", seed=1, backend="torch", workers=2)
+def test_torch_workers_give_the_same_batches(raw_out, closes):
+    one = run(closes(train_loader(raw_out, batch_size=8, device="cpu", seed=1, backend="torch", workers=0)))
+    two = closes(train_loader(raw_out, batch_size=8, device="cpu", seed=1, backend="torch", workers=2))
     for epoch_run in (run(two), run(two)):  # persistent workers serve a second epoch
         assert len(epoch_run) == len(one)
     two.set_epoch(0)
@@ -209,19 +209,20 @@ def test_torch_workers_give_the_same_batches(raw_out):
 
 
 @BACKENDS
-def test_outputs_stay_valid_while_held(backend, raw_out):
+def test_outputs_stay_valid_while_held(backend, raw_out, closes):
     """Batches are not overwritten by later ones (DALI's are shared zero-copy)."""
     kw = dict(batch_size=4, device="cpu", seed=12, backend=backend, workers=0)
-    held = [x for x, _ in train_loader(raw_out, **kw)] + [x for x, _ in train_loader(raw_out, **kw)]
-    copies = [x.clone() for x, _ in train_loader(raw_out, **kw)]
+    held = [x for x, _ in closes(train_loader(raw_out, **kw))] + [x for x, _ in closes(train_loader(raw_out, **kw))]
+    copies = [x.clone() for x, _ in closes(train_loader(raw_out, **kw))]
     for a, b in zip(held, copies + copies):
         assert torch.equal(a, b)
 
 
 @BACKENDS
-def test_lower_precision_outputs(backend, raw_out):
-    full = train_loader(raw_out, batch_size=8, device="cpu", seed=0, backend=backend, workers=0)
-    half = train_loader(raw_out, batch_size=8, device="cpu", seed=0, backend=backend, workers=0, dtype=torch.bfloat16)
+def test_lower_precision_outputs(backend, raw_out, closes):
+    full = closes(train_loader(raw_out, batch_size=8, device="cpu", seed=0, backend=backend, workers=0))
+    half = closes(train_loader(raw_out, batch_size=8, device="cpu", seed=0, backend=backend, workers=0,
+                               dtype=torch.bfloat16))
     (a, _), (b, _) = next(iter(full)), next(iter(half))
     assert b.dtype == torch.bfloat16
     assert torch.equal(a.to(torch.bfloat16), b)
@@ -229,31 +230,31 @@ def test_lower_precision_outputs(backend, raw_out):
 
 # ---------------------------------------------------------------------------- epochs, ranks, resume
 @BACKENDS
-def test_same_seed_same_batches_and_each_epoch_a_new_order(backend, raw_out):
+def test_same_seed_same_batches_and_each_epoch_a_new_order(backend, raw_out, closes):
     kw = dict(batch_size=8, device="cpu", backend=backend, workers=0)
-    a = train_loader(raw_out, seed=3, **kw)
-    b = train_loader(raw_out, seed=3, **kw)
+    a = closes(train_loader(raw_out, seed=3, **kw))
+    b = closes(train_loader(raw_out, seed=3, **kw))
     epoch0, epoch1 = run(a), run(a)
     assert a.epoch == 2
     for (x, y), (u, v) in zip(epoch0, run(b)):
         assert torch.equal(x, u) and torch.equal(y, v)
     assert not all(torch.equal(x, u) for (x, _), (u, _) in zip(epoch0, epoch1))
     assert [list(p.index) for p in a.plan(0)] != [list(p.index) for p in a.plan(1)]
-    other = run(train_loader(raw_out, seed=4, **kw))
+    other = run(closes(train_loader(raw_out, seed=4, **kw)))
     assert not all(torch.equal(x, u) for (x, _), (u, _) in zip(epoch0, other))
-    c = train_loader(raw_out, seed=3, **kw)
+    c = closes(train_loader(raw_out, seed=3, **kw))
     c.set_epoch(1)
     for (x, _), (u, _) in zip(epoch1, run(c)):
         assert torch.equal(x, u)
 
 
 @BACKENDS
-def test_resume_mid_epoch_is_exact(backend, raw_out):
+def test_resume_mid_epoch_is_exact(backend, raw_out, closes):
     kw = dict(batch_size=4, device="cpu", seed=8, backend=backend, workers=0)
-    full = train_loader(raw_out, **kw)
+    full = closes(train_loader(raw_out, **kw))
     full.set_epoch(2)
     whole = run(full)
-    resumed = train_loader(raw_out, **kw)
+    resumed = closes(train_loader(raw_out, **kw))
     resumed.set_epoch(2, start_batch=5)
     tail = run(resumed)
     assert len(tail) == len(whole) - 5
@@ -264,13 +265,13 @@ def test_resume_mid_epoch_is_exact(backend, raw_out):
 
 @pytest.mark.parametrize("backend, workers", [pytest.param("dali", 2, marks=pytest.mark.dali),
                                              ("torch", 0), ("torch", 2)])
-def test_abandoned_epochs_and_jumps(backend, workers, raw_out):
+def test_abandoned_epochs_and_jumps(backend, workers, raw_out, closes):
     """The backends prefetch on into the next epoch; breaking off an epoch, or jumping with
     set_epoch, drops what was prepared and gives exactly the batches asked for."""
     kw = dict(batch_size=4, device="cpu", seed=8, backend=backend, workers=workers)
-    reference_loader = train_loader(raw_out, **kw)
+    reference_loader = closes(train_loader(raw_out, **kw))
     epochs = [run(reference_loader) for _ in range(3)]
-    loader = train_loader(raw_out, **kw)
+    loader = closes(train_loader(raw_out, **kw))
     first = iter(loader)
     next(first)  # break off epoch 0 after one batch (more are prefetched)
     got = {1: run(loader)}
@@ -288,7 +289,7 @@ def test_abandoned_epochs_and_jumps(backend, workers, raw_out):
 
 
 @BACKENDS
-def test_draws_do_not_depend_on_batch_size_or_ranks(backend, raw_out):
+def test_draws_do_not_depend_on_batch_size_or_ranks(backend, raw_out, closes):
     """A sample's tensor is the same whatever the batch size and the number of ranks, and
     W ranks with batch B together see one process's batches of W * B."""
     def by_sample(loader):
@@ -299,12 +300,12 @@ def test_draws_do_not_depend_on_batch_size_or_ranks(backend, raw_out):
         return out
 
     kw = dict(device="cpu", seed=5, backend=backend, workers=0)
-    single = train_loader(raw_out, batch_size=8, **kw)
+    single = closes(train_loader(raw_out, batch_size=8, **kw))
     ref = by_sample(single)
     for b in (4, 16):
-        for s, (x, y) in by_sample(train_loader(raw_out, batch_size=b, **kw)).items():
+        for s, (x, y) in by_sample(closes(train_loader(raw_out, batch_size=b, **kw))).items():
             assert torch.equal(x, ref[s][0]) and y == ref[s][1]
-    ranks = [train_loader(raw_out, batch_size=4, rank=r, world_size=2, **kw) for r in range(2)]
+    ranks = [closes(train_loader(raw_out, batch_size=4, rank=r, world_size=2, **kw)) for r in range(2)]
     parts = [by_sample(r) for r in ranks]
     assert not set(parts[0]) & set(parts[1])
     assert len(parts[0]) == len(parts[1]) == 16
@@ -316,23 +317,23 @@ def test_draws_do_not_depend_on_batch_size_or_ranks(backend, raw_out):
 
 
 @pytest.mark.dali
-def test_roi_decoding_gives_the_same_pixels(jpeg_out, monkeypatch):
+def test_roi_decoding_gives_the_same_pixels(jpeg_out, monkeypatch, closes):
     from alexprep.imagenet_prep import dali_backend
 
     batches = {}
     for roi in (False, True):
         monkeypatch.setattr(dali_backend, "ROI_DECODE", roi)
-        batches[roi] = run(train_loader(jpeg_out, batch_size=8, device="cpu", seed=6))
+        batches[roi] = run(closes(train_loader(jpeg_out, batch_size=8, device="cpu", seed=6)))
     for (a, _), (b, _) in zip(batches[False], batches[True]):
         d = (a - b).abs()
         assert d.max() <= 2 and d.mean() <= 0.01
 
 
-def test_quasi_order_epochs(raw_out):
+def test_quasi_order_epochs(raw_out, closes):
     images, _ = split_images(raw_out, "train")
     stats = load_stats(raw_out)
-    loader = train_loader(raw_out, batch_size=8, device="cpu", seed=1, order="quasi", buffer_shards=2,
-                          backend="torch", workers=0)
+    loader = closes(train_loader(raw_out, batch_size=8, device="cpu", seed=1, order="quasi", buffer_shards=2,
+                                 backend="torch", workers=0))
     index = read_split(raw_out, "train")
     shard_of = np.repeat(np.arange(len(index.shards)), [s.rows for s in index.shards])
     for epoch in range(2):
@@ -348,11 +349,11 @@ def test_quasi_order_epochs(raw_out):
         assert_close(x[i], expected, jpeg=False)
 
 
-def test_train_drops_per_rank_remainders(raw_out):
+def test_train_drops_per_rank_remainders(raw_out, closes):
     n = len(split_images(raw_out, "train")[1])  # 32
     for world, batch in ((3, 4), (5, 2), (1, 5)):
-        loaders = [train_loader(raw_out, batch_size=batch, device="cpu", seed=0, rank=r, world_size=world,
-                                backend="torch", workers=0) for r in range(world)]
+        loaders = [closes(train_loader(raw_out, batch_size=batch, device="cpu", seed=0, rank=r, world_size=world,
+                                       backend="torch", workers=0)) for r in range(world)]
         expected = (n // world) // batch
         seen = []
         for loader in loaders:
@@ -373,28 +374,31 @@ def test_eval_sees_every_image_once(backend, world, jpeg_out):
     assert n % 5 != 0
     seen = []
     for rank in range(world):
-        loader = eval_loader(jpeg_out, batch_size=5, device="cpu", rank=rank, world_size=world, backend=backend,
-                             workers=0)
-        batches = run(loader)
-        assert len(batches) == len(loader)
-        for batch, (x, y) in zip(loader.plan(), batches):
-            assert x.shape == (len(batch), 3, CROP, CROP) and 1 <= len(batch) <= 5
-            np.testing.assert_array_equal(y.numpy(), labels[batch.index])
-            for i, sample in enumerate(batch.index):
-                assert_close(x[i], reference(images[sample], stats, 16, 16, False), jpeg=True)
-            seen.extend(int(s) for s in batch.index)
-        assert run(loader)[0][0].shape == batches[0][0].shape  # evaluation repeats identically
+        with eval_loader(jpeg_out, batch_size=5, device="cpu", rank=rank, world_size=world, backend=backend,
+                         workers=0) as loader:
+            batches = run(loader)
+            assert len(batches) == len(loader)
+            for batch, (x, y) in zip(loader.plan(), batches):
+                assert x.shape == (len(batch), 3, CROP, CROP) and 1 <= len(batch) <= 5
+                np.testing.assert_array_equal(y.numpy(), labels[batch.index])
+                for i, sample in enumerate(batch.index):
+                    assert_close(x[i], reference(images[sample], stats, 16, 16, False), jpeg=True)
+                seen.extend(int(s) for s in batch.index)
+            again = run(loader)  # evaluation repeats identically: the same batches, bit for bit
+            assert len(again) == len(batches)
+            for (x, y), (x2, y2) in zip(batches, again):
+                assert torch.equal(x2, x) and torch.equal(y2, y)
     assert sorted(seen) == list(range(n))
 
 
 @BACKENDS
-def test_ten_crops_positions_and_order(backend, raw_out):
+def test_ten_crops_positions_and_order(backend, raw_out, closes):
     images, _ = split_images(raw_out, "val")
     stats = load_stats(raw_out)
-    loader = eval_loader(raw_out, batch_size=4, device="cpu", crops=10, backend=backend, workers=0)
+    loader = closes(eval_loader(raw_out, batch_size=4, device="cpu", crops=10, backend=backend, workers=0))
     batch = loader.plan()[0]
     x, _ = next(iter(loader))
-    centre = next(iter(eval_loader(raw_out, batch_size=4, device="cpu", backend=backend, workers=0)))[0]
+    centre = next(iter(closes(eval_loader(raw_out, batch_size=4, device="cpu", backend=backend, workers=0))))[0]
     assert x.shape == (4, 10, 3, CROP, CROP)
     # top-left, top-right, bottom-left, bottom-right, centre; then each of those mirrored
     windows = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]
@@ -409,7 +413,7 @@ def test_ten_crops_positions_and_order(backend, raw_out):
 
 
 # ---------------------------------------------------------------------------- misuse
-def test_clear_errors(raw_out, jpeg_out, monkeypatch, tmp_path):
+def test_clear_errors(raw_out, jpeg_out, monkeypatch, tmp_path, closes):
     kw = dict(batch_size=4, seed=0, backend="torch", workers=0)
     if not torch.cuda.is_available():
         with pytest.raises(DataError, match="CUDA is not available"):
@@ -439,7 +443,7 @@ def test_clear_errors(raw_out, jpeg_out, monkeypatch, tmp_path):
     with pytest.raises(DataError, match="alexprep stats"):
         train_loader(bare, device="cpu", **kw)
     # explicit statistics are used as given
-    assert len(train_loader(bare, device="cpu", stats=load_stats(raw_out), **kw)) == 8
+    assert len(closes(train_loader(bare, device="cpu", stats=load_stats(raw_out), **kw))) == 8
     # without DALI, backend="dali" says what to use instead
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(DataError, match="backend='torch'"):
@@ -450,18 +454,18 @@ def test_clear_errors(raw_out, jpeg_out, monkeypatch, tmp_path):
 @pytest.mark.gpu
 @BACKENDS
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
-def test_gpu_batches_equal_cpu_batches(backend, encoding, raw_out, jpeg_out):
+def test_gpu_batches_equal_cpu_batches(backend, encoding, raw_out, jpeg_out, closes):
     out = raw_out if encoding == "raw" else jpeg_out
-    cpu = run(train_loader(out, batch_size=8, device="cpu", seed=1, backend=backend, workers=0))
-    gpu = run(train_loader(out, batch_size=8, device="cuda:0", seed=1, backend=backend, workers=0))
+    cpu = run(closes(train_loader(out, batch_size=8, device="cpu", seed=1, backend=backend, workers=0)))
+    gpu = run(closes(train_loader(out, batch_size=8, device="cuda:0", seed=1, backend=backend, workers=0)))
     for (a, la), (b, lb) in zip(cpu, gpu):
         assert b.device.type == "cuda" and lb.device.type == "cuda"
         assert torch.equal(la, lb.cpu())
         d = (a - b.cpu()).abs()
         # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a level or two
         assert d.max() <= (1e-3 if encoding == "raw" else 8) and d.mean() <= (1e-4 if encoding == "raw" else 0.5)
-    ten = next(iter(eval_loader(out, batch_size=4, device="cuda:0", crops=10, backend=backend, workers=0)))[0]
-    ten_cpu = next(iter(eval_loader(out, batch_size=4, device="cpu", crops=10, backend=backend, workers=0)))[0]
+    ten = next(iter(closes(eval_loader(out, batch_size=4, device="cuda:0", crops=10, backend=backend, workers=0))))[0]
+    ten_cpu = next(iter(closes(eval_loader(out, batch_size=4, device="cpu", crops=10, backend=backend, workers=0))))[0]
     assert (ten.cpu() - ten_cpu).abs().mean() <= (1e-4 if encoding == "raw" else 0.5)
 
 
@@ -479,22 +483,24 @@ def test_batched_gpu_render_equals_the_per_image_cpu_render(normalize, crops, ra
     else:
         loader = train_loader(raw_out, batch_size=8, device="cpu", seed=2, normalize=normalize, backend="torch",
                               workers=0)
-    batch = loader.plan(0)[1]
-    finished, labels, _, _, _, which, _ = ShardBatches(loader.samples, CROP, "render", norm=loader.norm)[batch]
-    crops_u8, labels_u8, windows, cmn, _, _, _ = ShardBatches(loader.samples, CROP, "windows")[batch]
-    assert tuple(which) == (0, 1)
-    assert crops_u8.dtype == torch.uint8 and torch.equal(labels, labels_u8)
-    assert torch.equal(render(crops_u8, windows, cmn, *norm_tensors(loader.norm, torch.device("cpu"))), finished)
+    with loader:
+        batch = loader.plan(0)[1]
+        finished = ShardBatches(loader.samples, CROP, "render", norm=loader.norm)[batch]
+        cut = ShardBatches(loader.samples, CROP, "windows")[batch]
+        assert tuple(finished.which) == tuple(cut.which) == (0, 1)
+        assert cut.pixels.dtype == torch.uint8 and torch.equal(finished.labels, cut.labels)
+        rendered = render(cut.pixels, cut.windows, cut.cmn_mean, *norm_tensors(loader.norm, torch.device("cpu")))
+        assert torch.equal(rendered, finished.pixels)
 
 
 @pytest.mark.gpu
 @pytest.mark.dali
-def test_dali_gpu_batches_equal_dali_cpu_batches_over_many_iterations(raw_out):
+def test_dali_gpu_batches_equal_dali_cpu_batches_over_many_iterations(raw_out, closes):
     """The race test for DALI's GPU hand-over: were torch to read an output buffer before
     DALI finished writing it (or after DALI reused it), some batch of many, with a deep
     prefetch queue and the tensors held, would differ from the CPU pipeline's."""
-    cpu = train_loader(raw_out, batch_size=4, device="cpu", seed=3, workers=1)
-    gpu = train_loader(raw_out, batch_size=4, device="cuda:0", seed=3, workers=1, prefetch=4)
+    cpu = closes(train_loader(raw_out, batch_size=4, device="cpu", seed=3, workers=1))
+    gpu = closes(train_loader(raw_out, batch_size=4, device="cuda:0", seed=3, workers=1, prefetch=4))
     held = []
     for _ in range(6):  # epochs of 8 batches: 48 iterations across epoch boundaries
         for (a, la), (b, lb) in zip(cpu, gpu):
@@ -515,18 +521,26 @@ def test_torchvision_decoding_path_equals_the_pil_path(raw_out, jpeg_out, monkey
 
     spec = read_split(jpeg_out, "train").spec
 
+    decoded = []  # images that went through the batched decoder
+
     def pil_batch(encoded, device):
+        decoded.extend(encoded)
         return [torch.from_numpy(decode(x.numpy().tobytes(), spec).copy()).permute(2, 0, 1) for x in encoded]
 
     monkeypatch.setattr(torch_backend, "have_torchvision", lambda: True)
     monkeypatch.setattr(torch_backend, "decode_jpeg_batch", pil_batch)
-    for make in (lambda d: train_loader(jpeg_out, batch_size=8, device="cpu", seed=4, backend="torch", workers=1,
-                                        decoder=d),
-                 lambda d: eval_loader(jpeg_out, batch_size=4, device="cpu", crops=10, backend="torch", workers=0,
-                                       decoder=d)):
-        batched, per_image = make("torchvision"), make("pil")
-        assert batched._backend.mode == "bytes" and per_image._backend.mode == "render"
-        for (a, la), (b, lb) in zip(run(batched), run(per_image)):
+    for make, images in ((lambda d: train_loader(jpeg_out, batch_size=8, device="cpu", seed=4, backend="torch",
+                                                 workers=1, decoder=d), 32),
+                         (lambda d: eval_loader(jpeg_out, batch_size=4, device="cpu", crops=10, backend="torch",
+                                                workers=0, decoder=d), 12)):
+        decoded.clear()
+        with make("torchvision") as batched, make("pil") as per_image:
+            from_batched = run(batched)
+            assert len(decoded) == images  # every image took the batched path ...
+            from_per_image = run(per_image)
+            assert len(decoded) == images  # ... and none of the per-image path's
+        assert len(from_batched) == len(from_per_image) > 0
+        for (a, la), (b, lb) in zip(from_batched, from_per_image):
             assert torch.equal(la, lb) and torch.equal(a, b)
 
 
@@ -563,9 +577,9 @@ def _damage_first_image(out: Path, tmp_path: Path) -> tuple[Path, str]:
     return damaged, path.name
 
 
-def test_torch_backend_counts_and_names_images_that_do_not_decode(jpeg_out, tmp_path):
+def test_torch_backend_counts_and_names_images_that_do_not_decode(jpeg_out, tmp_path, closes):
     damaged, shard = _damage_first_image(jpeg_out, tmp_path)
-    loader = eval_loader(damaged, batch_size=8, device="cpu", split="train", backend="torch", workers=1)
+    loader = closes(eval_loader(damaged, batch_size=8, device="cpu", split="train", backend="torch", workers=1))
     batches = run(loader)
     assert sum(len(y) for _, y in batches) == len(loader.samples)  # nothing dropped
     assert loader.decode_failure_count == 1
@@ -573,9 +587,9 @@ def test_torch_backend_counts_and_names_images_that_do_not_decode(jpeg_out, tmp_
 
 
 @pytest.mark.dali
-def test_dali_names_the_image_that_does_not_decode(jpeg_out, tmp_path):
+def test_dali_names_the_image_that_does_not_decode(jpeg_out, tmp_path, closes):
     damaged, shard = _damage_first_image(jpeg_out, tmp_path)
-    loader = eval_loader(damaged, batch_size=8, device="cpu", split="train", workers=1)
+    loader = closes(eval_loader(damaged, batch_size=8, device="cpu", split="train", workers=1))
     with pytest.raises(DataError, match=f"{shard} row 0"):
         run(loader)
 

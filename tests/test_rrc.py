@@ -243,13 +243,13 @@ def test_centre_windows_place_torchvisions_crop():
 
 # ---------------------------------------------------------------------------- pixels
 @pytest.mark.parametrize("encoding, size, lighting", [("raw", 224, 0.0), ("jpeg", 224, 0.1), ("raw", 96, 0.0)])
-def test_train_outputs_are_the_resized_windows(encoding, size, lighting, raw_keep, jpeg_keep):
+def test_train_outputs_are_the_resized_windows(encoding, size, lighting, raw_keep, jpeg_keep, closes):
     """Torch backend: each output is its window (recomputed here from the generator) of the
     stored image, cut, resized bilinear and flipped, normalised: to float32 precision."""
     out = raw_keep if encoding == "raw" else jpeg_keep
     images, stats = stored_images(out), DatasetStats.load(out / "stats.npz")
-    loader = train_loader(out, batch_size=9, device="cpu", seed=5, backend="torch", workers=0, recipe="rrc",
-                          size=size, lighting_std=lighting)
+    loader = closes(train_loader(out, batch_size=9, device="cpu", seed=5, backend="torch", workers=0, recipe="rrc",
+                                 size=size, lighting_std=lighting))
     seen, fallbacks = 0, 0
     for batch, (x, _) in zip(loader.plan(0), loader):
         assert x.shape == (9, 3, size, size)
@@ -281,12 +281,12 @@ def test_dct_scaled_decoding_maps_the_window_exactly():
     assert draft_scale(447, 500, 224) == 1 and draft_scale(448, 500, 224) == 2 and draft_scale(900, 1800, 112) == 8
 
 
-def test_drafted_loader_outputs_stay_close_to_full_decodes(jpeg_keep):
+def test_drafted_loader_outputs_stay_close_to_full_decodes(jpeg_keep, closes):
     """size=64 on JPEG shards: most windows are drafted; every output within JPEG-draft
     tolerance of the full-decode reference."""
     images, stats = stored_images(jpeg_keep), DatasetStats.load(jpeg_keep / "stats.npz")
-    loader = train_loader(jpeg_keep, batch_size=9, device="cpu", seed=6, backend="torch", workers=0, recipe="rrc",
-                          size=64)
+    loader = closes(train_loader(jpeg_keep, batch_size=9, device="cpu", seed=6, backend="torch", workers=0,
+                                 recipe="rrc", size=64))
     drafted = 0
     for batch, (x, _) in zip(loader.plan(0), loader):
         for i, sample in enumerate(batch.index):
@@ -298,13 +298,13 @@ def test_drafted_loader_outputs_stay_close_to_full_decodes(jpeg_keep):
 
 
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
-def test_eval_is_the_centre_crop_torchvision_takes(encoding, raw_keep, jpeg_keep):
+def test_eval_is_the_centre_crop_torchvision_takes(encoding, raw_keep, jpeg_keep, closes):
     """eval_loader(recipe="rrc"): for images with a shorter side of 256, exactly
     Resize(256) + CenterCrop(224) (no resampling at all); for capped ones the scaled
     centre window, resized: torchvision's window up to half a pixel of rounding."""
     out = raw_keep if encoding == "raw" else jpeg_keep
     images, stats = stored_images(out, "val"), DatasetStats.load(out / "stats.npz")
-    loader = eval_loader(out, batch_size=5, device="cpu", backend="torch", workers=0, recipe="rrc")
+    loader = closes(eval_loader(out, batch_size=5, device="cpu", backend="torch", workers=0, recipe="rrc"))
     xs = torch.cat([x for x, _ in run(loader)])
     assert len(xs) == len(images) == 12
     for x, image in zip(xs, images):
@@ -312,8 +312,8 @@ def test_eval_is_the_centre_crop_torchvision_takes(encoding, raw_keep, jpeg_keep
         assert min(H, W) == 256  # val images are common sizes: none capped
         top, left = int(round((H - 224) / 2.0)), int(round((W - 224) / 2.0))
         assert levels(x, normalised(image[top:top + 224, left:left + 224], stats), stats).max() <= 1e-3
-    small = eval_loader(out, batch_size=4, device="cpu", backend="torch", workers=0, recipe="rrc", size=112,
-                        split="train")
+    small = closes(eval_loader(out, batch_size=4, device="cpu", backend="torch", workers=0, recipe="rrc", size=112,
+                               split="train"))
     train_images, apart = stored_images(out), []
     for batch, (x, _) in zip(small.plan(0), small):  # resize 128 (112 / 0.875), then the 112 centre
         for i, sample in enumerate(batch.index):
@@ -335,41 +335,41 @@ def test_eval_is_the_centre_crop_torchvision_takes(encoding, raw_keep, jpeg_keep
 
 
 # ---------------------------------------------------------------------------- determinism
-def test_draws_do_not_depend_on_batch_size_ranks_or_resume(raw_keep):
+def test_draws_do_not_depend_on_batch_size_ranks_or_resume(raw_keep, closes):
     kw = dict(device="cpu", seed=4, backend="torch", workers=0, recipe="rrc", size=64)
 
     def by_sample(loader, epoch=0):
         loader.set_epoch(epoch)
         return {int(s): x[i] for batch, (x, _) in zip(loader.plan(epoch), loader) for i, s in enumerate(batch.index)}
 
-    ref = by_sample(train_loader(raw_keep, batch_size=12, **kw))
+    ref = by_sample(closes(train_loader(raw_keep, batch_size=12, **kw)))
     assert len(ref) == 36
-    other = by_sample(train_loader(raw_keep, batch_size=4, **kw))
+    other = by_sample(closes(train_loader(raw_keep, batch_size=4, **kw)))
     assert all(torch.equal(x, ref[s]) for s, x in other.items()) and len(other) == 36
-    ranks = [by_sample(train_loader(raw_keep, batch_size=6, rank=r, world_size=2, **kw)) for r in range(2)]
+    ranks = [by_sample(closes(train_loader(raw_keep, batch_size=6, rank=r, world_size=2, **kw))) for r in range(2)]
     assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) + len(ranks[1]) == 36
     assert all(torch.equal(x, ref[s]) for part in ranks for s, x in part.items())
-    loader = train_loader(raw_keep, batch_size=6, **kw)
+    loader = closes(train_loader(raw_keep, batch_size=6, **kw))
     whole = [run(loader) for _ in range(2)][1]  # epoch 1 uninterrupted
     loader.set_epoch(1, start_batch=4)
     resumed = run(loader)
     assert len(resumed) == 2 and all(torch.equal(a, b) for (a, _), (b, _) in zip(whole[4:], resumed))
-    assert not torch.equal(by_sample(train_loader(raw_keep, batch_size=12, **kw), epoch=1)[0], ref[0])
+    assert not torch.equal(by_sample(closes(train_loader(raw_keep, batch_size=12, **kw)), epoch=1)[0], ref[0])
 
 
 # ---------------------------------------------------------------------------- backends
 @pytest.mark.dali
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
-def test_dali_agrees_with_the_torch_backend(encoding, raw_keep, jpeg_keep):
+def test_dali_agrees_with_the_torch_backend(encoding, raw_keep, jpeg_keep, closes):
     """The same windows, flips and means; DALI's antialiased linear resize against PIL's
     bilinear: 0.14 levels apart on average, 1 at the 99th percentile, 5 at most (over 192
     windows of the test photos); asserted: mean <= 0.3, max <= 6. Where nothing is
     resampled (eval, shorter side 256) they are identical."""
     out = raw_keep if encoding == "raw" else jpeg_keep
     stats = DatasetStats.load(out / "stats.npz")
-    for make in (lambda b: train_loader(out, batch_size=9, device="cpu", seed=2, backend=b, workers=1,
-                                        recipe="rrc", lighting_std=0.1),
-                 lambda b: eval_loader(out, batch_size=5, device="cpu", backend=b, workers=1, recipe="rrc")):
+    for make in (lambda b: closes(train_loader(out, batch_size=9, device="cpu", seed=2, backend=b, workers=1,
+                                               recipe="rrc", lighting_std=0.1)),
+                 lambda b: closes(eval_loader(out, batch_size=5, device="cpu", backend=b, workers=1, recipe="rrc"))):
         dali, ours = run(make("dali")), run(make("torch"))
         assert len(dali) == len(ours) > 0
         d = np.concatenate([levels(a, b, stats).ravel() for (a, _), (b, _) in zip(dali, ours)])
@@ -378,7 +378,7 @@ def test_dali_agrees_with_the_torch_backend(encoding, raw_keep, jpeg_keep):
     assert d.max() <= 1e-3  # the eval loader's: no resampling anywhere
 
 
-def test_torchvision_decoding_path_agrees_with_pil(jpeg_keep, monkeypatch):
+def test_torchvision_decoding_path_agrees_with_pil(jpeg_keep, monkeypatch, closes):
     """The torch backend's batched path (what runs with torchvision on a GPU: decode, then
     each window cut and resized by torch.nn.functional.interpolate(antialias=True) and
     rounded), here with PIL's decoder in torchvision's place, against the per-image PIL
@@ -389,34 +389,44 @@ def test_torchvision_decoding_path_agrees_with_pil(jpeg_keep, monkeypatch):
 
     spec = read_split(jpeg_keep, "train").spec
     stats = DatasetStats.load(jpeg_keep / "stats.npz")
+    decoded = []  # images that went through the batched decoder
+
+    def pil_batch(encoded, device):
+        decoded.append(len(encoded))
+        return [torch.from_numpy(decode(x.numpy().tobytes(), spec).copy()).permute(2, 0, 1) for x in encoded]
+
     monkeypatch.setattr(torch_backend, "have_torchvision", lambda: True)
-    monkeypatch.setattr(torch_backend, "decode_jpeg_batch", lambda encoded, device: [
-        torch.from_numpy(decode(x.numpy().tobytes(), spec).copy()).permute(2, 0, 1) for x in encoded])
+    monkeypatch.setattr(torch_backend, "decode_jpeg_batch", pil_batch)
     kw = dict(batch_size=9, device="cpu", seed=3, backend="torch", workers=0, recipe="rrc")
-    batched, per_image = train_loader(jpeg_keep, decoder="torchvision", **kw), train_loader(jpeg_keep, **kw)
-    assert batched._backend.mode == "bytes" and per_image._backend.mode == "render"
-    d = np.concatenate([levels(a, b, stats).ravel() for (a, _), (b, _) in zip(run(batched), run(per_image))])
+    batched = closes(train_loader(jpeg_keep, decoder="torchvision", **kw))
+    per_image = closes(train_loader(jpeg_keep, **kw))
+    from_batched = run(batched)
+    assert decoded == [9] * 4  # every image of the epoch took the batched path ...
+    from_per_image = run(per_image)
+    assert decoded == [9] * 4  # ... and none of the per-image path's
+    d = np.concatenate([levels(a, b, stats).ravel() for (a, _), (b, _) in zip(from_batched, from_per_image)])
     assert d.max() <= 1.001 and d.mean() <= 0.2, (d.max(), d.mean())  # measured: 1 and 0.14
 
 
-def test_gpu_windows_path_renders_like_the_cpu_path(jpeg_keep):
+def test_gpu_windows_path_renders_like_the_cpu_path(jpeg_keep, closes):
     """The torch backend's CUDA-with-PIL path (workers hand over resized, flipped uint8
     windows; `render` normalises them batched), run on the CPU: bit for bit the per-image
     CPU path's tensors."""
     from alexprep.imagenet_prep.render import norm_tensors, render
     from alexprep.imagenet_prep.torch_backend import ShardBatches
 
-    loader = train_loader(jpeg_keep, batch_size=9, device="cpu", seed=1, backend="torch", workers=0, recipe="rrc",
-                          lighting_std=0.1)
+    loader = closes(train_loader(jpeg_keep, batch_size=9, device="cpu", seed=1, backend="torch", workers=0,
+                                 recipe="rrc", lighting_std=0.1))
     batch = loader.plan(0)[2]
     finished = ShardBatches(loader.samples, 224, "render", norm=loader.norm, rrc=True)[batch].pixels
-    crops, _, windows, cmn, _, _, _ = ShardBatches(loader.samples, 224, "windows", rrc=True)[batch]
+    cut = ShardBatches(loader.samples, 224, "windows", rrc=True)[batch]
+    crops, windows, cmn = cut.pixels, cut.windows, cut.cmn_mean
     assert crops.shape == (9, 1, 224, 224, 3) and crops.dtype == torch.uint8
     assert torch.equal(render(crops, windows, cmn, *norm_tensors(loader.norm, torch.device("cpu"))), finished)
 
 
 # ---------------------------------------------------------------------------- misuse
-def test_recipes_and_builds_that_do_not_go_together(raw_keep, stats_build_raw):
+def test_recipes_and_builds_that_do_not_go_together(raw_keep, stats_build_raw, closes):
     kw = dict(batch_size=4, device="cpu", seed=0, backend="torch", workers=0)
     with pytest.raises(DataError, match="recipe='rrc'") as err:
         train_loader(raw_keep, normalize="channel", **kw)
@@ -436,11 +446,11 @@ def test_recipes_and_builds_that_do_not_go_together(raw_keep, stats_build_raw):
         eval_loader(raw_keep, batch_size=4, device="cpu", backend="torch", recipe="rrc", resize=200)
     with pytest.raises(DataError, match="recipe must be"):
         train_loader(raw_keep, recipe="timm", **kw)
-    loader = train_loader(raw_keep, recipe="rrc", **kw)
+    loader = closes(train_loader(raw_keep, recipe="rrc", **kw))
     assert (loader.config.normalize, loader.config.lighting_std) == ("channel", 0.0)
     # rrc on the paper's 256x256 centre-crop build: allowed, and said
     with pytest.warns(UserWarning, match="centre-crop build"):
-        square = train_loader(stats_build_raw, recipe="rrc", size=128, **kw)
+        square = closes(train_loader(stats_build_raw, recipe="rrc", size=128, **kw))
     x, _ = next(iter(square))
     assert x.shape == (4, 3, 128, 128)
     windows = square.plan(0)[0].windows[:, 0]

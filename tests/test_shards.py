@@ -2,6 +2,7 @@
 a clear error naming the shard."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from alexprep.imagenet_prep.classes import ClassList
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import (
-    ShardRecord, ShardWriter, SplitIndex, open_shard, read_split, shard_name, shard_schema,
+    ShardRecord, ShardWriter, SplitIndex, image_bytes_column, open_shard, read_split, shard_name, shard_schema,
 )
 from alexprep.imagenet_prep.transform import ImageSpec
 from alexprep.imagenet_prep.verify import verify_build
@@ -97,6 +98,33 @@ def test_changed_bytes_fail_the_checksum(damaged):
     path.write_bytes(bytes(data))
     report = verify_build(damaged)
     assert len(report.bad) == 1 and "checksum" in report.bad[0]
+
+
+def test_the_manifest_hash_is_hashlibs_over_a_shard_larger_than_the_read_block(tmp_path):
+    """A raw shard of 24 images (4.7 MB) is hashed in more than one 4 MiB block: the
+    manifest's SHA-256 is hashlib's over the whole file, and a byte flipped past the first
+    4 MiB fails the check."""
+    from alexprep.imagenet_prep.build import BuildConfig, build_shards
+    from alexprep.imagenet_prep.sample_data import write_photo_tree
+
+    write_photo_tree(tmp_path / "src", classes=2, train_per_class=12, val_per_class=0, seed=3)
+    out = tmp_path / "out"
+    build_shards(tmp_path / "src", out, BuildConfig(spec=ImageSpec(encoding="raw"), shard_size=24, workers=1))
+    index = read_split(out, "train")
+    (shard,) = index.shards
+    path = index.shard_path(shard)
+    data = path.read_bytes()
+    assert len(data) > 4 * 2**20 and shard.bytes == len(data)
+    assert shard.sha256 == hashlib.sha256(data).hexdigest()
+    assert verify_build(out).ok
+    last = image_bytes_column(open_shard(index, shard))[23].as_py()
+    at = data.index(last) + len(last) // 2  # the middle of the last image's pixels
+    assert at > 4 * 2**20
+    damaged = bytearray(data)
+    damaged[at] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    report = verify_build(out)
+    assert len(report.bad) == 1 and path.name in report.bad[0] and "checksum" in report.bad[0]
 
 
 def test_missing_shard_is_named(damaged):

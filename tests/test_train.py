@@ -2,19 +2,25 @@
 the train/evaluate commands' errors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from alexprep.cli.main import cli
+from alexprep.cli.train import train_command
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.model.alexnet import AlexNet
 from alexprep.model.checkpoint import list_checkpoints, load_checkpoint
@@ -144,6 +150,19 @@ def uninterrupted(stats_build, tmp_path_factory) -> Path:
     return run_dir
 
 
+def assert_curves_drawn(path: Path) -> None:
+    """curves.png is the figure plot_curves sets (10 x 3.8 inches at 90 dpi) and holds its
+    lines: matplotlib's first three cycle colours (loss and train top-1 in blue, val top-1
+    in orange, val top-5 in green), each over more pixels than its legend entry alone takes
+    (49 to 81 at this size; two epochs' lines add 90 to 950)."""
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size == (900, 342)
+        rgb = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
+    for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C)):
+        near = np.abs(rgb - colour).sum(axis=1) <= 30
+        assert near.sum() > 100, (colour, int(near.sum()))
+
+
 def test_run_dir_contents_and_checkpoint(uninterrupted, stats_build):
     rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
@@ -152,7 +171,7 @@ def test_run_dir_contents_and_checkpoint(uninterrupted, stats_build):
                 "data_wait_fraction"):
         assert key in epochs[0]
     assert 0 <= epochs[0]["data_wait_fraction"] <= 1
-    assert (uninterrupted / "curves.png").stat().st_size > 1000
+    assert_curves_drawn(uninterrupted / "curves.png")
     assert len(list_checkpoints(uninterrupted / "checkpoints")) == FAST.keep_last == 2
     ckpt = torch.load(list_checkpoints(uninterrupted / "checkpoints")[-1], weights_only=True)
     classes = json.loads((stats_build / "classes.json").read_text())["classes"]
@@ -180,6 +199,107 @@ def test_interrupted_and_resumed_run_gives_the_same_weights(uninterrupted, stats
     whole = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     pick = lambda rows: [(r["train_loss"], r["val_top1_error"]) for r in rows if r["kind"] == "epoch"]  # noqa: E731
     assert pick(metrics) == pick(whole)
+
+
+# `alexprep train` with FAST's settings (the option table below shows each reaching its field).
+FAST_ARGS = ["--batch-size", "8", "--epochs", "2", "--backend", "torch", "--final-crops", "0", "--log-every", "1",
+             "--bias-init", "caffe", "--workers", "1"]
+
+
+def _step_rows(run_dir: Path) -> list[dict]:
+    """The step rows of metrics.jsonl so far (a line being written is left out)."""
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [r for r in map(json.loads, text.splitlines(keepends=True)[:None if text.endswith("\n") else -1])
+            if r["kind"] == "step"]
+
+
+def _wait_for(proc: subprocess.Popen, predicate, what: str, timeout: float = 300) -> None:
+    """Until `predicate()` holds; fails if the run ends first. Polls every 5 ms: the kill
+    lands on the event, not after a guessed time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def _reaped():
+    """Registers child processes; kills those still running when the test ends early."""
+    started = []
+    try:
+        yield lambda proc: started.append(proc) or proc
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def test_sigkill_in_a_step_and_in_a_checkpoint_write_then_resume_gives_the_same_weights(uninterrupted, stats_build,
+                                                                                        tmp_path):
+    """`alexprep train` is killed (SIGKILL: no handler runs) first in the middle of epoch 2,
+    then, resumed, in the middle of writing its epoch-2 checkpoint; a second --resume
+    finishes the run with the uninterrupted run's weights, bit for bit.
+
+    The first kill lands as step 6's metrics row appears: the run is fetching or computing
+    step 7, past the epoch-1 checkpoint (step 4). For the second, the resumed run's temporary checkpoint
+    name (.checkpoint-e002-s0000008.pt.tmp-PID) is made a FIFO before it gets there: the
+    run's torch.save blocks in it once the pipe is full, and the kill lands after 1 MiB of
+    the checkpoint is written. What that leaves is put back as a regular file, as a disk
+    would hold it."""
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "alexprep.cli.main", "train", str(stats_build), "--run-dir", str(run_dir), *FAST_ARGS]
+    with open(tmp_path / "log.txt", "w") as log, _reaped() as procs:
+        first = procs(subprocess.Popen(cmd, stdout=log, stderr=log))
+        _wait_for(first, lambda: any(r["step"] == 6 for r in _step_rows(run_dir)), "step 6's row")
+        _kill(first)
+        assert json.loads((run_dir / "config.json").read_text()) == FAST.to_json()  # the reference's settings
+        assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["checkpoint-e001-s0000004.pt"]
+
+        rows_before = len(_step_rows(run_dir))
+        second = procs(subprocess.Popen(cmd + ["--resume"], stdout=log, stderr=log))
+        # Its first row (step 5) comes three steps and a validation before the checkpoint write.
+        _wait_for(second, lambda: len(_step_rows(run_dir)) > rows_before, "the resumed run's first row")
+        fifo = run_dir / "checkpoints" / f".checkpoint-e002-s0000008.pt.tmp-{second.pid}"
+        os.mkfifo(fifo)  # fails if the run had already started writing there
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        written = bytearray()
+        try:
+            def read_some() -> bool:
+                try:
+                    written.extend(os.read(fd, 1 << 20))
+                except BlockingIOError:
+                    pass
+                return len(written) >= 1 << 20
+
+            _wait_for(second, read_some, "1 MiB of the epoch-2 checkpoint")
+            _kill(second)
+        finally:
+            os.close(fd)
+        assert written[:4] == b"PK\x03\x04"  # torch.save's zip archive, begun
+        fifo.unlink()
+        fifo.write_bytes(bytes(written))  # a checkpoint cut off mid-write, under its temporary name
+        assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["checkpoint-e001-s0000004.pt"]
+
+        third = subprocess.run(cmd + ["--resume"], stdout=log, stderr=log)
+        assert third.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    ckpt = load_checkpoint(run_dir)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (2, 0, 8)
+    reference = _weights(uninterrupted)
+    assert ckpt["model"].keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(ckpt["model"][name], reference[name]), name
+    velocities = load_checkpoint(uninterrupted)["optimizer"]["state"]
+    assert ckpt["optimizer"]["state"].keys() == velocities.keys()
+    for i, state in velocities.items():
+        assert torch.equal(ckpt["optimizer"]["state"][i]["velocity"], state["velocity"]), i
 
 
 def test_compile_trains_the_same_weights_and_saves_plain_checkpoints(uninterrupted, stats_build, tmp_path,
@@ -255,11 +375,34 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+def _errors_by_hand(run_dir: Path, build: Path, crops: int) -> tuple[float, float]:
+    """The checkpoint's top-1 and top-5 error over the val split, without evaluate(): its
+    logits per crop, softmax averaged over the 10 crops and the label ranked in numpy."""
+    from test_evaluate import numpy_errors, softmax64
+
+    from alexprep.imagenet_prep.loaders import eval_loader
+
+    model = AlexNet(4)
+    model.load_state_dict(_weights(run_dir))
+    model.eval()
+    scores, labels = [], []
+    with eval_loader(build, batch_size=6, device="cpu", crops=crops, backend="torch", workers=0) as loader, \
+            torch.no_grad():
+        for x, y in loader:
+            logits = model(x.flatten(0, 1) if crops == 10 else x).numpy()
+            scores.append(softmax64(logits.reshape(len(y), 10, -1)).mean(axis=1) if crops == 10 else logits)
+            labels.append(y.numpy())
+    return numpy_errors(np.concatenate(scores).astype(np.float64), np.concatenate(labels))
+
+
 def test_evaluate_reports_both_crop_settings(uninterrupted, stats_build):
     result = run("evaluate", uninterrupted, stats_build, "--backend", "torch", "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert [p["crops"] for p in payload] == [1, 10] and all(p["count"] == 12 for p in payload)
+    for p in payload:
+        top1, top5 = _errors_by_hand(uninterrupted, stats_build, p["crops"])
+        assert p["top1_error"] == pytest.approx(top1, abs=1e-12) and p["top5_error"] == pytest.approx(top5, abs=1e-12)
     last_epoch = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()
                   if '"epoch"' in l][-1]
     assert payload[0]["top1_error"] == pytest.approx(last_epoch["val_top1_error"])
@@ -341,3 +484,89 @@ def test_damaged_shards_are_named_before_or_during_training(stats_build, tmp_pat
     # the damaged image is in the epoch unless the order dropped it (32 images, 4 batches of 8: none dropped)
     assert epoch["decode_failures"] == 1 and final["decode_failures"] == 1
     assert any(f"{path.name} row 0" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------- every option reaches its field
+# One row per parameter that `alexprep train` declares: arguments that set it to something
+# other than its default, where the value must arrive (a TrainConfig field, or a keyword
+# of train(): "root", "run_dir", "resume", "cache_dir", "cache_limit") and the value. A new
+# option without a row fails test_every_train_option_reaches_its_field.
+TRAIN_OPTIONS = {
+    "shards": (["OTHER"], "root", "OTHER"),  # the argument; the base invocation gives "OUT"
+    "run_dir": (["--run-dir", "elsewhere"], "run_dir", Path("elsewhere")),
+    "resume": (["--resume"], "resume", True),
+    "epochs": (["--epochs", "7"], "epochs", 7),
+    "batch_size": (["--batch-size", "64"], "batch_size", 64),
+    "lr": (["--lr", "0.02"], "lr", 0.02),
+    "momentum": (["--momentum", "0.8"], "momentum", 0.8),
+    "weight_decay": (["--weight-decay", "0.001"], "weight_decay", 0.001),
+    "decay_biases": (["--decay-biases"], "decay_biases", True),
+    "bias_lr_mult": (["--bias-lr-mult", "2"], "bias_lr_mult", 2.0),
+    "patience": (["--patience", "5"], "patience", 5),
+    "max_drops": (["--max-drops", "1"], "max_drops", 1),
+    "plateau_threshold": (["--plateau-threshold", "0.05"], "plateau_threshold", 0.05),
+    "milestones": (["--milestones", "30,60"], "milestones", (30, 60)),
+    "seed": (["--seed", "7"], "seed", 7),
+    "order": (["--order", "quasi"], "order", "quasi"),
+    "lighting_std": (["--lighting-std", "0.2"], "lighting_std", 0.2),
+    "backend": (["--backend", "torch"], "backend", "torch"),
+    "decoder": (["--decoder", "pil"], "decoder", "pil"),
+    "device": (["--device", "cuda:1"], "devices", ("cuda:1",)),
+    "devices": (["--devices", "cpu,cuda:0"], "devices", ("cpu", "cuda:0")),
+    "precision": (["--precision", "bf16"], "precision", "bf16"),
+    "channels_last": (["--channels-last"], "channels_last", True),
+    "compile_": (["--compile"], "compile", True),
+    "bias_init": (["--bias-init", "caffe"], "bias_init", "caffe"),
+    "lrn": (["--lrn", "paper"], "lrn", "paper"),
+    "final_crops": (["--final-crops", "1"], "final_crops", 1),
+    "checkpoint_minutes": (["--checkpoint-minutes", "5"], "checkpoint_minutes", 5.0),
+    "keep_last": (["--keep-last", "4"], "keep_last", 4),
+    "log_every": (["--log-every", "7"], "log_every", 7),
+    "max_steps": (["--max-steps", "9"], "max_steps", 9),
+    "workers": (["--workers", "3"], "loader_workers", 3),
+    "tensorboard": (["--tensorboard"], "tensorboard", True),
+    "verify_shards": (["--verify-shards"], "verify_shards", True),
+    "cache_dir": (["--cache-dir", "cache"], "cache_dir", Path("cache")),
+    "cache_limit": (["--cache-limit", "2G"], "cache_limit", 2 * 10**9),
+}
+CALL_KEYWORDS = ("root", "run_dir", "resume", "cache_dir", "cache_limit")
+
+
+def _train_call(monkeypatch, args: list[str]) -> dict:
+    """What `alexprep train ARGS` hands the library: TrainConfig's fields and train()'s
+    other arguments in one dict (train() itself replaced, so nothing runs)."""
+    import alexprep.model.train as train_module
+
+    seen = {}
+
+    def fake_train(root, run_dir, config, **kwargs):
+        seen.update({f: getattr(config, f) for f in TrainConfig.__dataclass_fields__})
+        seen.update(root=root, run_dir=run_dir, resume=kwargs.pop("resume", False), **kwargs)
+        return {}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    result = CliRunner().invoke(cli, ["train", *args])
+    assert result.exit_code == 0, result.output
+    return seen
+
+
+def test_the_option_table_rows_are_real_fields():
+    fields = set(TrainConfig.__dataclass_fields__) | set(CALL_KEYWORDS)
+    assert {target for _, target, _ in TRAIN_OPTIONS.values()} <= fields
+
+
+@pytest.mark.parametrize("name", [p.name for p in train_command.params])
+def test_every_train_option_reaches_its_field(name, monkeypatch):
+    """Each option, set alone, changes its own field to its value and nothing else."""
+    assert name in TRAIN_OPTIONS, f"`alexprep train` declares {name!r}: add its row to TRAIN_OPTIONS"
+    args, target, value = TRAIN_OPTIONS[name]
+    base = ["OUT", "--run-dir", "run"]
+    baseline = _train_call(monkeypatch, base)
+    assert baseline[target] != value, f"{name}: the row's value is the default; pick another"
+    if name == "shards":
+        got = _train_call(monkeypatch, args + base[1:])
+    else:
+        got = _train_call(monkeypatch, base + args)
+    assert got[target] == value and type(got[target]) is type(value), (name, got[target])
+    changed = {k for k in baseline if got.get(k) != baseline[k]}
+    assert changed == {target}, f"{name} also changed {changed - {target}}"
