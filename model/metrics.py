@@ -28,13 +28,21 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"kind": kind, "time": round(time.time(), 3), **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with open(self.path, "ab+") as f:
+            # A run killed mid-write leaves a torn last line: the resumed run starts a new one.
+            torn = f.seek(0, 2) > 0 and f.seek(-1, 2) >= 0 and f.read(1) != b"\n"
+            f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
 
     def rows(self, kind: str | None = None) -> list[dict]:
+        """The rows written, without a line torn by a kill (it never held a whole row)."""
         if not self.path.exists():
             return []
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # blank, or torn by a kill mid-write
         return [r for r in rows if kind is None or r["kind"] == kind]
 
 

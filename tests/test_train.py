@@ -516,6 +516,7 @@ TRAIN_OPTIONS = {
     "precision": (["--precision", "bf16"], "precision", "bf16"),
     "channels_last": (["--channels-last"], "channels_last", True),
     "compile_": (["--compile"], "compile", True),
+    "deterministic": (["--deterministic"], "deterministic", True),
     "bias_init": (["--bias-init", "caffe"], "bias_init", "caffe"),
     "lrn": (["--lrn", "paper"], "lrn", "paper"),
     "final_crops": (["--final-crops", "1"], "final_crops", 1),
@@ -570,3 +571,29 @@ def test_every_train_option_reaches_its_field(name, monkeypatch):
     assert got[target] == value and type(got[target]) is type(value), (name, got[target])
     changed = {k for k in baseline if got.get(k) != baseline[k]}
     assert changed == {target}, f"{name} also changed {changed - {target}}"
+
+
+def test_a_row_torn_by_a_kill_neither_breaks_nor_joins_the_next(tmp_path):
+    """A kill mid-write leaves half a metrics.jsonl line; the resumed run's rows follow on
+    their own lines and every reader skips the torn one."""
+    from alexprep.model.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write("step", step=1)
+    with open(log.path, "a") as f:
+        f.write('{"kind": "step", "ste')  # the kill
+    log.write("epoch", epoch=1)
+    assert [r["kind"] for r in log.rows()] == ["step", "epoch"]
+    assert log.path.read_text().splitlines()[-1].startswith('{"kind": "epoch"')
+
+
+def test_a_checkpoint_half_written_by_a_killed_run_is_removed_at_the_next_save(tmp_path):
+    from alexprep.imagenet_prep.atomic import temporary_name
+    from alexprep.model.checkpoint import checkpoint_name, list_checkpoints, save_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    torn = temporary_name(folder / checkpoint_name(1, 10)).with_name(".checkpoint-e001-s0000010.pt.tmp-99999")
+    torn.write_bytes(b"half a checkpoint")
+    save_checkpoint(folder, {"epoch": 1, "step": 12}, keep_last=2)
+    assert not torn.exists() and [p.name for p in list_checkpoints(folder)] == [checkpoint_name(1, 12)]
