@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexprep.imagenet_prep.atomic import remove_leftovers, replace_synced, temporary_name
+from alexprep.imagenet_prep.atomic import replace_synced, temporary_name
 from alexprep.imagenet_prep.classes import ClassList
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.stats import STATS_KEYS, DatasetStats
@@ -56,10 +56,8 @@ def normalize_of(ckpt: dict) -> str:
 
 def save_checkpoint(folder: Path, ckpt: dict, keep_last: int) -> Path:
     """Write `ckpt` under its epoch/step name (temporary name, then rename), then delete all
-    but the newest `keep_last` checkpoints, and any half-written one a killed run left
-    (a whole checkpoint's size: ~470 MB for the paper's network)."""
+    but the newest `keep_last` checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(folder)  # one writer per run dir: rank 0 of the one run using it
     path = folder / checkpoint_name(ckpt["epoch"], ckpt["step"])
     tmp = temporary_name(path)
     torch.save(ckpt, tmp)

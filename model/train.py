@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from alexprep.imagenet_prep import augment
-from alexprep.imagenet_prep.atomic import write_text_atomic
+from alexprep.imagenet_prep.atomic import remove_leftovers, write_text_atomic
 from alexprep.imagenet_prep.devices import device_name
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.loaders import Loader, eval_loader, pick_backend, train_loader
@@ -311,6 +311,8 @@ def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = 
         if not list_checkpoints(run_dir / "checkpoints"):
             raise DataError(f"--resume: {run_dir} holds no checkpoint to resume from")
         ckpt = load_checkpoint(run_dir)
+        # A checkpoint half-written when the last run was killed (a whole one's size, ~470 MB).
+        remove_leftovers(run_dir / "checkpoints")
         asked, config = config, dataclasses.replace(TrainConfig.from_json(ckpt["config"]), max_steps=config.max_steps)
         if asked.deterministic and not config.deterministic:  # the run's saved settings win, as for every option
             log(f"--resume keeps {run_dir}'s settings: this run was not started with --deterministic, so it stays "

@@ -290,6 +290,7 @@ def test_sigkill_in_a_step_and_in_a_checkpoint_write_then_resume_gives_the_same_
 
         third = subprocess.run(cmd + ["--resume"], stdout=log, stderr=log)
         assert third.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
+        assert not fifo.exists()  # the resume removed the half-written checkpoint
     ckpt = load_checkpoint(run_dir)
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (2, 0, 8)
     reference = _weights(uninterrupted)
@@ -586,14 +587,3 @@ def test_a_row_torn_by_a_kill_neither_breaks_nor_joins_the_next(tmp_path):
     assert [r["kind"] for r in log.rows()] == ["step", "epoch"]
     assert log.path.read_text().splitlines()[-1].startswith('{"kind": "epoch"')
 
-
-def test_a_checkpoint_half_written_by_a_killed_run_is_removed_at_the_next_save(tmp_path):
-    from alexprep.imagenet_prep.atomic import temporary_name
-    from alexprep.model.checkpoint import checkpoint_name, list_checkpoints, save_checkpoint
-
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    torn = temporary_name(folder / checkpoint_name(1, 10)).with_name(".checkpoint-e001-s0000010.pt.tmp-99999")
-    torn.write_bytes(b"half a checkpoint")
-    save_checkpoint(folder, {"epoch": 1, "step": 12}, keep_last=2)
-    assert not torn.exists() and [p.name for p in list_checkpoints(folder)] == [checkpoint_name(1, 12)]
