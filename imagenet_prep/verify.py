@@ -47,34 +47,36 @@ def verify_build(root: Path, decode_images: bool = False, on_shard=None, workers
                 missing = [i for i in range(index.shard_count) if i not in have]
                 report.bad.append(f"{index.folder}: manifests list {len(index.shards)} of {index.shard_count} "
                                   f"shards (missing indices {missing[:5]}{'…' if len(missing) > 5 else ''})")
-            for rows, problem in pool.map(lambda shard: _check_shard(index, shard, decode_images), index.shards):
+            good = []
+            checked = pool.map(lambda shard: _check_shard(index, shard, decode_images), index.shards)
+            for shard, (rows, problem) in zip(index.shards, checked):
                 report.shards += 1
                 report.rows += rows
                 if problem:
                     report.bad.append(problem)
+                else:
+                    good.append(shard)
                 if on_shard:
                     on_shard()
-            report.bad += _repeated_keys(index)
+            report.bad += _repeated_keys(index, good)
     return report
 
 
-def _repeated_keys(index) -> list[str]:
-    """A key written more than once in a split (a build writes each image once), named with
-    its shards. Keys are compared by hash first, so that a split's 1.28M keys are never all
-    held as strings at once."""
+def _repeated_keys(index, shards) -> list[str]:
+    """A key written more than once in `shards` (those that match their manifests: a damaged
+    one is reported by its own check, and its keys may not even decode), named with its
+    shards. A build writes each image once. Keys are compared by hash first, so that a
+    split's 1.28M keys are never all held as strings at once."""
     hashes = []
-    for shard in index.shards:
-        try:
-            keys = open_shard(index, shard).column("key").to_pylist()
-        except DataError:  # reported by the shard's own check
-            keys = []
+    for shard in shards:
+        keys = open_shard(index, shard).column("key").to_pylist()
         hashes.append(np.fromiter(map(hash, keys), np.int64, len(keys)))
     values, counts = np.unique(np.concatenate(hashes or [np.zeros(0, np.int64)]), return_counts=True)
     suspects = values[counts > 1]
     if not len(suspects):
         return []
     shards_of: dict[str, list[str]] = {}
-    for shard, shard_hashes in zip(index.shards, hashes):
+    for shard, shard_hashes in zip(shards, hashes):
         rows = np.flatnonzero(np.isin(shard_hashes, suspects))
         if len(rows):
             keys = open_shard(index, shard).column("key").take(pa.array(rows)).to_pylist()
