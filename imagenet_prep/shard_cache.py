@@ -214,6 +214,9 @@ class ShardCache:
                                 f"SHA-256 {sha[:12]}…; the manifest says {shard.bytes} bytes, {shard.sha256[:12]}…): "
                                 f"the remote build is damaged; push it again (`alexprep push OUT {rm.display(self.remote.uri)}`)")
         except FileNotFoundError:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            self._check_not_replaced(shard)  # a push of a build without it, under this job?
             raise DataError(f"{self.remote.name(rel)} is missing (its manifest lists it): push the build again") from None
         except BaseException:
             with contextlib.suppress(OSError):
@@ -698,7 +701,7 @@ def mount_type(path) -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             fields = line.split(" - ", 1)
-            point = fields[0].split()[4].encode().decode("unicode_escape")  # \040 for a space
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[0].split()[4])  # \040: a space
             inside = target == point or target.startswith(point.rstrip("/") + "/")
             if inside and len(point) >= len(best) and len(fields) == 2:
                 best, kind = point, fields[1].split()[0]
