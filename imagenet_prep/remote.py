@@ -77,7 +77,8 @@ def scrub(text: str, uri: str) -> str:
     secrets = [user, *user.split(":"), unquote(user), *unquote(user).split(":")]
     secrets += [v for _, v in parse_qsl(parts.query, keep_blank_values=True)]
     secrets += [pair.split("=", 1)[1] for pair in parts.query.split("&") if "=" in pair]  # as written (%-escaped)
-    for secret in sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True):
+    plain = ("http", "https", *_TRUE, *_FALSE)  # values no secret can be, and words a message needs
+    for secret in sorted({s for s in secrets if len(s) >= 3 and s.lower() not in plain}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
 
