@@ -1215,6 +1215,27 @@ def test_verify_takes_a_uri(build, bucket, tmp_path):
         assert re.search(rf"s3://[^ ?]*/build/val/{shard.name}: .*checksum", result.output), result.output
 
 
+def test_display_masks_user_info_and_query_values_and_scrub_masks_them_in_texts():
+    cases = {
+        "s3://AKIA1:SECRET1@bucket/imagenet/?region=us-east-1&endpoint_override=minio:9000":
+            "s3://***@bucket/imagenet?region=***&endpoint_override=***",
+        "gs://bucket/path": "gs://bucket/path",
+        "s3://bucket": "s3://bucket",
+        "hdfs://user@namenode:8020/data#frag": "hdfs://***@namenode:8020/data#***",
+        "bogus://a:b@c/d?token=T0KEN&flag": "bogus://***@c/d?token=***&flag",
+        "/local/path?x=1": "/local/path?x=1",  # a path, not a URI: as it is
+    }
+    assert {uri: rm.display(uri) for uri in cases} == cases
+    uri = "s3://AKIA1:SEC%2FRET@b/p?scheme=http&session=T0KEN"
+    text = "failed: s3://AKIA1:SEC%2FRET@b/p (key AKIA1, secret SEC/RET, token T0KEN) over http"
+    assert rm.scrub(text, uri) == "failed: s3://***@b/p (key ***, secret ***, token ***) over http"
+    assert rm.credential_problem("s3://K:S@b/p") is None  # keys in the URI are credentials
+    gcs = rm.open_folder("gs://bucket/path?anonymous=true")  # made offline: no request yet
+    assert gcs.fs.type_name == "gcs" and gcs.fs.__reduce__()[1][0]["anonymous"] is True
+    with pytest.raises(DataError, match=r"^file:///x\?anonymous=\*\*\*: \?anonymous applies to s3:// and gs://"):
+        rm.open_folder("file:///x?anonymous=true")
+
+
 def test_no_secret_is_shown_or_written(build, stats_build, s3, tmp_path, monkeypatch):
     """Secrets in the URI (user info, query values) and in the environment appear in no
     output of push, train, evaluate and verify, failing or not, and in none of their files."""
