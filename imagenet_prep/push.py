@@ -88,7 +88,7 @@ class _Pusher:
         self.out, self.remote, self.workers, self.progress = out, remote, workers, progress
         self.report = PushReport()
         self.listing: dict[str, tuple[int, int]] = {}  # relative path -> (bytes, mtime) on the remote
-        self.marks: dict[str, dict[str, str]] = {}  # relative path -> {SHA-256: version} of its markers
+        self.marks: dict[str, list[tuple[str, str]]] = {}  # relative path -> its markers' (SHA-256, version)
         self.same_manifests: set[str] = set()  # remote manifests already byte-identical to OUT's
         self._done_bytes = 0
         self._lock = threading.Lock()
@@ -101,7 +101,7 @@ class _Pusher:
             if rel.startswith(MARKS + "/"):
                 path, _, mark = rel[len(MARKS) + 1:].rpartition("/")
                 sha, _, version = mark.partition(".")
-                self.marks.setdefault(path, {})[sha] = version
+                self.marks.setdefault(path, []).append((sha, version))
         local = {m.rel: m for m in manifests}
         for rel in [r for r in self.listing if r.rsplit("/", 1)[-1].startswith("manifest") and r.endswith(".json")
                     and not r.startswith(MARKS + "/")]:
@@ -119,8 +119,8 @@ class _Pusher:
             return f.rel not in self.same_manifests
         if self.listing.get(f.rel, (None,))[0] != f.size:
             return True
-        version = self.marks.get(f.rel, {}).get(f.sha256)
-        return version is None or self.remote.version(f.rel) != version
+        versions = {version for sha, version in self.marks.get(f.rel, []) if sha == f.sha256}
+        return not versions or self.remote.version(f.rel) not in versions
 
     def select(self, files: list[_File]) -> list[_File]:
         """The files of `files` that must go up, checked `workers` at a time."""
@@ -135,7 +135,7 @@ class _Pusher:
 
     def _upload_one(self, f: _File, total: int) -> None:
         manifest = f.rel.rsplit("/", 1)[-1].startswith("manifest")
-        for sha, version in self.marks.get(f.rel, {}).items():  # before the object changes
+        for sha, version in self.marks.get(f.rel, []):  # before the object changes
             self.remote.delete(f"{MARKS}/{f.rel}/{sha}.{version}")
         sha = self.remote.retrying(lambda: self._upload(f, total), f"uploading {self.remote.name(f.rel)}")
         if sha != f.sha256:

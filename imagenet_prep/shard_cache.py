@@ -136,6 +136,7 @@ class ShardCache:
         self.downloads = 0  # shards this process downloaded (tests and benchmarks count them)
         self.downloaded_bytes = 0
         self.error: Exception | None = None  # the first background failure; fetch() redoes that shard
+        self._told_replaced = False  # check_remote warned already
 
     def _init_threads(self) -> None:
         self._lock = threading.Lock()
@@ -285,7 +286,9 @@ class ShardCache:
     def prefetch(self, shards: list[ShardRecord], epoch: int | None = None) -> None:
         """Download `shards` in this order in the background, `workers` at a time (replacing
         the order of an earlier call). Shards another process holds are waited for last.
-        `epoch`: the epoch the order is for (an EvictingCache paces it by that epoch's batches)."""
+        `epoch`: the epoch the order is for (an EvictingCache paces it by that epoch's batches).
+        Each call also looks whether the remote still holds this run's build (`check_remote`)."""
+        self.check_remote()
         with self._lock:
             self._queue = collections.deque(s for s in shards if s.name not in self._local)
             self._threads = [t for t in self._threads if t.is_alive()]
@@ -293,6 +296,31 @@ class ShardCache:
                 thread = threading.Thread(target=self._prefetch_loop, daemon=True, name=PREFETCH_THREAD)
                 thread.start()
                 self._threads.append(thread)
+
+    def check_remote(self) -> bool:
+        """Whether the remote's manifests still list this run's shards (names and SHA-256s);
+        if not (a push under a running job), a one-line RuntimeWarning, once: the run goes
+        on with the build it opened, whose shards it verifies, and stops in one line if it
+        must download one the remote no longer holds. One try, no retries: a store that does
+        not answer now is not this check's to report (True)."""
+        split, listed = self.index.split, set()
+        try:
+            for manifest in self.index.folder.glob("manifest*.json"):
+                with self.remote.open_input(f"{split}/{manifest.name}") as f:
+                    listed |= {(e["name"], e["sha256"]) for e in json.loads(f.read())["shards"]}
+        except FileNotFoundError:
+            listed = set()
+        except (OSError, ValueError, KeyError, TypeError, DataError):
+            return True
+        if listed >= {(s.name, s.sha256) for s in self.index.shards}:
+            return True
+        if not self._told_replaced:
+            self._told_replaced = True
+            warnings.warn(f"{self.remote.name(split)} no longer holds the build this run opened (a push to "
+                          f"{rm.display(self.remote.uri)} under a running job?): this run goes on with the build it "
+                          f"opened, from its verified cache, and stops if it needs a shard the remote no longer has; "
+                          f"start it again to read the new build", RuntimeWarning, stacklevel=2)
+        return False
 
     def _next_queued(self) -> ShardRecord | None:
         """The next shard of the prefetch queue; None once it is empty or the cache closed."""

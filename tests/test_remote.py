@@ -1080,7 +1080,7 @@ def test_a_push_under_a_running_job_is_named_and_never_trained_on(twins, bucket,
         got += [(x.clone(), y.clone()) for x, y in loader]
         assert _same(got, expected[:len(got)]) and len(got) == len(loader)
         push_build(b, uri)  # another build to the same URI, under the running job
-        with pytest.raises(DataError) as stopped:
+        with pytest.warns(RuntimeWarning, match="no longer holds the build"), pytest.raises(DataError) as stopped:
             for x, y in loader:
                 got.append((x.clone(), y.clone()))
     finally:
@@ -1089,6 +1089,24 @@ def test_a_push_under_a_running_job_is_named_and_never_trained_on(twins, bucket,
     assert "\n" not in message and "changed on the remote since this run opened it" in message, message
     assert "a push to s3://" in message and "start the run again" in message
     assert len(got) < 2 * len(loader) and _same(got, expected[:len(got)])  # every batch given was A's
+
+
+def test_a_push_under_a_job_whose_cache_holds_the_split_is_named_and_the_job_goes_on(twins, bucket, tmp_path):
+    a, b = twins
+    uri = bucket()
+    push_build(a, uri)
+    options = dict(batch_size=4, device="cpu", seed=2, backend="torch", workers=0)
+    loader = train_loader(uri, cache_dir=tmp_path / "cache", **options)
+    try:
+        first = [(x.clone(), y.clone()) for x, y in loader]
+        assert loader.cache.wait(timeout=60) and loader.cache.check_remote()
+        push_build(b, uri)
+        with pytest.warns(RuntimeWarning, match=r"no longer holds the build this run opened.*goes on") as told:
+            second = [(x.clone(), y.clone()) for x, y in loader]
+        assert len([w for w in told if "no longer holds" in str(w.message)]) == 1
+    finally:
+        loader.close()
+    assert _same(first + second, _epochs(train_loader(a, **options), 2))  # A's batches, both epochs
 
 
 # ---------------------------------------------------------------------------- faults on the wire
