@@ -19,6 +19,8 @@ and GCS, its modification time elsewhere). A file is skipped only when the remot
 has the local size, a marker with the local SHA-256, and still the version that marker
 names; a marker is deleted before its object is replaced, so a kill in between leaves no
 marker and the next push uploads the object again. Manifests are compared byte for byte.
+Readers check the manifests and small files they read against their markers' SHA-256
+(shard_cache.mirror): a store's short or damaged body never becomes a build's index.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.shards import file_sha256, partial_name, read_split
 
-MARKS = ".pushed"  # the folder of upload markers beside the build (see above)
+MARKS = rm.PUSH_MARKS  # the folder of upload markers beside the build (see above)
 ROOT_FILES = ("classes.json", "stats.npz", "stats.json", "stats.png")  # after the shards, before the manifests
 WORKERS = 8
 
@@ -134,7 +136,6 @@ class _Pusher:
                 future.result()
 
     def _upload_one(self, f: _File, total: int) -> None:
-        manifest = f.rel.rsplit("/", 1)[-1].startswith("manifest")
         for sha, version in self.marks.get(f.rel, []):  # before the object changes
             self.remote.delete(f"{MARKS}/{f.rel}/{sha}.{version}")
         sha = self.remote.retrying(lambda: self._upload(f, total), f"uploading {self.remote.name(f.rel)}")
@@ -142,8 +143,7 @@ class _Pusher:
             self.remote.delete(f.rel)
             raise DataError(f"{self.out / f.rel} differs from its manifest (SHA-256) and was not pushed: run "
                             f"`alexprep verify {self.out}` and rebuild what it names")
-        if not manifest:
-            self.remote.write_bytes(f"{MARKS}/{f.rel}/{f.sha256}.{self.remote.version(f.rel)}", b"")
+        self.remote.write_bytes(f"{MARKS}/{f.rel}/{f.sha256}.{self.remote.version(f.rel)}", b"")
         with self._lock:
             self.report.uploaded += 1
             self.report.uploaded_bytes += f.size

@@ -34,6 +34,7 @@ _DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
            "EXPIRED_TOKEN", "Unauthorized", "Permission denied", "PERMISSION_DENIED")
 _AWS_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+PUSH_MARKS = ".pushed"  # push's markers, <path>/<SHA-256>.<version>, beside a build (push.py)
 OBJECT_STORES = ("s3", "gcs")  # filesystems whose objects appear whole when their upload completes
 _METADATA_HOST = ("169.254.169.254", 80)  # the instance-role endpoint of EC2 and GCE
 

@@ -1131,6 +1131,21 @@ def test_a_misbehaving_store_is_recovered_from(stats_build, pushed, tmp_path, fa
     assert file_sha256(index.shard_path(shard)) == shard.sha256
 
 
+def test_manifests_and_small_files_are_checked_against_what_push_wrote(stats_build, build, bucket, tmp_path, faults):
+    uri = bucket()
+    push_build(build, uri)
+    assert any(r.startswith(".pushed/train/manifest.json/") for r in rm.open_folder(uri).sizes())
+    faults(fault={"mode": "corrupt", "method": "GET", "match": "/train/manifest.json", "count": 1, "after": 40})
+    index, _ = open_split(uri, "train", tmp_path / "c1")  # damaged once in transit: read again
+    assert faults()["fault"]["count"] == 0 and index.shards == read_split(build, "train").shards
+    stats = json.loads((build / "stats.json").read_text())
+    rm.open_folder(uri).write_bytes("stats.json", json.dumps({**stats, "count": 1}).encode())  # changed by hand
+    with pytest.raises(DataError, match=r"stats\.json is not what its push wrote \(read twice.*push the build again"):
+        open_split(uri, "train", tmp_path / "c2")
+    assert push_build(build, uri).order == ["stats.json"]  # pushing again repairs it
+    assert open_split(uri, "train", tmp_path / "c2")[0].shards == read_split(build, "train").shards
+
+
 def test_a_store_that_keeps_sending_wrong_bytes_stops_in_one_line(stats_build, pushed, tmp_path, faults):
     shard = read_split(stats_build, "train").shards[1]
     faults(fault={"mode": "corrupt", "method": "GET", "match": f"/train/{shard.name}", "count": 100, "after": 500})
