@@ -101,6 +101,8 @@ class Proxy(BaseHTTPRequestHandler):
                     moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0 if order["auth"] else float("inf")
                 if order.get("clear_log"):
                     state["log"].clear()
+                if order.get("exit"):  # after this reply
+                    threading.Timer(0.1, os._exit, (0,)).start()
         with lock:
             reply = json.dumps({"log": state["log"], "fault": state["fault"]}).encode()
         self._reply(200, reply, [("Content-Type", "application/json")])
@@ -151,20 +153,27 @@ MOTO_PORT = moto_server.get_host_and_port()[1]
 proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
 proxy.daemon_threads = True
 threading.Thread(target=proxy.serve_forever, daemon=True).start()
-print(proxy.server_address[1], flush=True)
+print(MOTO_PORT, proxy.server_address[1], flush=True)
 sys.stdin.read()  # until the test process closes the pipe (or dies)
 os._exit(0)  # moto's server thread is not a daemon
 '''
 
 
 class S3Server:
-    """The server process: `query` (the URI options that reach it), `control(**order)`."""
+    """The server process: `query` (the URI options that reach moto directly), `via(uri)`
+    (the same URI through the proxy, for the tests of faults: a hop costs), `control`."""
 
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, "-c", S3_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True)
-        self.port = int(self.proc.stdout.readline())
-        self.query = f"endpoint_override=127.0.0.1:{self.port}&scheme=http&region=us-east-1"
+        self.moto_port, self.port = map(int, self.proc.stdout.readline().split())
+        self.query = f"endpoint_override=127.0.0.1:{self.moto_port}&scheme=http&region=us-east-1"
+
+    def via(self, uri: str) -> str:
+        return uri.replace(f"127.0.0.1:{self.moto_port}", f"127.0.0.1:{self.port}")
+
+    def __call__(self, **order) -> dict:
+        return self.control(**order)
 
     def control(self, **order) -> dict:
         import urllib.request
@@ -175,6 +184,8 @@ class S3Server:
             return json.loads(reply.read())
 
     def close(self):
+        with contextlib.suppress(OSError):
+            self.control(exit=True)  # (a forked child of this process may hold the pipe that would tell it too)
         self.proc.stdin.close()
         try:
             self.proc.wait(timeout=30)
@@ -205,9 +216,10 @@ def s3(server) -> str:
 
 @pytest.fixture
 def faults(server):
-    """The server's control; every fault and the request log cleared after the test."""
+    """The server: `faults(**order)` its control, `faults.via(uri)` a URI through the proxy;
+    every fault and the request log cleared after the test."""
     server.control(fault=None, clear_log=True)
-    yield server.control
+    yield server
     server.control(fault=None, auth=False, clear_log=True)
 
 
@@ -1121,7 +1133,7 @@ def test_a_misbehaving_store_is_recovered_from(stats_build, pushed, tmp_path, fa
     shard = read_split(stats_build, "train").shards[2]
     faults(fault={"mode": mode, "method": "GET", "match": f"/train/{shard.name}", "count": count, "after": 3000})
     options = dict(batch_size=8, device="cpu", seed=4, backend="torch", workers=0)
-    remote = _batches(train_loader(pushed, cache_dir=tmp_path / "cache", **options))
+    remote = _batches(train_loader(faults.via(pushed), cache_dir=tmp_path / "cache", **options))
     state = faults()
     assert state["fault"]["count"] == 0  # it happened
     if mode != "short":  # (pyarrow may take a short body for the whole range, its tail whatever its buffer held)
@@ -1136,7 +1148,7 @@ def test_manifests_and_small_files_are_checked_against_what_push_wrote(stats_bui
     push_build(build, uri)
     assert any(r.startswith(".pushed/train/manifest.json/") for r in rm.open_folder(uri).sizes())
     faults(fault={"mode": "corrupt", "method": "GET", "match": "/train/manifest.json", "count": 1, "after": 40})
-    index, _ = open_split(uri, "train", tmp_path / "c1")  # damaged once in transit: read again
+    index, _ = open_split(faults.via(uri), "train", tmp_path / "c1")  # damaged once in transit: read again
     assert faults()["fault"]["count"] == 0 and index.shards == read_split(build, "train").shards
     stats = json.loads((build / "stats.json").read_text())
     rm.open_folder(uri).write_bytes("stats.json", json.dumps({**stats, "count": 1}).encode())  # changed by hand
@@ -1149,9 +1161,9 @@ def test_manifests_and_small_files_are_checked_against_what_push_wrote(stats_bui
 def test_a_store_that_keeps_sending_wrong_bytes_stops_in_one_line(stats_build, pushed, tmp_path, faults):
     shard = read_split(stats_build, "train").shards[1]
     faults(fault={"mode": "corrupt", "method": "GET", "match": f"/train/{shard.name}", "count": 100, "after": 500})
-    result = CliRunner().invoke(cli, ["train", pushed, "--run-dir", str(tmp_path / "run"), "--backend", "torch",
-                                      "--batch-size", "32", "--max-steps", "1", "--final-crops", "0", "--workers", "0",
-                                      "--cache-dir", str(tmp_path / "cache")])
+    result = CliRunner().invoke(cli, ["train", faults.via(pushed), "--run-dir", str(tmp_path / "run"), "--backend",
+                                      "torch", "--batch-size", "32", "--max-steps", "1", "--final-crops", "0",
+                                      "--workers", "0", "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]
     assert f"{shard.name} differs from its manifest (downloaded twice" in line and "Traceback" not in result.output
@@ -1219,13 +1231,13 @@ def test_a_public_bucket_is_read_with_anonymous_true_and_no_credentials(stats_bu
     without = CliRunner().invoke(cli, ["verify", f"s3://{name}/pub?{s3}"])
     assert without.exit_code == 2 and "no AWS credentials found" in without.output and "anonymous=true" in without.output
     faults(clear_log=True)
-    uri = f"s3://{name}/pub?{s3}&anonymous=true"
+    uri = faults.via(f"s3://{name}/pub?{s3}&anonymous=true")
     assert _same(_batches(train_loader(uri, cache_dir=tmp_path / "cache", **options)),
                  _batches(train_loader(stats_build, **options)))
     log = faults()["log"]
     assert log and not any(signed for _, _, signed in log)  # every request unsigned
     with pytest.raises(DataError, match="access denied"):  # the server does refuse what is not public
-        rm.open_folder(f"s3://{name}/private?{s3}&anonymous=true").read_bytes("x")
+        rm.open_folder(faults.via(f"s3://{name}/private?{s3}&anonymous=true")).read_bytes("x")
     result = CliRunner().invoke(cli, ["verify", uri])
     assert result.exit_code == 0 and "all good" in result.output, result.output
     with pytest.raises(DataError, match="anonymous='maybe'"):
