@@ -32,6 +32,7 @@ BACKOFF_S = 0.5  # first wait between attempts; doubles each time (0.5, 1, 2, 4 
 CHUNK = 8 << 20  # bytes per read or write: one ranged GET per 8 MiB on S3
 _DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "HTTP status 403",
            "EXPIRED_TOKEN", "Unauthorized", "Permission denied", "PERMISSION_DENIED")
+_NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket", "Bucket does not exist")  # not to be retried either
 _AWS_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 PUSH_MARKS = ".pushed"  # push's markers, <path>/<SHA-256>.<version>, beside a build (push.py)
@@ -130,10 +131,14 @@ def _metadata_reachable() -> bool:
 
 @contextlib.contextmanager
 def remote_errors(uri: str):
-    """Credential refusals as one DataError line naming the build folder."""
+    """Credential refusals, and a bucket that does not exist, as one DataError line naming
+    the build folder (neither is retried)."""
     try:
         yield
     except OSError as exc:
+        if not isinstance(exc, FileNotFoundError) and any(mark in str(exc) for mark in _NO_BUCKET):
+            raise DataError(f"{display(uri)}: its bucket does not exist: create it (push does not), or check the "
+                            f"bucket's name") from None
         if isinstance(exc, FileNotFoundError) or not any(mark in str(exc) for mark in _DENIED):
             raise
         first = scrub(str(exc).splitlines()[0][:300], uri)
@@ -152,7 +157,7 @@ def retrying(action, what: str, attempts: int | None = None, uri: str = ""):
         except FileNotFoundError:
             raise
         except OSError as exc:
-            if any(mark in str(exc) for mark in _DENIED):
+            if any(mark in str(exc) for mark in _DENIED + _NO_BUCKET):
                 raise
             if attempt == attempts - 1:
                 last = scrub(str(exc).splitlines()[0][:300], uri)

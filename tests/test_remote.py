@@ -1317,6 +1317,7 @@ def test_no_secret_is_shown_or_written(build, stats_build, s3, tmp_path, monkeyp
         assert result.exit_code == code, (args[0], result.output)
         outputs.append(result.output)
     assert any("s3://***@" in out for out in outputs)  # the URIs were shown, masked
+    assert "its bucket does not exist" in outputs[2]  # at once, not after retries
     written = [p for folder in (tmp_path, build) for p in folder.rglob("*") if p.is_file()]
     assert (run / "config.json").exists() and list(run.glob("checkpoints/*"))
     for secret in secrets:
