@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 import pytest
@@ -447,7 +448,7 @@ def test_a_cache_too_small_is_refused_before_any_download(pushed, tmp_path, monk
                      cache_limit=1000)
     import shutil
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 30))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10 << 30, used=10 << 30, free=1 << 30))
     with pytest.raises(DataError, match=r"has 1\.1 GB free"):
         open_split(pushed, "train", tmp_path / "c2")
     assert not list(tmp_path.rglob("*.arrow")) and not list(tmp_path.rglob("*.download"))
