@@ -17,7 +17,8 @@ def push_command(out, uri, workers):
 
     Shards go up in parallel, then classes.json and stats, the manifests last: until a
     push finishes, URI is not taken for a build. Run the same command again after a
-    failure or to publish a changed build: only what differs is uploaded. Credentials
+    failure or to publish a changed build: what differs from OUT on the remote is uploaded
+    (what is there is checked, not a record kept here), so a push again repairs it. Credentials
     come from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
     GOOGLE_APPLICATION_CREDENTIALS); options go in the URI's query.
 
@@ -27,10 +28,11 @@ def push_command(out, uri, workers):
         alexprep push out/ "s3://bucket/imagenet-256?endpoint_override=minio:9000&scheme=http"
     """
     from alexprep.imagenet_prep.push import push_build
+    from alexprep.imagenet_prep.remote import display
 
     with progress_bars("push", unit="B") as progress:
         report = push_build(out, uri, workers=workers, progress=lambda done, total: progress(done, total))
     rate = report.uploaded_bytes / report.seconds if report.seconds else 0.0
-    click.echo(f"pushed {out} to {uri.split('?', 1)[0]}: {report.uploaded} file(s), "
+    click.echo(f"pushed {out} to {display(uri)}: {report.uploaded} file(s), "
                f"{format_bytes(report.uploaded_bytes)} in {report.seconds:.1f} s ({format_bytes(rate)}/s); "
                f"{report.skipped} unchanged file(s) skipped")

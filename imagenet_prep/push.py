@@ -6,17 +6,25 @@ finished upload from ever being one: remote manifests that differ from OUT's are
 first, then the shards and their statistics partials go up in parallel, then classes.json
 and stats.*, and the manifests last.
 
-A second push uploads only what differs. An object is skipped when its remote size is the
-local file's and its SHA-256 is known to be the local one: recorded in
-OUT/.push-<hash of the URI>.jsonl when this machine uploaded it, or, for a shard, listed in
-the remote's own manifest (so a push from another machine skips what is already there).
-Object stores keep no hash we can ask for cheaply (S3's ETag is an MD5 only for single-part
-uploads), and sizes alone would not do: every raw shard has the same size.
+What is on the remote decides what goes up, never a record kept on this machine: a push
+after another build's push, after a kill, or after someone overwrote an object repairs the
+remote. Object stores keep no content hash that pyarrow can read (S3's ETag is an MD5 only
+for single-part uploads; user metadata is not written), so each upload leaves a marker
+object beside the build,
+
+    URI/.pushed/<path>/<SHA-256 of the bytes sent>.<the object's version after the upload>
+
+where the version is what changes whenever the object is written again (its ETag on S3
+and GCS, its modification time elsewhere). A file is skipped only when the remote object
+has the local size, a marker with the local SHA-256, and still the version that marker
+names; a marker is deleted before its object is replaced, so a kill in between leaves no
+marker and the next push uploads the object again. Manifests are compared byte for byte.
+Readers check the manifests and small files they read against their markers' SHA-256
+(shard_cache.mirror): a store's short or damaged body never becomes a build's index.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +36,7 @@ from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.shards import file_sha256, partial_name, read_split
 
+MARKS = rm.PUSH_MARKS  # the folder of upload markers beside the build (see above)
 ROOT_FILES = ("classes.json", "stats.npz", "stats.json", "stats.png")  # after the shards, before the manifests
 WORKERS = 8
 
@@ -74,65 +83,51 @@ def _hashed(out: Path, rel: str) -> _File:
     return _File(rel, path.stat().st_size, file_sha256(path))
 
 
-class _Record:
-    """OUT/.push-<hash>.jsonl: one line per finished upload, appended (a torn last line
-    after a kill is ignored)."""
-
-    def __init__(self, out: Path, uri: str):
-        self.path = out / f".push-{hashlib.sha256(rm.display(uri).encode()).hexdigest()[:12]}.jsonl"
-        self.known: dict[str, tuple[int, str]] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.known[entry["path"]] = (int(entry["bytes"]), entry["sha256"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-        self._lock = threading.Lock()
-
-    def add(self, f: _File) -> None:
-        with self._lock, open(self.path, "a") as out:
-            out.write(json.dumps({"path": f.rel, "bytes": f.size, "sha256": f.sha256}) + "\n")
-            out.flush()
-        self.known[f.rel] = (f.size, f.sha256)
-
-
 class _Pusher:
     """One push: what the remote has, what to skip, the uploads."""
 
     def __init__(self, out: Path, remote: rm.RemoteFolder, workers: int, progress):
         self.out, self.remote, self.workers, self.progress = out, remote, workers, progress
-        self.record = _Record(out, remote.uri)
         self.report = PushReport()
-        self.sizes: dict[str, int] = {}
-        self.remote_said: dict[str, str] = {}  # path -> SHA-256 the remote is known to hold
+        self.listing: dict[str, tuple[int, int]] = {}  # relative path -> (bytes, mtime) on the remote
+        self.marks: dict[str, list[tuple[str, str]]] = {}  # relative path -> its markers' (SHA-256, version)
+        self.same_manifests: set[str] = set()  # remote manifests already byte-identical to OUT's
         self._done_bytes = 0
         self._lock = threading.Lock()
 
     def unpublish_differing(self, manifests: list[_File]) -> None:
-        """Read the remote's manifests (what they say of its shards), then delete those that
-        OUT will not write identically: until the new ones land, the remote is no build."""
-        self.sizes = self.remote.sizes()
+        """List the remote (objects and markers), then delete the manifests that OUT will
+        not write identically: until the new ones land, the remote is no build."""
+        self.listing = self.remote.listing()
+        for rel in self.listing:
+            if rel.startswith(MARKS + "/"):
+                path, _, mark = rel[len(MARKS) + 1:].rpartition("/")
+                sha, _, version = mark.partition(".")
+                self.marks.setdefault(path, []).append((sha, version))
         local = {m.rel: m for m in manifests}
-        for rel in [r for r in self.sizes if r.rsplit("/", 1)[-1].startswith("manifest") and r.endswith(".json")]:
-            data = self.remote.read_bytes(rel)
-            try:
-                split = rel.split("/", 1)[0]
-                for shard in json.loads(data)["shards"]:
-                    self.remote_said[f"{split}/{shard['name']}"] = shard["sha256"]
-            except (ValueError, KeyError, TypeError):
-                pass
+        for rel in [r for r in self.listing if r.rsplit("/", 1)[-1].startswith("manifest") and r.endswith(".json")
+                    and not r.startswith(MARKS + "/")]:
             mine = local.get(rel)
-            if mine is None or mine.size != len(data) or mine.sha256 != hashlib.sha256(data).hexdigest():
-                self.remote.delete(rel)
-                del self.sizes[rel]
+            if mine is not None and mine.size == self.listing[rel][0] and \
+                    hashlib.sha256(self.remote.read_bytes(rel)).hexdigest() == mine.sha256:
+                self.same_manifests.add(rel)
             else:
-                self.remote_said[rel] = mine.sha256  # the same bytes are there already
+                self.remote.delete(rel)
 
     def needed(self, f: _File) -> bool:
-        if self.sizes.get(f.rel) != f.size:
+        """Whether `f` must go up (see the module docstring); a HEAD request where a marker
+        says the remote holds its bytes."""
+        if f.rel.rsplit("/", 1)[-1].startswith("manifest"):
+            return f.rel not in self.same_manifests
+        if self.listing.get(f.rel, (None,))[0] != f.size:
             return True
-        return self.record.known.get(f.rel) != (f.size, f.sha256) and self.remote_said.get(f.rel) != f.sha256
+        versions = {version for sha, version in self.marks.get(f.rel, []) if sha == f.sha256}
+        return not versions or self.remote.version(f.rel) not in versions
+
+    def select(self, files: list[_File]) -> list[_File]:
+        """The files of `files` that must go up, checked `workers` at a time."""
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:
+            return [f for f, need in zip(files, pool.map(self.needed, files)) if need]
 
     def push(self, files: list[_File], total: int) -> None:
         """Upload `files` in parallel; returns when all are up (raises the first failure)."""
@@ -141,12 +136,14 @@ class _Pusher:
                 future.result()
 
     def _upload_one(self, f: _File, total: int) -> None:
-        sha = rm.retrying(lambda: self._upload(f, total), f"uploading {self.remote.name(f.rel)}")
+        for sha, version in self.marks.get(f.rel, []):  # before the object changes
+            self.remote.delete(f"{MARKS}/{f.rel}/{sha}.{version}")
+        sha = self.remote.retrying(lambda: self._upload(f, total), f"uploading {self.remote.name(f.rel)}")
         if sha != f.sha256:
             self.remote.delete(f.rel)
             raise DataError(f"{self.out / f.rel} differs from its manifest (SHA-256) and was not pushed: run "
                             f"`alexprep verify {self.out}` and rebuild what it names")
-        self.record.add(f)
+        self.remote.write_bytes(f"{MARKS}/{f.rel}/{f.sha256}.{self.remote.version(f.rel)}", b"")
         with self._lock:
             self.report.uploaded += 1
             self.report.uploaded_bytes += f.size
@@ -170,7 +167,7 @@ def push_build(out, uri: str, workers: int = WORKERS, progress=None) -> PushRepo
     """Upload build folder `out` to `uri` (see the module docstring for the order and what is
     skipped). `progress(done_bytes, total_bytes)` is called as bytes go up."""
     start = time.perf_counter()
-    out = Path(out)
+    out = Path(out).expanduser()
     if not out.is_dir():
         raise DataError(f"{out} is not a build folder (run `alexprep build-shards SRC {out}` first)")
     if not rm.is_uri(uri):
@@ -178,7 +175,7 @@ def push_build(out, uri: str, workers: int = WORKERS, progress=None) -> PushRepo
     data, small, manifests = _local_files(out)
     pusher = _Pusher(out, rm.open_folder(uri), workers, progress)
     pusher.unpublish_differing(manifests)
-    phases = [[f for f in phase if pusher.needed(f)] for phase in (data, small, manifests)]
+    phases = [pusher.select(phase) for phase in (data, small, manifests)]
     total = sum(f.size for phase in phases for f in phase)
     pusher.report.skipped = len(data) + len(small) + len(manifests) - sum(len(p) for p in phases)
     for phase in phases:  # shards, then classes and stats, then the manifests: each whole before the next

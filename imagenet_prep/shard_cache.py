@@ -2,18 +2,29 @@
 checked against its manifest's size and SHA-256 before anything can map it, then memory-
 mapped like a local shard (docs/design.md, "Remote build folders").
 
-    CACHE/<build id>/classes.json, stats.npz, stats.json   copied from the remote on every open
-    CACHE/<build id>/<split>/manifest*.json                  the remote's manifests
-    CACHE/<build id>/<split>/<shard>.arrow                   a verified shard (read_split finds it)
-    CACHE/<build id>/<split>/.<shard>.arrow.ok               what was verified: sha256, bytes, mtime_ns
-    CACHE/<build id>/<split>/.<shard>.arrow.lock             flock: one download per shard per node
-    CACHE/<build id>/<split>/.<shard>.arrow.download         a download in progress (never mapped)
-    CACHE/<build id>/<split>/.room.lock                      flock: a size-limited cache's accounting
+    CACHE/<key>/classes.json, stats.npz, stats.json   copied from the remote on every open
+    CACHE/<key>/<split>/manifest*.json                  the remote's manifests
+    CACHE/<key>/<split>/<shard>.arrow                   a verified shard (read_split finds it)
+    CACHE/<key>/<split>/.<shard>.arrow.ok               what was verified: sha256, bytes, mtime_ns
+    CACHE/<key>/<split>/.<shard>.arrow.lock             flock: one download per shard per node
+    CACHE/<key>/<split>/.<shard>.arrow.download         a download in progress (never mapped)
+    CACHE/<key>/<split>/.room.lock                      flock: a size-limited cache's accounting
+
+<key> is the build id and a digest of the split's manifests (every shard's name, size and
+SHA-256): the folder's identity is its content, so two builds made with equal options from
+different images, or a build pushed again to the same URI, never share a folder, and a job
+reading one never sees the other's bytes.
 
 A shard's final name appears only by a rename after its hash matched, so a kill -9 at any
-point leaves a temporary file the next holder of the lock overwrites. A shard whose marker
-matches the manifest's hash and the file's size and mtime is reused without rehashing (a
-file changed in place since has another mtime; bit rot is what `alexprep verify` is for).
+point leaves a temporary file the next holder of the lock overwrites. The hash is taken
+over the file as written, read back after its fsync, not over the bytes received. A shard
+whose marker matches the manifest's hash and the file's size and mtime is reused without
+rehashing (a file changed in place since has another mtime; bit rot is what `alexprep
+verify` is for).
+
+The locks are flock(2): local to one node on most shared file systems (NFS, Lustre, GPFS,
+BeeGFS, CIFS), so a cache there is named in a warning, and a size-limited one refused
+(`shared_mount_problem`).
 
 A cache smaller than its split (`cache_limit`) is an EvictingCache, for readers that need
 a few shards at a time: see its docstring for what it keeps and how ranks share it.
@@ -125,6 +136,7 @@ class ShardCache:
         self.downloads = 0  # shards this process downloaded (tests and benchmarks count them)
         self.downloaded_bytes = 0
         self.error: Exception | None = None  # the first background failure; fetch() redoes that shard
+        self._told_replaced = False  # check_remote warned already
 
     def _init_threads(self) -> None:
         self._lock = threading.Lock()
@@ -194,15 +206,18 @@ class ShardCache:
         tmp = self._tmp(shard)
         try:
             for attempt in range(2):
-                with rm.remote_errors(self.remote.uri):
-                    size, sha = rm.retrying(lambda: self._copy(rel, tmp), f"downloading {self.remote.name(rel)}")
+                size, sha = self.remote.retrying(lambda: self._copy(rel, tmp), f"downloading {self.remote.name(rel)}")
                 if (size, sha) == (shard.bytes, shard.sha256):
                     break
+                self._check_not_replaced(shard)
             else:
                 raise DataError(f"{self.remote.name(rel)} differs from its manifest (downloaded twice: {size} bytes, "
                                 f"SHA-256 {sha[:12]}…; the manifest says {shard.bytes} bytes, {shard.sha256[:12]}…): "
                                 f"the remote build is damaged; push it again (`alexprep push OUT {rm.display(self.remote.uri)}`)")
         except FileNotFoundError:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            self._check_not_replaced(shard)  # a push of a build without it, under this job?
             raise DataError(f"{self.remote.name(rel)} is missing (its manifest lists it): push the build again") from None
         except BaseException:
             with contextlib.suppress(OSError):
@@ -215,14 +230,36 @@ class ShardCache:
             self.downloads += 1
             self.downloaded_bytes += size
 
+    def _check_not_replaced(self, shard: ShardRecord) -> None:
+        """After a download that differs from this run's manifest: raise, in one line, if the
+        remote's manifests no longer say what this run read when it opened the split (a
+        push under a running job), rather than downloading again."""
+        rel = f"{self.index.split}/{shard.name}"
+        now = None
+        try:
+            for manifest in self.index.folder.glob("manifest*.json"):
+                listed = json.loads(self.remote.read_bytes(f"{self.index.split}/{manifest.name}"))["shards"]
+                now = next((e.get("sha256") for e in listed if e.get("name") == shard.name), now)
+        except FileNotFoundError:
+            now = "gone"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            now = "unreadable"
+        if now == shard.sha256:
+            return  # the manifest stands: a damaged transfer or object, downloaded again
+        said = f"its manifest now says SHA-256 {now[:12]}…" if now and len(now) == 64 else \
+            "its manifests are gone or being replaced"
+        raise DataError(f"{self.remote.name(rel)} changed on the remote since this run opened it ({said}, this run's "
+                        f"says {shard.sha256[:12]}…; a push to {rm.display(self.remote.uri)} under a running job?): "
+                        "nothing of it was used; start the run again to read the build there now")
+
     def _publish(self, tmp: Path, path: Path) -> None:
         """A verified download under its final name."""
         os.replace(tmp, path)
 
     def _copy(self, rel: str, tmp: Path) -> tuple[int, str]:
-        """Stream one object into `tmp` (truncating what a failed try left), hashing as it
-        goes; fsynced, so that a rename after it is durable."""
-        digest, size = hashlib.sha256(), 0
+        """Stream one object into `tmp` (truncating what a failed try left), fsynced so that
+        a rename after it is durable; (bytes, SHA-256) of the file as written, read back
+        (what a reader will map, whatever the stream or the disk did)."""
         with self.remote.open_input(rel) as src, open(tmp, "wb") as dst:
             while True:
                 if self._stop:
@@ -230,12 +267,10 @@ class ShardCache:
                 chunk = src.read(rm.CHUNK)
                 if not chunk:
                     break
-                digest.update(chunk)
                 dst.write(chunk)
-                size += len(chunk)
             dst.flush()
             os.fsync(dst.fileno())
-        return size, digest.hexdigest()
+        return os.stat(tmp).st_size, file_sha256(tmp)
 
     def is_cached(self, shard: ShardRecord) -> bool:
         """Whether the shard is here by its marker (cheap: no lock, no hash)."""
@@ -251,7 +286,9 @@ class ShardCache:
     def prefetch(self, shards: list[ShardRecord], epoch: int | None = None) -> None:
         """Download `shards` in this order in the background, `workers` at a time (replacing
         the order of an earlier call). Shards another process holds are waited for last.
-        `epoch`: the epoch the order is for (an EvictingCache paces it by that epoch's batches)."""
+        `epoch`: the epoch the order is for (an EvictingCache paces it by that epoch's batches).
+        Each call also looks whether the remote still holds this run's build (`check_remote`)."""
+        self.check_remote()
         with self._lock:
             self._queue = collections.deque(s for s in shards if s.name not in self._local)
             self._threads = [t for t in self._threads if t.is_alive()]
@@ -259,6 +296,31 @@ class ShardCache:
                 thread = threading.Thread(target=self._prefetch_loop, daemon=True, name=PREFETCH_THREAD)
                 thread.start()
                 self._threads.append(thread)
+
+    def check_remote(self) -> bool:
+        """Whether the remote's manifests still list this run's shards (names and SHA-256s);
+        if not (a push under a running job), a one-line RuntimeWarning, once: the run goes
+        on with the build it opened, whose shards it verifies, and stops in one line if it
+        must download one the remote no longer holds. One try, no retries: a store that does
+        not answer now is not this check's to report (True)."""
+        split, listed = self.index.split, set()
+        try:
+            for manifest in self.index.folder.glob("manifest*.json"):
+                with self.remote.open_input(f"{split}/{manifest.name}") as f:
+                    listed |= {(e["name"], e["sha256"]) for e in json.loads(f.read())["shards"]}
+        except FileNotFoundError:
+            listed = set()
+        except (OSError, ValueError, KeyError, TypeError, DataError):
+            return True
+        if listed >= {(s.name, s.sha256) for s in self.index.shards}:
+            return True
+        if not self._told_replaced:
+            self._told_replaced = True
+            warnings.warn(f"{self.remote.name(split)} no longer holds the build this run opened (a push to "
+                          f"{rm.display(self.remote.uri)} under a running job?): this run goes on with the build it "
+                          f"opened, from its verified cache, and stops if it needs a shard the remote no longer has; "
+                          f"start it again to read the new build", RuntimeWarning, stacklevel=2)
+        return False
 
     def _next_queued(self) -> ShardRecord | None:
         """The next shard of the prefetch queue; None once it is empty or the cache closed."""
@@ -278,6 +340,16 @@ class ShardCache:
             pass
         except Exception as exc:  # the loader's own fetch of that shard reports it
             self.error = self.error or exc
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the background downloads `prefetch` started have ended (or `timeout`
+        seconds have passed); whether they all have."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
 
     def close(self) -> None:
         """Stop background downloads (each stops within one chunk; its file is removed)."""
@@ -590,25 +662,16 @@ def _size(n: float) -> str:
 
 # ---------------------------------------------------------------------------- opening a split
 def mirror(remote: rm.RemoteFolder, cache_dir: Path, split: str) -> tuple[SplitIndex, dict[str, int]]:
-    """Copy a remote split's manifests and the build's small files into
-    CACHE/<build id>/ and read the split there; also returns the remote listing
-    ({relative path: bytes}). Under the build's lock, so ranks never see a half-copied set."""
+    """Copy a remote split's manifests and the build's small files into CACHE/<key>/ (see
+    the module docstring) and read the split there; also returns the remote listing
+    ({relative path: bytes}). Under the folder's lock, so ranks never see a half-copied set."""
     sizes = remote.sizes()
     names = sorted(r for r in sizes if re.fullmatch(rf"{re.escape(split)}/manifest[^/]*\.json", r))
     if not names:
         raise DataError(f"{remote.name(split)} has no manifest: {remote.name('')} is not a build folder, or its "
                         f"push did not finish (run `alexprep push OUT {rm.display(remote.uri)}` again)")
-    texts = {r: remote.read_bytes(r) for r in names}
-    ids = set()
-    for r, data in texts.items():
-        try:
-            ids.add(json.loads(data)["build_id"])
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{remote.name(r)} is not a readable manifest") from None
-    build = ids.pop()
-    if ids or not re.fullmatch(r"[0-9a-f]{8,64}", str(build)):
-        raise DataError(f"{remote.name(split)} mixes manifests of different builds or has a bad build id: push one build")
-    root = Path(cache_dir) / build
+    texts = {r: pushed_bytes(remote, r, sizes) for r in names}
+    root = Path(cache_dir) / content_key(remote, texts)
     try:
         (root / split).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -616,7 +679,7 @@ def mirror(remote: rm.RemoteFolder, cache_dir: Path, split: str) -> tuple[SplitI
     with _locked(root / ".lock"):
         for name in SMALL_FILES:
             if name in sizes:
-                _write_if_changed(root / name, remote.read_bytes(name))
+                _write_if_changed(root / name, pushed_bytes(remote, name, sizes))
             else:
                 (root / name).unlink(missing_ok=True)
         for stale in (root / split).glob("manifest*.json"):
@@ -627,6 +690,42 @@ def mirror(remote: rm.RemoteFolder, cache_dir: Path, split: str) -> tuple[SplitI
         return read_split(root, split), sizes
 
 
+def pushed_bytes(remote: rm.RemoteFolder, rel: str, listing) -> bytes:
+    """The bytes of small object `rel`, checked against the SHA-256 its push's marker names
+    when there is one (`listing`: the folder's paths); read once more on a mismatch (a
+    store's short or damaged body), then one line. Objects pushed without markers (by hand,
+    by an older alexprep) are taken as they come."""
+    prefix = f"{rm.PUSH_MARKS}/{rel}/"
+    known = {path[len(prefix):].split(".", 1)[0] for path in listing if path.startswith(prefix)}
+    for _ in range(2):
+        data = remote.read_bytes(rel)
+        if not known or hashlib.sha256(data).hexdigest() in known:
+            return data
+    raise DataError(f"{remote.name(rel)} is not what its push wrote (read twice: SHA-256 "
+                    f"{hashlib.sha256(data).hexdigest()[:12]}…, the push recorded {sorted(known)[0][:12]}…): changed "
+                    f"by other means, or the store returns it damaged; push the build again "
+                    f"(`alexprep push OUT {rm.display(remote.uri)}`)")
+
+
+def content_key(remote: rm.RemoteFolder, manifests: dict[str, bytes]) -> str:
+    """The cache folder's name for a split whose manifests are `manifests` ({path: text}):
+    "<build id>-<digest of every shard's name, size and SHA-256>"."""
+    ids, lines = set(), set()
+    for rel, data in manifests.items():
+        try:
+            manifest = json.loads(data)
+            ids.add(manifest["build_id"])
+            lines.update(f"{s['name']} {int(s['bytes'])} {s['sha256']}" for s in manifest["shards"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{remote.name(rel)} is not a readable manifest") from None
+    build = ids.pop()
+    if ids or not re.fullmatch(r"[0-9a-f]{8,64}", str(build)):
+        raise DataError(f"{remote.name(rel.split('/')[0])} mixes manifests of different builds or has a bad build id: "
+                        "push one build")
+    digest = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
+    return f"{build[:16]}-{digest[:16]}"
+
+
 def _write_if_changed(path: Path, data: bytes) -> None:
     try:
         if path.read_bytes() == data:
@@ -634,6 +733,54 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     except OSError:
         pass
     write_bytes_atomic(path, data)
+
+
+SHARED_FILE_SYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs",
+                       "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "9p", "panfs", "wekafs", "afs")
+
+
+def mount_type(path) -> str:
+    """The file system type of the mount holding `path` (its longest mount point that is a
+    prefix), from /proc/self/mountinfo; "" where that cannot be read (not Linux)."""
+    target, best, kind = os.path.realpath(path), "", ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split(" - ", 1)
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[0].split()[4])  # \040: a space
+            inside = target == point or target.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best) and len(fields) == 2:
+                best, kind = point, fields[1].split()[0]
+    return kind
+
+
+def shared_mount_problem(fs_type: str, limited: bool, where) -> tuple[str, bool] | None:
+    """What is wrong with a cache on a file system of type `fs_type` (in `where`): (the
+    line to show, whether to refuse); None on a node-local one. flock(2) on NFS, Lustre and
+    the like is local to each node (or not offered), so processes of other nodes sharing the
+    cache would download over each other's files (each download's hash, taken from the file
+    as written, still keeps a torn one from use), and a size-limited cache would delete
+    shards another node's readers map."""
+    base = fs_type.split(".")[-1] if fs_type.startswith("fuse.") else fs_type
+    if fs_type not in SHARED_FILE_SYSTEMS and base not in SHARED_FILE_SYSTEMS:
+        return None
+    why = (f"the cache directory {where} is on a shared file system ({fs_type}), where the cache's locks (flock) do "
+           f"not reach other nodes")
+    if limited:
+        return (f"{why}: a size-limited cache there could delete shards another node reads; give a --cache-dir "
+                "(cache_dir=) on a node-local disk, or drop the limit"), True
+    return f"{why}: give each node a --cache-dir (cache_dir=) on its own local disk", False
+
+
+def _check_mount(cache_dir, limited: bool) -> None:
+    """Refuse or warn (see shared_mount_problem) for the cache in `cache_dir`."""
+    found = Path(cache_dir)
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    problem = shared_mount_problem(mount_type(found), limited, cache_dir)
+    if problem and problem[1]:
+        raise DataError(problem[0])
+    if problem:
+        warnings.warn(problem[0], RuntimeWarning, stacklevel=3)
 
 
 def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
@@ -654,7 +801,9 @@ def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
         return index, None
     cache = ShardCache(remote, index)
     window = in_use(index) if in_use is not None else None
-    if cache.check_space(cache_limit, window):
+    evicting = cache.check_space(cache_limit, window)
+    _check_mount(cache_dir, evicting)
+    if evicting:
         cache = EvictingCache(remote, index, cache_limit, window[1])
     return index, cache
 

@@ -1,6 +1,9 @@
-"""Checking a build folder against its manifests: every shard present, whole and unchanged."""
+"""Checking a build folder against its manifests: every shard present, whole and unchanged.
+A remote one (a URI) is checked where it is: each object's SHA-256 taken over a stream,
+nothing kept on disk (with decode_images, one shard at a time in a temporary folder)."""
 from __future__ import annotations
 
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from alexprep.imagenet_prep import layout
+from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.shards import file_sha256, image_bytes_column, open_shard, read_split, row_sizes
@@ -31,8 +35,10 @@ def verify_build(root: Path, decode_images: bool = False, on_shard=None, workers
     image decodes to size x size x 3, or for keep-aspect builds to the row's recorded
     height x width x 3, within the build's size limits). Missing splits are fine; a folder
     with none is not. Shards are checked by `workers` threads (default: the cores; hashing
-    and decoding release the GIL)."""
-    root = Path(root)
+    and decoding release the GIL). `root` may be a URI (see the module docstring)."""
+    if rm.is_uri(root):
+        return _verify_remote(root, decode_images, on_shard, workers)
+    root = Path(root).expanduser()
     report = VerifyReport()
     if not root.is_dir():
         raise DataError(f"{root} is not a build folder (it does not exist or is a file)")
@@ -84,6 +90,54 @@ def _repeated_keys(index, shards) -> list[str]:
                 shards_of.setdefault(key, []).append(shard.name)
     return [f"{index.folder}: key {key!r} is written {len(names)} times (in {', '.join(sorted(names))}): a build "
             "writes each image once; rebuild this split" for key, names in sorted(shards_of.items()) if len(names) > 1]
+
+
+def _verify_remote(uri: str, decode_images: bool, on_shard, workers: int | None) -> VerifyReport:
+    """verify_build for a URI: its manifests (and classes.json) copied to a temporary folder,
+    then every object streamed and hashed, `workers` (default 8: network-bound) at a time."""
+    from alexprep.imagenet_prep.shard_cache import mirror
+
+    remote, report = rm.open_folder(uri), VerifyReport()
+    listed = remote.sizes()
+    splits = [s for s in layout.SPLITS if any(r.startswith(f"{s}/manifest") for r in listed)]
+    if not splits:
+        raise DataError(f"{rm.display(uri)} holds no manifest of a train/ or val/ split: is it a build folder "
+                        "whose push finished?")
+    with tempfile.TemporaryDirectory(prefix="alexprep-verify-") as tmp, ThreadPoolExecutor(workers or 8) as pool:
+        for split in splits:
+            index, _ = mirror(remote, Path(tmp), split)
+            for rows, problem in pool.map(lambda shard: _check_object(remote, index, shard, decode_images),
+                                          index.shards):
+                report.shards += 1
+                report.rows += rows
+                if problem:
+                    report.bad.append(problem)
+                if on_shard:
+                    on_shard()
+    return report
+
+
+def _check_object(remote, index, shard, decode_images: bool) -> tuple[int, str | None]:
+    """(rows, None) for a remote shard that matches its manifest, else (0, what is wrong)."""
+    rel = f"{index.split}/{shard.name}"
+    try:
+        if not decode_images:
+            size, sha = remote.sha256(rel)
+            if (size, sha) != (shard.bytes, shard.sha256):
+                return 0, f"shard {remote.name(rel)}: {size} bytes, checksum {sha[:12]}…; the manifest says " \
+                          f"{shard.bytes} bytes, {shard.sha256[:12]}…"
+            return shard.rows, None
+        path = index.shard_path(shard)
+        try:
+            path.write_bytes(remote.read_bytes(rel))
+            rows, problem = _check_shard(index, shard, True)
+        finally:
+            path.unlink(missing_ok=True)
+        return rows, problem and problem.replace(str(path), remote.name(rel))
+    except FileNotFoundError:
+        return 0, f"shard {remote.name(rel)}: missing (its manifest lists it)"
+    except DataError as exc:
+        return 0, str(exc)
 
 
 def _check_shard(index, shard, decode_images: bool) -> tuple[int, str | None]:

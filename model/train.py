@@ -583,7 +583,7 @@ def end_of_epoch(run: Run, state: RunState) -> None:
             + (f"; lr divided by {1 / config.lr_factor:g} to {run.schedule.lr:g}" if dropped else ""))
     if failures:
         run.log(f"warning: {failures} training image(s) did not decode this epoch and were fed as grey: "
-                + "; ".join(run.train_loader.decode_failures[:3]) + f". Run `alexprep verify {run.root}`")
+                + "; ".join(run.train_loader.decode_failures[:3]) + f". Run {_verify_hint(run.root)}")
     state.epoch, state.batch, state.sums = state.epoch + 1, 0, EpochSums()
     save_run_checkpoint(run, state)
     if run.ranks.main:
@@ -612,6 +612,14 @@ def final_evaluation(run: Run, state: RunState) -> dict:
             run.log(f"warning: {state.decode_failures} training image(s) did not decode during this run "
                     f"(metrics.jsonl has them per epoch)")
     return final
+
+
+def _verify_hint(root) -> str:
+    """The verify command for `root`: a URI's options and secrets are masked when shown, so
+    it is named as the URI given to train."""
+    if is_uri(root):
+        return f"`alexprep verify URI` with the URI given to train ({display(root)})"
+    return f"`alexprep verify {root}`"
 
 
 def _diverged_message(step: int, ckpt_dir: Path) -> str:
