@@ -147,10 +147,10 @@ def verify_command(out, decode_images):
         alexprep verify out/ --decode
         alexprep verify "s3://bucket/imagenet-256?region=us-east-1"
     """
-    from alexprep.imagenet_prep.remote import display, is_uri
+    from alexprep.imagenet_prep.remote import display
     from alexprep.imagenet_prep.verify import verify_build
 
-    report = verify_build(out if is_uri(out) else Path(out), decode_images=decode_images)
+    report = verify_build(out, decode_images=decode_images)
     click.echo(f"{display(out)}: {report.shards} shards, {report.rows} images checked"
                f"{' (decoded)' if decode_images else ''}: {'all good' if report.ok else f'{len(report.bad)} bad'}")
     for line in report.bad:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 
 import click
 
@@ -49,7 +50,13 @@ cli.add_command(inspect_group)
 cli.add_command(predict_command)
 
 
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI's other messages: one line, without the source line Python adds."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    warnings.formatwarning = _one_line
     cli()
 
 
