@@ -123,10 +123,14 @@ def test_a_nan_wins_its_windows_as_in_max_pool2d():
 
 def test_opcheck_fake_autograd_and_compile_registrations():
     x = activations((2, 8, 9, 9), 2.0, seed=9).requires_grad_()
-    torch.library.opcheck(torch.ops.alexprep.lrn_max_pool.default, (x, N, 0.3, BETA, K, 2, False))
+    forward = torch.library.opcheck(torch.ops.alexprep.lrn_max_pool.default, (x, N, 0.3, BETA, K, 2, False))
     out, idx = torch.ops.alexprep.lrn_max_pool(x, N, 0.3, BETA, K, 2, False)
     grad = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.alexprep.lrn_max_pool_backward.default, (grad, x.detach(), idx, N, 0.3, BETA, K, 2))
+    backward = torch.library.opcheck(torch.ops.alexprep.lrn_max_pool_backward.default,
+                                     (grad, x.detach(), idx, N, 0.3, BETA, K, 2))
+    for report in (forward, backward):  # opcheck raises on a failure; these name what ran
+        assert {"test_schema", "test_faketensor", "test_aot_dispatch_dynamic"} <= set(report)
+        assert set(report.values()) == {"SUCCESS"}, report
 
 
 def test_torch_compile_sees_one_operator_no_graph_break():
