@@ -7,7 +7,10 @@ masks, tie-breaking and arithmetic are tested, not their speed (gpu_check's `lrn
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +197,36 @@ def test_pytorch_path_gradient_with_a_gradient_laid_out_unlike_the_input():
     xr = x.detach().double().requires_grad_()
     reference(xr, N, 0.3, BETA, K, 2).backward(upstream)
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-6)
+
+
+COMPILE_FOR_HOPPER = r"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from alexprep.model import lrn_pool_kernel as k
+
+out = {}
+for name, fn, data in (("forward", k._lrn_pool_fwd, ("x_ptr", "out_ptr")),
+                       ("backward", k._lrn_pool_bwd, ("x_ptr", "g_ptr", "gx_ptr"))):
+    for dtype, cl in (("fp32", False), ("bf16", True)):
+        consts = {"HALF": 2, "CL": cl, "BIG": False, "BLOCK": 512}
+        signature = {a: "constexpr" if a in consts else f"*{dtype}" if a in data else "*i8" if a == "idx_ptr"
+                     else "fp32" if a in ("alpha", "beta", "k") else "i32" for a in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        out[f"{name} {dtype}"] = {"sm_90": ".target sm_90" in compiled.asm["ptx"], "cubin": len(compiled.asm["cubin"])}
+print(json.dumps(out))
+"""
+
+
+def test_the_kernels_compile_for_a_hopper_gpu(tmp_path):
+    """The interpreter does not run Triton's compiler: here the kernels go through it, to
+    PTX and a cubin for sm_90 (an H100/H200), without a GPU, in a process without
+    TRITON_INTERPRET. Catches what only compiled Triton refuses."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile afresh, not from an earlier run's cache
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"forward fp32", "forward bf16", "backward fp32", "backward bf16"}
+    assert all(r["sm_90"] and r["cubin"] > 0 for r in result.values()), result
