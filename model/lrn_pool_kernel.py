@@ -168,13 +168,15 @@ def _lrn_pool_bwd(x_ptr, g_ptr, idx_ptr, gx_ptr, total, C, H, W, HO, WO, CG,
     tl.store(gx_ptr + pix + c * sxc, gx.to(gx_ptr.dtype.element_ty), mask=valid)
 
 
+def _channels_last(x: Tensor) -> bool:
+    """Whether the kernels read x in channels_last order (NCHW when it is both, or neither)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _layout(x: Tensor) -> tuple[Tensor, bool]:
     """x as NCHW- or channels_last-contiguous (whichever it is, else NCHW), and whether CL."""
-    if x.is_contiguous():
-        return x, False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return x, True
-    return x.contiguous(), False
+    cl = _channels_last(x)
+    return (x if cl or x.is_contiguous() else x.contiguous()), cl
 
 
 def _pooled_size(h: int) -> int:
@@ -227,7 +229,7 @@ def lrn_max_pool(x: Tensor, size: int, alpha: float, beta: float, k: float, grou
 
 @lrn_max_pool.register_fake
 def _lrn_max_pool_fake(x, size, alpha, beta, k, groups, float_out):
-    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    cl = _channels_last(x)
     n, c, h, w = x.shape
     shape = (n, c, _pooled_size(h), _pooled_size(w))
     out = _empty_like_layout(x, shape, torch.float32 if float_out else x.dtype, cl)
@@ -257,7 +259,7 @@ def lrn_max_pool_backward(grad: Tensor, x: Tensor, idx: Tensor, size: int, alpha
 
 @lrn_max_pool_backward.register_fake
 def _lrn_max_pool_backward_fake(grad, x, idx, size, alpha, beta, k, groups):
-    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    cl = _channels_last(x)
     return _empty_like_layout(x, x.shape, x.dtype, cl)
 
 
