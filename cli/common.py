@@ -14,6 +14,14 @@ from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.remote import is_uri
 
 
+# --cache-dir and --cache-limit of the commands that read a remote build (train, evaluate)
+CACHE_HELP = ("A remote SHARDS (a URI) is read through this node-local directory: each shard downloaded once, "
+              "checked against its manifest's SHA-256, shared by the node's ranks.")
+LIMIT_HELP = ("The most bytes a split may take in --cache-dir (20G, 500M, 123456). A larger split is refused "
+              "before anything downloads, unless it is read a few shards at a time ({}): then only the shards "
+              "in use are kept, and every pass downloads the split again.")
+
+
 class BadInput(click.ClickException):
     """A click error with the usage exit code (2), for input the user must fix."""
 

@@ -7,13 +7,15 @@ import warnings
 import click
 
 from alexprep.cli.demo import demo_command
-from alexprep.cli.build import build_shards_command, verify_command
+from alexprep.cli.build import build_shards_command
+from alexprep.cli.evaluate import evaluate_command
 from alexprep.cli.info import info
-from alexprep.cli.figures import inspect_group
+from alexprep.cli.inspect import inspect_group
 from alexprep.cli.predict import predict_command
 from alexprep.cli.push import push_command
 from alexprep.cli.stats import stats_command
-from alexprep.cli.train import evaluate_command, train_command
+from alexprep.cli.train import train_command
+from alexprep.cli.verify import verify_command
 
 
 def package_version() -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
 from alexprep.imagenet_prep.shard_cache import split_index
 from alexprep.model.alexnet import AlexNet, AlexNetConfig
+from alexprep.model.config import check_value, rank_batch_size
 from alexprep.model.checkpoint import load_checkpoint, normalize_of, require_same_classes, stats_from_checkpoint
 from alexprep.model.distributed import resolve_devices
 from alexprep.model.evaluate import EvalResult, evaluate
@@ -24,6 +25,8 @@ def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", 
                         cache_dir=None, cache_limit: int | None = None) -> list[EvalResult]:
     """Errors of a checkpoint over `split` of build folder `root` (a path, or a URI read
     through `cache_dir`, keeping at most `cache_limit` bytes there), for each crop setting."""
+    for name, value in (("batch_size", batch_size), ("backend", backend), ("precision", precision)):
+        check_value(name, value)  # the rules of the training options of these names
     ckpt = load_checkpoint(Path(checkpoint))
     index = split_index(root, split, cache_dir)
     require_same_classes(ckpt, index)
@@ -35,7 +38,7 @@ def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", 
     stats = dataclasses.replace(stats, build_id=index.build_id)
     results = []
     for n in crops:
-        loader = eval_loader(root, batch_size=max(1, batch_size // (10 if n == 10 else 1)), device=device,
+        loader = eval_loader(root, batch_size=rank_batch_size(batch_size, 1, n), device=device,
                              stats=stats, split=split, crops=n, normalize=normalize_of(ckpt),
                              backend=pick_backend(backend), cache_dir=cache_dir, cache_limit=cache_limit)
         try:

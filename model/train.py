@@ -39,7 +39,7 @@ from alexprep.model.alexnet import AlexNet
 from alexprep.model.checkpoint import (
     FORMAT, list_checkpoints, load_checkpoint, require_same_classes, save_checkpoint, stats_to_tensors,
 )
-from alexprep.model.config import TrainConfig
+from alexprep.model.config import TrainConfig, non_default_fields, rank_batch_size, resumed_config
 from alexprep.model.distributed import (
     Ranks, all_reduce, any_rank, gather_objects, init_distributed, resolve_devices, use_devices,
 )
@@ -123,10 +123,9 @@ class Run:
 # ---------------------------------------------------------------------------- set-up
 def make_loaders(root, config: TrainConfig, ranks: Ranks, device: torch.device,
                  cache_dir=None, cache_limit: int | None = None) -> tuple[Loader, Loader]:
-    if config.batch_size % ranks.world_size:
-        raise DataError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} ranks")
+    batch = rank_batch_size(config.batch_size, ranks.world_size, train=True)
     common = loader_options(config, ranks, device, cache_dir, cache_limit)
-    train = train_loader(root, batch_size=config.batch_size // ranks.world_size, seed=config.seed,
+    train = train_loader(root, batch_size=batch, seed=config.seed,
                          lighting_std=config.lighting_std, order=config.order, **common)
     try:
         val = make_eval_loader(root, config, common, train.stats, crops=1)
@@ -146,7 +145,7 @@ def loader_options(config: TrainConfig, ranks: Ranks, device: torch.device, cach
 
 
 def make_eval_loader(root, config: TrainConfig, common: dict, stats, crops: int) -> Loader:
-    batch = config.eval_batch_size or max(1, config.batch_size // (10 if crops == 10 else 1))
+    batch = rank_batch_size(config.eval_batch_size or config.batch_size, common["world_size"], crops)
     return eval_loader(root, batch_size=batch, stats=stats, crops=crops, **common)
 
 
@@ -272,6 +271,11 @@ def resume_from(ckpt: dict, run: Run) -> RunState:
                      dict(ckpt["last_eval"]), int(ckpt.get("decode_failures", 0)))
     rng = ckpt["rng"]
     restore_rng(rng if isinstance(rng, list) else [rng], run, state)  # version 1 kept one state
+    saved, now = TrainConfig.from_json(ckpt["config"]).to_json(), run.config.to_json()
+    changed = {name: [saved[name], value] for name, value in now.items() if saved.get(name) != value}
+    run.metrics.write("resume", epoch=state.epoch, step=state.step, changed=changed)  # the run's config history
+    if changed:
+        run.log("resumed with " + ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in changed.items()))
     return state
 
 
@@ -299,24 +303,24 @@ class StopSignal:
 
 
 # ---------------------------------------------------------------------------- the loop
-def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False, progress: bool = True,
-          log=print, cache_dir=None, cache_limit: int | None = None) -> dict:
+def train(root, run_dir, config: TrainConfig = TrainConfig(), *, resume: bool = False, given=None,
+          progress: bool = True, log=print, cache_dir=None, cache_limit: int | None = None) -> dict:
     """Train AlexNet on build folder `root`, writing to `run_dir`; returns the final results
     (or the state at a stop: {"stopped": reason, "step": …}). `root` may be a URI, read
     through the node-local `cache_dir`, each split keeping at most `cache_limit` bytes there
-    (docs/design.md, "Remote build folders")."""
+    (docs/design.md, "Remote build folders"). With `resume`, the run continues with its
+    saved config; the fields named in `given` (by default those of `config` that are not
+    TrainConfig's defaults) are compared with it (config.resumed_config)."""
     root, run_dir = (root if is_uri(root) else Path(root).expanduser()), Path(run_dir).expanduser()
     ckpt = None
     if resume:
         if not list_checkpoints(run_dir / "checkpoints"):
             raise DataError(f"--resume: {run_dir} holds no checkpoint to resume from")
         ckpt = load_checkpoint(run_dir)
+        given = non_default_fields(config) if given is None else given
+        config = resumed_config(TrainConfig.from_json(ckpt["config"]), config, given)
         # A checkpoint half-written when the last run was killed (a whole one's size, ~470 MB).
         remove_leftovers(run_dir / "checkpoints")
-        asked, config = config, dataclasses.replace(TrainConfig.from_json(ckpt["config"]), max_steps=config.max_steps)
-        if asked.deterministic and not config.deterministic:  # the run's saved settings win, as for every option
-            log(f"--resume keeps {run_dir}'s settings: this run was not started with --deterministic, so it stays "
-                "non-deterministic (start a new run with it for a bit-exact resume on CUDA)")
     elif (run_dir / "config.json").exists() or list_checkpoints(run_dir / "checkpoints"):
         raise DataError(f"{run_dir} holds another run: pass --resume to continue it, or choose a new --run-dir")
     with deterministic_mode(config.deterministic):

@@ -50,9 +50,9 @@ def test_a_resumed_deterministic_run_equals_an_uninterrupted_one(stats_build, tm
     train(stats_build, tmp_path / "parts", TrainConfig(), resume=True, **quiet)  # the run's saved config applies
     notes = []
     train(stats_build, tmp_path / "default", TrainConfig(**SMALL, max_steps=1), progress=False, log=notes.append)
-    train(stats_build, tmp_path / "default", TrainConfig(deterministic=True, max_steps=1), resume=True,
-          progress=False, log=notes.append)  # asked for now, too late: said, not silently ignored
-    assert any("not started with --deterministic" in n for n in notes)
+    with pytest.raises(DataError, match=r"--deterministic True \(the run's: False\)"):  # too late: refused
+        train(stats_build, tmp_path / "default", TrainConfig(deterministic=True, max_steps=1), resume=True,
+              progress=False, log=notes.append)
     assert len(seen) >= 2 and set(seen) == {(True, False, True, False, ":4096:8")}
     assert _settings()[:4] == before[:4] and before[0] is False
     a, b = load_checkpoint(whole), load_checkpoint(tmp_path / "parts")

@@ -422,8 +422,52 @@ def test_train_bad_input(uninterrupted, stats_build, photo_build, tmp_path):
     assert_usage_error(run("train", stats_build, "--run-dir", tmp_path / "r2", "--device", "tpu:0"), "device")
     assert_usage_error(run("train", stats_build, "--run-dir", tmp_path / "r3", "--device", "cuda:0"), "CUDA")
     assert_usage_error(run("train", stats_build, "--run-dir", tmp_path / "r4", "--resume"), "no checkpoint")
+    # Each range and choice is checked once, by TrainConfig, for train and evaluate alike.
+    assert_usage_error(run("train", stats_build, "--run-dir", tmp_path / "r5", "--batch-size", "0"),
+                       "--batch-size must be >= 1, not 0")
+    assert_usage_error(run("train", stats_build, "--run-dir", tmp_path / "r6", "--final-crops", "5"),
+                       "--final-crops must be one of 0, 1, 10, not 5")
+    assert_usage_error(run("evaluate", uninterrupted, stats_build, "--batch-size", "0"), "--batch-size must be >= 1")
+    assert_usage_error(run("evaluate", uninterrupted, stats_build, "--precision", "fp16"),
+                       "--precision must be one of fp32, tf32, bf16, not 'fp16'")
     with pytest.raises(DataError, match="not divisible by the 3 ranks"):
         make_loaders(stats_build, TrainConfig(batch_size=8, backend="torch"), Ranks(0, 3), torch.device("cpu"))
+
+
+def test_resume_refuses_given_options_that_differ_and_records_those_that_may(uninterrupted, stats_build, tmp_path):
+    """--resume compares the options typed with the run's config: one that differs is
+    refused (one line naming each, nothing touched); typed but equal is accepted; those
+    that may change on resume (--epochs, --log-every, --max-steps) change, in config.json
+    and the checkpoint, and a "resume" row of metrics.jsonl records them."""
+    run_dir = tmp_path / "run"  # the finished 2-epoch run (8 steps), its newest checkpoint only
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(list_checkpoints(uninterrupted / "checkpoints")[-1], run_dir / "checkpoints")
+    shutil.copy(uninterrupted / "metrics.jsonl", run_dir / "metrics.jsonl")
+    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    refused = run("train", stats_build, "--run-dir", run_dir, "--resume", "--lr", "0.02", "--batch-size", "4",
+                  "--epochs", "3", "--bias-init", "caffe")
+    assert_usage_error(refused, "2 given option(s) differ: --batch-size 4 (the run's: 8); --lr 0.02 (the run's: 0.01)")
+    assert len(refused.output.strip().splitlines()) == 1
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == files
+    resumed = run("train", stats_build, "--run-dir", run_dir, "--resume", "--batch-size", "8", "--lr", "0.01",
+                  "--epochs", "3", "--log-every", "2", "--max-steps", "9")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed with epochs 2 -> 3, log_every 1 -> 2, max_steps 0 -> 9" in resumed.output
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt["step"] == 9 and (ckpt["config"]["epochs"], ckpt["config"]["log_every"]) == (3, 2)
+    assert ckpt["config"]["bias_init"] == "caffe" and ckpt["config"]["loader_workers"] == 1  # the run's, not typed
+    assert json.loads((run_dir / "config.json").read_text()) == ckpt["config"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [r for r in rows if r["kind"] == "resume"]
+    assert len(history) == 1 and (history[0]["epoch"], history[0]["step"]) == (2, 8)
+    assert history[0]["changed"] == {"epochs": [2, 3], "log_every": [1, 2], "max_steps": [0, 9]}
+
+
+def test_a_library_resume_compares_the_fields_set_away_from_the_defaults(uninterrupted, stats_build):
+    """Without `given`, train() compares the fields a caller set (those not at their
+    default); the run's own values need not be repeated."""
+    with pytest.raises(DataError, match=r"1 given option\(s\) differ: --momentum 0.5 \(the run's: 0.9\)\. "):
+        train(stats_build, uninterrupted, TrainConfig(momentum=0.5, epochs=3), resume=True, progress=False)
 
 
 def test_stats_of_another_build_are_refused(stats_build, photo_build_raw, tmp_path):
@@ -516,7 +560,7 @@ TRAIN_OPTIONS = {
     "devices": (["--devices", "cpu,cuda:0"], "devices", ("cpu", "cuda:0")),
     "precision": (["--precision", "bf16"], "precision", "bf16"),
     "channels_last": (["--channels-last"], "channels_last", True),
-    "compile_": (["--compile"], "compile", True),
+    "compile": (["--compile"], "compile", True),
     "deterministic": (["--deterministic"], "deterministic", True),
     "bias_init": (["--bias-init", "caffe"], "bias_init", "caffe"),
     "lrn": (["--lrn", "paper"], "lrn", "paper"),
@@ -525,7 +569,7 @@ TRAIN_OPTIONS = {
     "keep_last": (["--keep-last", "4"], "keep_last", 4),
     "log_every": (["--log-every", "7"], "log_every", 7),
     "max_steps": (["--max-steps", "9"], "max_steps", 9),
-    "workers": (["--workers", "3"], "loader_workers", 3),
+    "loader_workers": (["--workers", "3"], "loader_workers", 3),
     "tensorboard": (["--tensorboard"], "tensorboard", True),
     "verify_shards": (["--verify-shards"], "verify_shards", True),
     "cache_dir": (["--cache-dir", "cache"], "cache_dir", Path("cache")),
@@ -543,6 +587,7 @@ def _train_call(monkeypatch, args: list[str]) -> dict:
 
     def fake_train(root, run_dir, config, **kwargs):
         seen.update({f: getattr(config, f) for f in TrainConfig.__dataclass_fields__})
+        seen["given"] = kwargs.pop("given")  # what --resume would compare: not a value of its own
         seen.update(root=root, run_dir=run_dir, resume=kwargs.pop("resume", False), **kwargs)
         return {}
 
@@ -570,8 +615,11 @@ def test_every_train_option_reaches_its_field(name, monkeypatch):
     else:
         got = _train_call(monkeypatch, base + args)
     assert got[target] == value and type(got[target]) is type(value), (name, got[target])
+    baseline_given, given = baseline.pop("given"), got.pop("given")
     changed = {k for k in baseline if got.get(k) != baseline[k]}
     assert changed == {target}, f"{name} also changed {changed - {target}}"
+    # Typed on the command line, a TrainConfig field is one that --resume compares.
+    assert baseline_given == set() and given == ({target} & set(TrainConfig.__dataclass_fields__))
 
 
 def test_a_row_torn_by_a_kill_neither_breaks_nor_joins_the_next(tmp_path):
