@@ -206,3 +206,94 @@ def test_two_gloo_processes_count_and_err_as_one(stats_build_raw, tmp_path):
     for r in ranks:  # ... and reports the sums over both
         assert (r["count"], r["crops"]) == (12, 10)
         assert (r["top1_error"], r["top5_error"]) == (alone.top1_error, alone.top5_error)
+
+
+# ---------------------------------------------------------------------------- batches per rank
+def test_rank_batch_size_splits_the_global_batch_and_tenths_it_for_ten_crops():
+    from alexprep.imagenet_prep.errors import DataError
+    from alexprep.model.config import rank_batch_size
+
+    assert [rank_batch_size(128, 1), rank_batch_size(128, 1, 10)] == [128, 12]
+    assert [rank_batch_size(128, 2, 1), rank_batch_size(128, 2, 10), rank_batch_size(128, 2, train=True)] == [64, 6, 64]
+    assert rank_batch_size(8, 4, 10) == 1  # never an empty batch
+    assert rank_batch_size(10, 3, 1) == 3  # evaluation need not divide: batches do not change the errors
+    with pytest.raises(DataError, match="batch size 10 is not divisible by the 3 ranks"):
+        rank_batch_size(10, 3, train=True)
+
+
+TRAINER_EVAL_SCRIPT = '''
+import json, os, sys
+
+import torch
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.AvgPool2d(28), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+
+
+def evaluate_as_the_trainer(build, ranks):
+    """The trainer's validation and 10-crop loaders (train.make_eval_loader) at a global
+    batch of 40: each crop setting's batch on this rank, its batches' sizes, its errors."""
+    from alexprep.model.config import TrainConfig
+    from alexprep.model.evaluate import evaluate
+    from alexprep.model.train import loader_options, make_eval_loader
+
+    config = TrainConfig(batch_size=40, backend="torch")
+    common = {**loader_options(config, ranks, torch.device("cpu")), "workers": 0}
+    out = {}
+    for crops in (1, 10):
+        loader = make_eval_loader(build, config, common, None, crops)
+        sizes = [len(batch) for batch in loader.plan()]
+        out[crops] = {"batch": loader.config.batch_size, "sizes": sizes, **evaluate(make_model(), loader).to_json()}
+        loader.close()
+    return out
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+    from alexprep.model.distributed import Ranks
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo")  # MASTER_ADDR=127.0.0.1, MASTER_PORT, RANK, WORLD_SIZE
+    out = evaluate_as_the_trainer(sys.argv[1], Ranks(rank, 2))
+    dist.destroy_process_group()
+    print(json.dumps(out))
+'''
+
+
+def test_two_ranks_split_the_trainers_eval_batch_on_an_odd_split(tmp_path):
+    """The trainer's evaluation over two real ranks (gloo) on a 9-image split: each rank's
+    batch is half the global batch (20), a tenth of that with 10 crops (2), the ranks take
+    4 and 5 images, and both report the one-process errors over all 9."""
+    from alexprep.imagenet_prep.build import BuildConfig, build_shards
+    from alexprep.imagenet_prep.sample_data import write_photo_tree
+    from alexprep.imagenet_prep.stats import compute_stats, write_stats
+    from alexprep.imagenet_prep.transform import ImageSpec
+
+    write_photo_tree(tmp_path / "tree", classes=3, train_per_class=2, val_per_class=3, seed=2)
+    build = tmp_path / "out"
+    build_shards(tmp_path / "tree", build, BuildConfig(spec=ImageSpec(encoding="raw"), shard_size=4, workers=1))
+    write_stats(build, compute_stats(build))
+    script = tmp_path / "rank.py"
+    script.write_text(TRAINER_EVAL_SCRIPT)
+    from alexprep.model.distributed import Ranks
+
+    alone = runpy.run_path(str(script))["evaluate_as_the_trainer"](str(build), Ranks())
+    assert [alone[c]["batch"] for c in (1, 10)] == [40, 4] and alone[1]["sizes"] == [9]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(build)], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    ranks = [{int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()} for out, _ in outputs]
+    assert [r[1]["batch"] for r in ranks] == [20, 20] and [r[10]["batch"] for r in ranks] == [2, 2]
+    assert [r[1]["sizes"] for r in ranks] == [[4], [5]]
+    assert [r[10]["sizes"] for r in ranks] == [[2, 2], [2, 2, 1]]
+    for r in ranks:
+        for crops in (1, 10):
+            assert (r[crops]["count"], r[crops]["crops"]) == (9, crops)
+            assert (r[crops]["top1_error"], r[crops]["top5_error"]) == (alone[crops]["top1_error"],
+                                                                      alone[crops]["top5_error"])
