@@ -622,6 +622,23 @@ def test_every_train_option_reaches_its_field(name, monkeypatch):
     assert baseline_given == set() and given == ({target} & set(TrainConfig.__dataclass_fields__))
 
 
+def test_train_options_are_made_from_the_fields_metadata():
+    """A TrainConfig field with a CLI name is an option of that name with the field's help
+    and default (typed once, in model/config.py); the others are not options."""
+    from alexprep.model.config import FIELDS, option_name
+
+    params = {p.name: p for p in train_command.params}
+    for name, field in FIELDS.items():
+        if option_name(name) is None:  # devices: written by hand, --device and --devices make it
+            assert name not in params or name == "devices", name
+            continue
+        option = params[name]
+        assert option.opts == [option_name(name)] and option.help.startswith(field.metadata["help"]), name
+        default = getattr(TrainConfig(), name)
+        assert option.default == (",".join(map(str, default)) if isinstance(default, tuple) else default), name
+    assert [p for p in params if p.startswith("compile") or p == "loader_workers"] == ["compile", "loader_workers"]
+
+
 def test_a_row_torn_by_a_kill_neither_breaks_nor_joins_the_next(tmp_path):
     """A kill mid-write leaves half a metrics.jsonl line; the resumed run's rows follow on
     their own lines and every reader skips the torn one."""
