@@ -13,7 +13,7 @@ BACKENDS = ("auto", "dali", "torch")
 
 
 def option(default, help: str = "", *, cli: str | None = "", at_least=None, above=None, below=None,
-           choices=None, resumable: bool = False, label: str | None = None, **field_kwargs):
+           choices=None, resumable: bool = False, label: str | None = None):
     """A TrainConfig field and, in its metadata, what its command-line option needs: the
     help text, its range or choices (checked once, in `TrainConfig.__post_init__`; the CLI
     generates its options from them, cli/config_options.py), its name ("" derives --name
@@ -21,9 +21,7 @@ def option(default, help: str = "", *, cli: str | None = "", at_least=None, abov
     `--resume` may change it."""
     metadata = {"help": help, "cli": cli, "label": label, "at_least": at_least, "above": above, "below": below,
                 "choices": choices, "resumable": resumable}
-    if isinstance(default, tuple):
-        return dataclasses.field(default_factory=lambda: default, metadata=metadata, **field_kwargs)
-    return dataclasses.field(default=default, metadata=metadata, **field_kwargs)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
