@@ -16,7 +16,6 @@ stop (distributed.any_rank).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -274,7 +273,7 @@ def resume_from(ckpt: dict, run: Run) -> RunState:
     saved, now = TrainConfig.from_json(ckpt["config"]).to_json(), run.config.to_json()
     changed = {name: [saved[name], value] for name, value in now.items() if saved.get(name) != value}
     run.metrics.write("resume", epoch=state.epoch, step=state.step, changed=changed)  # the run's config history
-    if changed:
+    if changed and run.ranks.main:
         run.log("resumed with " + ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in changed.items()))
     return state
 
