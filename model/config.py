@@ -68,13 +68,15 @@ class TrainConfig:
                             choices=("paper", "caffe"))
     lrn: str = option("cuda-convnet", "LRN semantics: cuda-convnet's or the paper's formula (alexnet.py).",
                       choices=("cuda-convnet", "paper"))
-    dropout: float = option(0.5, cli=None, at_least=0, below=1)  # §4.2
-    weight_std: float = option(0.01, cli=None, above=0)  # §5
+    # The network's own config checks these two (alexnet.AlexNetConfig)
+    dropout: float = option(0.5, cli=None)  # §4.2
+    weight_std: float = option(0.01, cli=None)  # §5
     # 0: the training batch; per rank and for 10 crops: rank_batch_size
     eval_batch_size: int = option(0, cli=None, at_least=0)
     # The rest change how a run is kept and watched, not what it computes: --resume may change them.
     final_crops: int = option(10, "Evaluation at the end (0 to skip).", choices=(0, 1, 10), resumable=True)
-    checkpoint_minutes: float = option(30.0, "Also checkpoint mid-epoch this often.", above=0, resumable=True)
+    checkpoint_minutes: float = option(30.0, "Also checkpoint mid-epoch this often (0: every step).", at_least=0,
+                                       resumable=True)
     keep_last: int = option(2, "Checkpoints kept on disk (~0.7 GB each).", at_least=1, resumable=True)
     log_every: int = option(50, "Steps between metrics.jsonl rows.", at_least=1, resumable=True)
     # Where this invocation stops, in steps in all: never taken from the run resumed
