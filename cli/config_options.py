@@ -55,14 +55,14 @@ def config_option(name: str, default=dataclasses.MISSING, help: str | None = Non
                         show_default=value != "", **extra)
 
 
-def config_options(*names: str, **replaced):
+def config_options(*names: str):
     """The options of these TrainConfig fields, in this order (all with a CLI name when none
-    are named); `replaced`: {name: (default, help)} for a command's own meaning."""
+    are named)."""
     names = names or tuple(n for n in FIELDS if option_name(n) is not None)
 
     def decorate(func):
         for name in reversed(names):
-            func = config_option(name, *replaced.get(name, ()))(func)
+            func = config_option(name)(func)
         return func
 
     return decorate
