@@ -158,7 +158,7 @@ def resumed_config(saved: TrainConfig, asked: TrainConfig, given) -> TrainConfig
         if FIELDS[name].metadata["resumable"]:
             changed.append(name)
         else:
-            refused.append(f"{_label(name)} {_json(new)} (the run's: {_json(old)})")
+            refused.append(f"{_label(name)} {_shown(new)} (the run's: {_shown(old)})")
     if refused:
         allowed = ", ".join(_label(n) for n, f in FIELDS.items() if f.metadata["resumable"])
         raise DataError(f"--resume continues a run with its own settings, and {len(refused)} given option(s) differ: "
@@ -169,8 +169,11 @@ def resumed_config(saved: TrainConfig, asked: TrainConfig, given) -> TrainConfig
     return dataclasses.replace(saved, **updates)
 
 
-def _json(value):
-    return list(value) if isinstance(value, tuple) else value
+def _shown(value) -> str:
+    """A value as typed: a flag on or off, a list comma-separated."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return (",".join(map(str, value)) or "none") if isinstance(value, tuple) else str(value)
 
 
 def rank_batch_size(batch_size: int, world_size: int, crops: int = 1, *, train: bool = False) -> int:

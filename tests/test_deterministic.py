@@ -50,7 +50,7 @@ def test_a_resumed_deterministic_run_equals_an_uninterrupted_one(stats_build, tm
     train(stats_build, tmp_path / "parts", TrainConfig(), resume=True, **quiet)  # the run's saved config applies
     notes = []
     train(stats_build, tmp_path / "default", TrainConfig(**SMALL, max_steps=1), progress=False, log=notes.append)
-    with pytest.raises(DataError, match=r"--deterministic True \(the run's: False\)"):  # too late: refused
+    with pytest.raises(DataError, match=r"--deterministic on \(the run's: off\)"):  # too late: refused
         train(stats_build, tmp_path / "default", TrainConfig(deterministic=True, max_steps=1), resume=True,
               progress=False, log=notes.append)
     assert len(seen) >= 2 and set(seen) == {(True, False, True, False, ":4096:8")}
