@@ -79,3 +79,44 @@ def fingerprint_command(shards, seed, epochs, batch_size, world_size, order, rec
         return
     for row in out["epochs"]:
         click.echo(f"epoch {row['epoch']}: {row['fingerprint']}")
+
+
+@click.command("parity")
+@click.argument("shards", type=BuildRoot())
+@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Training images compared (batch 0 of --epoch).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epoch", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--recipe", "recipes", type=click.Choice(["paper", "rrc"]), multiple=True,
+              help="Only this recipe (repeatable) [default: both where the build allows them].")
+@click.option("-o", "--output", type=UserPath(dir_okay=False), default=None, help="Also write the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@user_errors
+def parity_command(shards, samples, seed, epoch, recipes, output, as_json) -> None:
+    """Compare the backends here and a plain PIL + numpy rendering, operation by operation.
+
+    Per recipe and operation (decode, crop or resize, flip, mean, lighting), the largest and
+    mean difference in 0-255 levels of the same samples with the same draws.
+
+    \b
+    Example:
+        alexprep parity out/ -o parity.json
+    """
+    from alexprep.imagenet_prep.atomic import write_text_atomic
+    from alexprep.imagenet_prep.parity import parity_report
+
+    report = parity_report(shards, samples=samples, seed=seed, epoch=epoch, recipes=recipes or None)
+    text = json.dumps(report, indent=1)
+    if output is not None:
+        write_text_atomic(output, text + "\n")
+    if as_json:
+        click.echo(text)
+        return
+    click.echo(f"{report['samples']} samples of build {report['build_id']} ({report['encoding']}), "
+               f"differences in 0-255 levels, largest / mean:")
+    for recipe, operations in report["recipes"].items():
+        pairs = list(next(iter(operations.values())))
+        click.echo(f"\n{recipe:<10}" + "".join(f"{p:>26}" for p in pairs))
+        for operation, row in operations.items():
+            cells = ["-" if row[p] is None else f"{row[p]['max']:.3g} / {row[p]['mean']:.3g}" for p in pairs]
+            click.echo(f"{operation:<10}" + "".join(f"{c:>26}" for c in cells))
