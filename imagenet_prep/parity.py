@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
+from alexprep.imagenet_prep.augment import CROP
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.loaders import pick_backend, train_loader
 from alexprep.imagenet_prep.normalization import resolve_stats
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import read_split
+from alexprep.imagenet_prep.transform import decode
 
 LIGHTING = 0.1  # the paper's sigma, for the lighting rows of both recipes (rrc's default is off)
 
@@ -143,8 +146,6 @@ def _decode_rows(samples: SplitSamples, index, backends: dict) -> dict:
     outputs = {"reference": ref}
     for name, options in backends.items():
         if options["backend"] == "torch" or spec.encoding == "raw":  # torch decodes with PIL; raw is not decoded
-            from alexprep.imagenet_prep.transform import decode
-
             outputs[name] = [decode(v, spec, s) for v, s in zip(views, shapes)]
         else:
             outputs[name] = dali_decode(views, options["device"])
@@ -157,7 +158,7 @@ def recipe_report(root, recipe: str, backends: dict, samples: int, seed: int, ep
     index = read_split(root, "train")
     stats = resolve_stats(root, None, index)
     identity = dataclasses.replace(stats, mean_image=None, channel_mean=np.zeros(3), channel_std=np.ones(3))
-    crop = 224
+    crop = CROP
     stages = {  # loader options of each stage: identity normalisation for the window alone
         "window": dict(normalize="channel", stats=identity, lighting_std=0.0),
         "mean": dict(lighting_std=0.0),
@@ -197,8 +198,6 @@ def parity_report(root, *, samples: int = 16, seed: int = 0, epoch: int = 0, rec
     backends = available_backends()
     report = {"build_id": index.build_id, "encoding": index.spec.encoding, "samples": samples, "seed": seed,
               "epoch": epoch, "backends": list(backends), "levels": "0-255", "recipes": {}}
-    import warnings
-
     with warnings.catch_warnings():  # rrc on a centre-crop build warns: this report compares, it does not train
         warnings.simplefilter("ignore", UserWarning)
         for recipe in recipes:
