@@ -179,6 +179,12 @@ def test_fingerprints_are_the_builds_and_the_plans(stats_build, photo_tree, tmp_
     build_shards(tree, other, BuildConfig(spec=ImageSpec(), shard_size=6, workers=2))
     assert read_split(other, "train").build_id == read_split(stats_build, "train").build_id
     assert not set(build_fingerprints(other, 2, batch_size=16, seed=0)["epochs"][0].values()) & set(one)
+    text = CliRunner().invoke(cli, ["fingerprint", str(stats_build), "--batch-size", "16", "--epochs", "2"])
+    assert text.exit_code == 0 and text.output.splitlines() == [f"epoch {e}: {f}" for e, f in enumerate(one)]
+    for args, message in ((["--world-size", "3"], "batch size 128 is not divisible by the 3 ranks"),
+                          (["--batch-size", "64"], "fewer than one batch of 64")):
+        bad = CliRunner().invoke(cli, ["fingerprint", str(stats_build), "--epochs", "1", *args])
+        assert bad.exit_code == 2 and message in bad.output and len(bad.output.strip().splitlines()) == 1
 
 
 def test_replay_cli_json_grid_and_bad_input(stats_build_raw, tmp_path, monkeypatch):
@@ -212,6 +218,9 @@ def test_replay_cli_json_grid_and_bad_input(stats_build_raw, tmp_path, monkeypat
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(cli, ["replay", str(tmp_path), "--epoch", "0", "--batch", "0"])
     assert result.exit_code == 2 and "not a training run folder" in result.output
+    (run_dir / "metrics.jsonl").unlink()  # a run of an alexprep before replay
+    result = CliRunner().invoke(cli, ["replay", str(run_dir), "--epoch", "0", "--batch", "0"])
+    assert result.exit_code == 2 and "has no record of the run's start" in result.output
 
 
 def test_the_grid_shows_the_stored_pixels_when_lighting_is_off(stats_build_raw):
