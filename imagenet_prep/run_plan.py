@@ -57,9 +57,10 @@ class RunPlan:
         if not c.train:
             raise DataError("a run's plan is its training loader's; evaluation draws nothing")
         rrc_sizes = dict(heights=loader.samples.heights, widths=loader.samples.widths) if c.recipe == "rrc" else {}
-        return cls(loader.samples.shard_rows, c.batch_size * c.world_size, c.seed, c.order, c.buffer_shards,
-                   c.recipe, float(c.lighting_std), max(loader.positions, 1), scale=c.scale, ratio=c.ratio,
-                   **rrc_sizes)
+        rows = [s.rows for s in loader.index.shards]
+        positions = max(loader.index.spec.size - c.crop + 1, 1) if c.recipe == "paper" else 1
+        return cls(rows, c.batch_size * c.world_size, c.seed, c.order, c.buffer_shards, c.recipe,
+                   float(c.lighting_std), positions, scale=c.scale, ratio=c.ratio, **rrc_sizes)
 
     @property
     def samples(self) -> int:

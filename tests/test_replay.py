@@ -20,11 +20,13 @@ from PIL import Image
 from alexprep.cli.main import cli
 from alexprep.imagenet_prep import augment
 from alexprep.imagenet_prep.build import BuildConfig, build_shards
-from alexprep.imagenet_prep.fingerprint import build_fingerprints
+from alexprep.imagenet_prep.fingerprint import build_fingerprints, build_identity, epoch_fingerprint
+from alexprep.imagenet_prep.loaders import train_loader
 from alexprep.imagenet_prep.replay import batch_tensors, denormalised
 from alexprep.imagenet_prep.run_plan import RunPlan
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import read_split
+from alexprep.imagenet_prep.stats import compute_stats, write_stats
 from alexprep.imagenet_prep.transform import ImageSpec, decode
 from alexprep.model import train as train_module
 from alexprep.model.config import TrainConfig
@@ -277,3 +279,23 @@ def test_a_run_started_on_two_ranks_and_resumed_on_one_is_replayed_exactly(stats
     with pytest.raises(Exception, match="--rank 1: that part of the run had 1 rank"):
         open_run(run_dir, 0, 1, rank=1)
     assert _epoch_fingerprints(run_dir) == _fingerprint_cli(stats_build_raw)[:1]
+
+
+def test_the_rrc_plan_is_the_rrc_loaders_plan(photo_tree, tmp_path, closes):
+    """recipe="rrc" on a keep-aspect build: the plan's windows are the loader's, and the
+    fingerprint command's are those of the loader's plan."""
+    out = tmp_path / "out"
+    build_shards(photo_tree, out, BuildConfig(spec=ImageSpec(resize="keep-aspect"), shard_size=6, workers=2))
+    write_stats(out, compute_stats(out))
+    loader = closes(train_loader(out, batch_size=8, device="cpu", seed=4, recipe="rrc", backend="torch", workers=0))
+    plan = RunPlan.of_loader(loader)
+    for number in range(len(loader)):
+        batch = loader.plan(2)[number]
+        assert np.array_equal(plan.draws(2, plan.batch_index(2, number)).windows, batch.windows[:, 0])
+    result = CliRunner().invoke(cli, ["fingerprint", str(out), "--batch-size", "8", "--epochs", "3", "--seed", "4",
+                                      "--recipe", "rrc", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["epochs"][2]["fingerprint"] == epoch_fingerprint(
+        plan, *build_identity(loader.index), 2)
+    bad = CliRunner().invoke(cli, ["fingerprint", str(out), "--epochs", "1", "--batch-size", "8"])
+    assert bad.exit_code == 2 and "use --recipe rrc" in bad.output
