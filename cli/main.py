@@ -12,6 +12,7 @@ from alexprep.cli.evaluate import evaluate_command
 from alexprep.cli.info import info
 from alexprep.cli.inspect import inspect_group
 from alexprep.cli.predict import predict_command
+from alexprep.cli.provenance import fingerprint_command, parity_command, replay_command
 from alexprep.cli.push import push_command
 from alexprep.cli.stats import stats_command
 from alexprep.cli.train import train_command
@@ -50,6 +51,9 @@ cli.add_command(evaluate_command)
 cli.add_command(demo_command)
 cli.add_command(inspect_group)
 cli.add_command(predict_command)
+cli.add_command(replay_command)
+cli.add_command(fingerprint_command)
+cli.add_command(parity_command)
 
 
 def _one_line(message, category, filename, lineno, line=None) -> str:

@@ -31,8 +31,10 @@ from alexprep.imagenet_prep import augment
 from alexprep.imagenet_prep.atomic import remove_leftovers, write_text_atomic
 from alexprep.imagenet_prep.devices import device_name
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.fingerprint import build_identity, epoch_fingerprint
 from alexprep.imagenet_prep.loaders import Loader, eval_loader, pick_backend, train_loader
 from alexprep.imagenet_prep.remote import display, is_uri
+from alexprep.imagenet_prep.run_plan import RunPlan
 from alexprep.imagenet_prep.verify import verify_build
 from alexprep.model.alexnet import AlexNet
 from alexprep.model.checkpoint import (
@@ -341,10 +343,20 @@ def _run(root, run_dir: Path, config: TrainConfig, ckpt, progress, log, cache_di
     try:
         run = setup_run(root, run_dir, config, ckpt, ranks, devices, train_data, val_data, progress, log)
         state = resume_from(ckpt, run) if ckpt is not None else RunState()
+        write_run_row(run, state)
         return run_epochs(run, state)
     finally:
         train_data.close()
         val_data.close()
+
+
+def write_run_row(run: Run, state: RunState) -> None:
+    """A metrics row at every start and resume: where it starts, on how many ranks, with which
+    backend, from which build (a URI masked): what `alexprep replay` needs beyond config.json."""
+    loader = run.train_loader
+    run.metrics.write("run", epoch=state.epoch, batch=state.batch, world_size=run.ranks.world_size,
+                      backend=loader.config.backend, build_id=loader.index.build_id,
+                      build=display(run.root) if is_uri(run.root) else str(Path(run.root).resolve()))
 
 
 def setup_run(root, run_dir, config, ckpt, ranks, devices, train_data, val_data, progress, log) -> Run:
@@ -570,7 +582,10 @@ def end_of_epoch(run: Run, state: RunState) -> None:
     failures = run.train_loader.decode_failure_count - state.decode_failures
     state.decode_failures = run.train_loader.decode_failure_count
     state.last_eval = val.to_json()
-    run.metrics.write("epoch", epoch=state.epoch, step=state.step,
+    # What this epoch fed, all ranks together (fingerprint.py): rank 0 alone writes metrics.
+    fingerprint = epoch_fingerprint(RunPlan.of_loader(run.train_loader), *build_identity(run.train_loader.index),
+                                    state.epoch) if run.ranks.main else None
+    run.metrics.write("epoch", epoch=state.epoch, fingerprint=fingerprint, step=state.step,
                       lr=run.schedule.lr if not dropped else run.schedule.lr / config.lr_factor,
                       train_loss=sums.loss_sum / max(sums.steps, 1),
                       train_top1_error=1 - sums.correct / max(sums.seen, 1),
@@ -605,8 +620,10 @@ def final_evaluation(run: Run, state: RunState) -> dict:
             results.append(evaluate(run.model, ten, config.precision))
         finally:
             ten.close()
+    fingerprints = {r["epoch"]: r["fingerprint"] for r in run.metrics.rows("epoch") if r.get("fingerprint")}
     final = {"step": state.step, "epochs": state.epoch, "results": [r.to_json() for r in results],
-             "decode_failures": state.decode_failures}
+             "decode_failures": state.decode_failures,
+             "fingerprints": [fingerprints.get(e) for e in range(state.epoch)]}
     if run.ranks.main:
         run.metrics.write("final", **final)
         write_text_atomic(run.run_dir / "final.json", json.dumps(final, indent=1) + "\n")
