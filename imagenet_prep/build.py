@@ -32,11 +32,11 @@ import pyarrow as pa
 
 from alexprep.imagenet_prep import archives, layout
 from alexprep.imagenet_prep.atomic import remove_leftovers, write_bytes_atomic, write_text_atomic
-from alexprep.imagenet_prep.build_lock import build_lock, close_inherited_locks
 from alexprep.imagenet_prep.classes import ClassList, load_classes, read_class_file, save_classes
 from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.forking import frozen_gc, trim_heap
+from alexprep.imagenet_prep.locks import build_lock
 from alexprep.imagenet_prep.shards import (
     ShardRecord, ShardWriter, build_id, manifest_name, partial_name, read_manifest, shard_name, shard_schema,
 )
@@ -169,7 +169,7 @@ def _init_worker(counter) -> None:
 
 
 def _init_pool_worker(counter) -> None:
-    close_inherited_locks()  # only the build process itself holds OUT's lock
+    # (OUT's lock descriptors were closed at the fork: only the build process holds it, locks.py)
     archives.close_handles()  # each worker opens the archives itself
     _init_worker(counter)
 

@@ -51,6 +51,7 @@ import numpy as np
 from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.atomic import write_bytes_atomic, write_text_atomic
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.locks import close_lock, flock, locked, open_lock
 from alexprep.imagenet_prep.shards import ShardRecord, SplitIndex, file_sha256, read_split
 
 SMALL_FILES = ("classes.json", "stats.npz", "stats.json")  # what the loaders read besides shards
@@ -60,62 +61,6 @@ ROOM_LOCK = ".room.lock"  # in a split's folder: a size-limited cache's reservat
 ROOM_POLL_S = 0.05  # a download waiting for room looks again this often (other processes free it)
 ROOM_WARN_S = 120  # a batch waiting this long for room says so (once): too many readers for the limit
 PREFETCH_THREAD = "alexprep-prefetch"
-# Lock descriptors open now (locked or about to be), closed in forked children. flock locks
-# belong to the open file, which a fork shares: a DataLoader worker forked while a download
-# thread held (or was about to take) a shard's lock would otherwise keep that shard locked
-# after the parent let go, until the worker exits (seen: a test hung on it). _FORK_GUARD
-# keeps a fork from landing between a descriptor's open and its registration here.
-_HELD: set[int] = set()
-_FORK_GUARD = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    global _FORK_GUARD
-    _FORK_GUARD = threading.Lock()  # the parent's was held by the forking thread
-    for fd in list(_HELD):
-        with contextlib.suppress(OSError):
-            os.close(fd)  # the child's duplicate only: the parent's lock stands
-    _HELD.clear()
-
-
-os.register_at_fork(before=lambda: _FORK_GUARD.acquire(), after_in_parent=lambda: _FORK_GUARD.release(),
-                    after_in_child=_after_fork_in_child)
-
-
-def _open_lock(path: Path) -> int:
-    """A descriptor of lock file `path`, registered in _HELD (forked children close theirs)."""
-    with _FORK_GUARD:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        _HELD.add(fd)
-    return fd
-
-
-def _close_lock(fd: int) -> None:
-    """Close a descriptor of _open_lock, which drops its lock."""
-    with _FORK_GUARD:
-        _HELD.discard(fd)
-        os.close(fd)
-
-
-def _flock(fd: int, mode: int, wait: bool) -> bool:
-    """flock `fd` in `mode` (LOCK_SH or LOCK_EX); False at once, instead of waiting, when
-    `wait` is False and another holds it."""
-    try:
-        fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _locked(path: Path, wait: bool = True):
-    """flock `path` exclusively (as build_lock.py does: the kernel drops it if we die);
-    yields False at once instead of waiting when `wait` is False and another holds it."""
-    fd = _open_lock(path)
-    try:
-        yield _flock(fd, fcntl.LOCK_EX, wait)
-    finally:
-        _close_lock(fd)
 
 
 class _Stopped(Exception):
@@ -159,7 +104,7 @@ class ShardCache:
         if shard.name in self._local:
             return True
         path = self.index.shard_path(shard)
-        with _locked(self._lock_path(shard), wait) as held:
+        with locked(self._lock_path(shard), wait) as held:
             if not held:
                 return False
             if not self._verified(shard, path):
@@ -455,7 +400,7 @@ class EvictingCache(ShardCache):
             if shard.name in self._pins:
                 return True
             self._busy.add(shard.name)
-        fd, held = _open_lock(self._lock_path(shard)), False
+        fd, held = open_lock(self._lock_path(shard)), False
         try:
             held = self._hold_verified(fd, shard, wait)
             if held:
@@ -464,7 +409,7 @@ class EvictingCache(ShardCache):
             return held
         finally:
             if not held:
-                _close_lock(fd)
+                close_lock(fd)
             with self._lock:
                 self._busy.discard(shard.name)
                 self._lock.notify_all()
@@ -474,12 +419,12 @@ class EvictingCache(ShardCache):
         exclusive lock) if it is not; False when `wait` is False and another holds it."""
         path = self.index.shard_path(shard)
         while True:
-            if not _flock(fd, fcntl.LOCK_SH, wait):
+            if not flock(fd, fcntl.LOCK_SH, wait):
                 return False
             if self.is_cached(shard):
                 return True
             fcntl.flock(fd, fcntl.LOCK_UN)
-            if not _flock(fd, fcntl.LOCK_EX, wait):
+            if not flock(fd, fcntl.LOCK_EX, wait):
                 return False
             if not self._verified(shard, path):
                 self._reserve(shard)
@@ -520,7 +465,7 @@ class EvictingCache(ShardCache):
                 fd = self._pins.pop(name, None)
                 self._lock.notify_all()
             if fd is not None:
-                _close_lock(fd)
+                close_lock(fd)
             if evict:
                 self._evict(self.index.shards[k])
 
@@ -532,7 +477,7 @@ class EvictingCache(ShardCache):
         while True:
             if self._stop:
                 raise _Stopped()
-            with _locked(self.index.folder / ROOM_LOCK):
+            with locked(self.index.folder / ROOM_LOCK):
                 used, present = self._used(besides=shard.name)
                 if used + shard.bytes > self.limit:
                     used -= self._reclaim(present, used + shard.bytes - self.limit)
@@ -585,7 +530,7 @@ class EvictingCache(ShardCache):
         """Delete the shard's file, marker and any download a killed process left, unless a
         process holds or downloads it (its exclusive lock, not waited for); the bytes freed."""
         path, freed = self.index.shard_path(shard), 0
-        with _locked(self._lock_path(shard), wait=False) as free:
+        with locked(self._lock_path(shard), wait=False) as free:
             with self._lock:
                 free = free and shard.name not in self._busy
             if not free:
@@ -598,7 +543,7 @@ class EvictingCache(ShardCache):
         return freed
 
     def _publish(self, tmp: Path, path: Path) -> None:
-        with _locked(self.index.folder / ROOM_LOCK):  # a listing never misses it mid-rename
+        with locked(self.index.folder / ROOM_LOCK):  # a listing never misses it mid-rename
             os.replace(tmp, path)
 
     # -- in the background
@@ -676,7 +621,7 @@ def mirror(remote: rm.RemoteFolder, cache_dir: Path, split: str) -> tuple[SplitI
         (root / split).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cache directory {cache_dir} cannot be used ({exc})") from None
-    with _locked(root / ".lock"):
+    with locked(root / ".lock"):
         for name in SMALL_FILES:
             if name in sizes:
                 _write_if_changed(root / name, pushed_bytes(remote, name, sizes))

@@ -278,7 +278,7 @@ def test_parts_run_at_once_into_one_out(slow_tree, tmp_path):
 
 
 def test_who_holds_out_is_named(photo_tree, tmp_path):
-    from alexprep.imagenet_prep.build_lock import build_lock
+    from alexprep.imagenet_prep.locks import build_lock
 
     out = tmp_path / "out"
     out.mkdir()
