@@ -20,16 +20,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import socket
 import threading
 import time
 from pathlib import Path
 
+from alexprep.imagenet_prep.build_folder import PART_LOCK, BuildFolder
 from alexprep.imagenet_prep.errors import DataError
-
-LOCK_NAME = ".lock"  # a build folder's: a whole build holds it exclusively, a --part run shared
-_PART_LOCK = re.compile(r"^\.lock-part-(\d+)-of-(\d+)$")
 
 # Lock descriptors open now (locked or about to be), closed in forked children. _FORK_GUARD
 # keeps a fork from landing between a descriptor's open and its registration here.
@@ -48,10 +45,6 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(before=lambda: _FORK_GUARD.acquire(), after_in_parent=lambda: _FORK_GUARD.release(),
                     after_in_child=_after_fork_in_child)
-
-
-def part_lock_name(part: int, parts: int) -> str:
-    return f".lock-part-{part:03d}-of-{parts:03d}"
 
 
 def open_lock(path: Path) -> int:
@@ -114,7 +107,7 @@ def _held_by_someone(path: Path) -> bool:
 def _running_parts(out: Path) -> list[tuple[int, int, str]]:
     found = []
     for entry in sorted(os.scandir(out), key=lambda e: e.name):
-        m = _PART_LOCK.match(entry.name)
+        m = PART_LOCK.match(entry.name)
         if m and _held_by_someone(Path(entry.path)):
             found.append((int(m.group(1)), int(m.group(2)), _holder(Path(entry.path))))
     return found
@@ -139,25 +132,25 @@ def build_lock(out: Path, part: int = 0, parts: int = 1):
     them run at once (on one machine, or on several into a shared folder), but never
     beside a whole build, nor the same part twice, nor parts of a different N.
     """
-    out = Path(out)
+    out, folder = Path(out), BuildFolder(out)
     me = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
     fds: list[int] = []
     try:
-        fds.append(open_lock(out / LOCK_NAME))
+        fds.append(open_lock(folder.lock))
         if parts == 1:
             if not _take(fds[0], fcntl.LOCK_EX, "build-shards, whole build", me):
                 running = _running_parts(out)
                 who = ("--part runs " + ", ".join(f"{i}/{n} ({h})" for i, n, h in running)) if running \
-                    else f"another build-shards ({_holder(out / LOCK_NAME)})"
+                    else f"another build-shards ({_holder(folder.lock)})"
                 raise DataError(f"OUT {out} is being built by {who}: wait for it to finish, or choose another OUT")
         else:
             if not _take(fds[0], fcntl.LOCK_SH, "", me):
-                raise DataError(f"OUT {out} is being built by another build-shards ({_holder(out / LOCK_NAME)}): "
+                raise DataError(f"OUT {out} is being built by another build-shards ({_holder(folder.lock)}): "
                                 "wait for it to finish, or choose another OUT")
-            fds.append(open_lock(out / part_lock_name(part, parts)))
+            fds.append(open_lock(folder.part_lock(part, parts)))
             if not _take(fds[1], fcntl.LOCK_EX, f"build-shards --part {part}/{parts}", me):
                 raise DataError(f"--part {part}/{parts} is already being built into {out} "
-                                f"({_holder(out / part_lock_name(part, parts))})")
+                                f"({_holder(folder.part_lock(part, parts))})")
             other = [(i, n, h) for i, n, h in _running_parts(out) if n != parts]
             if other:
                 i, n, h = other[0]

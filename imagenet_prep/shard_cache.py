@@ -50,11 +50,12 @@ import numpy as np
 
 from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.atomic import write_bytes_atomic, write_text_atomic
+from alexprep.imagenet_prep.build_folder import CLASSES, STATS, STATS_JSON, BuildFolder
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.locks import close_lock, flock, locked, open_lock
 from alexprep.imagenet_prep.shards import ShardRecord, SplitIndex, file_sha256, read_split
 
-SMALL_FILES = ("classes.json", "stats.npz", "stats.json")  # what the loaders read besides shards
+SMALL_FILES = (CLASSES, STATS, STATS_JSON)  # what the loaders read besides shards
 PREFETCH_WORKERS = 4  # parallel downloads per process: S3 serves each stream at a fraction of a NIC
 RESERVE = 1 << 30  # free space left on the cache's disk after the split is in it
 ROOM_LOCK = ".room.lock"  # in a split's folder: a size-limited cache's reservations, one at a time
@@ -182,7 +183,7 @@ class ShardCache:
         rel = f"{self.index.split}/{shard.name}"
         now = None
         try:
-            for manifest in self.index.folder.glob("manifest*.json"):
+            for manifest in BuildFolder(self.index.root).manifests(self.index.split):
                 listed = json.loads(self.remote.read_bytes(f"{self.index.split}/{manifest.name}"))["shards"]
                 now = next((e.get("sha256") for e in listed if e.get("name") == shard.name), now)
         except FileNotFoundError:
@@ -250,7 +251,7 @@ class ShardCache:
         not answer now is not this check's to report (True)."""
         split, listed = self.index.split, set()
         try:
-            for manifest in self.index.folder.glob("manifest*.json"):
+            for manifest in BuildFolder(self.index.root).manifests(self.index.split):
                 with self.remote.open_input(f"{split}/{manifest.name}") as f:
                     listed |= {(e["name"], e["sha256"]) for e in json.loads(f.read())["shards"]}
         except FileNotFoundError:
@@ -621,13 +622,13 @@ def mirror(remote: rm.RemoteFolder, cache_dir: Path, split: str) -> tuple[SplitI
         (root / split).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cache directory {cache_dir} cannot be used ({exc})") from None
-    with locked(root / ".lock"):
+    with locked(BuildFolder(root).lock):
         for name in SMALL_FILES:
             if name in sizes:
                 _write_if_changed(root / name, pushed_bytes(remote, name, sizes))
             else:
                 (root / name).unlink(missing_ok=True)
-        for stale in (root / split).glob("manifest*.json"):
+        for stale in BuildFolder(root).manifests(split):
             if f"{split}/{stale.name}" not in texts:
                 stale.unlink()
         for r, data in texts.items():
