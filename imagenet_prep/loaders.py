@@ -34,13 +34,15 @@ from typing import Iterator
 import numpy as np
 
 from alexprep.imagenet_prep import augment, rrc, shard_cache
+from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.batches import Batch, EpochPlan
 from alexprep.imagenet_prep.dali_backend import DaliBackend
 from alexprep.imagenet_prep.devices import check_device, cpu_share, dtype_name, local_world_size, parse_device, DTYPES
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.normalization import NORMALIZE, Normalization, resolve_stats
 from alexprep.imagenet_prep.samples import SplitSamples
-from alexprep.imagenet_prep.shard_cache import EvictingCache, first_use_order, open_split
+from alexprep.imagenet_prep.shard_cache import EvictingCache, ShardCache, first_use_order
+from alexprep.imagenet_prep.shards import SplitIndex, local_folder, read_split
 from alexprep.imagenet_prep.torch_backend import DECODERS, TorchBackend
 
 BACKENDS = ("dali", "torch")
@@ -63,6 +65,29 @@ def pick_backend(backend: str) -> str:
     except ImportError:
         return "torch"
     return "dali"
+
+
+def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
+               in_use=None) -> tuple[SplitIndex, ShardCache | None]:
+    """A split of build folder `root`: a local one read in place (cache None), or a remote
+    one (a URI) through a verified cache in `cache_dir` (shard_cache.open_split, which
+    `in_use` and `cache_limit` are for)."""
+    folder = local_folder(root, cache_dir)
+    if folder is None:
+        return shard_cache.open_split(root, split, cache_dir, cache_limit, in_use)
+    index = read_split(folder, split)
+    if cache_limit is not None:  # a flag with no effect would mislead: say so
+        raise DataError(f"a cache limit applies to a remote build read through a cache directory; "
+                        f"{rm.display(root) if rm.is_uri(root) else root} is read in place: drop the limit "
+                        f"(--cache-limit, cache_limit=)")
+    return index, None
+
+
+def split_index(root, split: str, cache_dir=None) -> SplitIndex:
+    """A split's index alone (a remote one's manifests mirrored into `cache_dir`), for a look
+    at its classes or build id: no space check, nothing downloaded."""
+    folder = local_folder(root, cache_dir)
+    return read_split(folder, split) if folder is not None else shard_cache.split_index(root, split, cache_dir)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -729,22 +728,16 @@ def _check_mount(cache_dir, limited: bool) -> None:
         warnings.warn(problem[0], RuntimeWarning, stacklevel=3)
 
 
-def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
-               in_use=None) -> tuple[SplitIndex, ShardCache | None]:
-    """A split of a build folder: a local one read in place (cache None), or a remote one
-    (a URI) through a verified cache in `cache_dir`, its shards fetched on use. Refuses,
-    before anything downloads, a remote split missing objects or too big for the cache.
+def open_split(uri: str, split: str, cache_dir, cache_limit: int | None = None,
+               in_use=None) -> tuple[SplitIndex, ShardCache]:
+    """A split of a remote build folder (a URI) through a verified cache in `cache_dir`, its
+    shards fetched on use (a local one is read in place: shards.local_folder, read_split).
+    Refuses, before anything downloads, a split missing objects or too big for the cache.
 
     `in_use(index)` -> (shards, ahead), for a reader that needs a few shards at a time:
     how many it holds at once and how many of those it fetches ahead. A split larger than
     `cache_limit` is then read through an EvictingCache, if the limit holds them."""
-    index, remote = _mirrored(root, split, cache_dir)
-    if remote is None:
-        if cache_limit is not None:  # a flag with no effect would mislead: say so
-            raise DataError(f"a cache limit applies to a remote build read through a cache directory; "
-                            f"{rm.display(root) if rm.is_uri(root) else root} is read in place: drop the limit "
-                            f"(--cache-limit, cache_limit=)")
-        return index, None
+    index, remote = _mirrored(uri, split, cache_dir)
     cache = ShardCache(remote, index)
     window = in_use(index) if in_use is not None else None
     evicting = cache.check_space(cache_limit, window)
@@ -754,20 +747,18 @@ def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
     return index, cache
 
 
-def split_index(root, split: str, cache_dir=None) -> SplitIndex:
-    """A split's index alone (a remote one's manifests mirrored into `cache_dir`), for a
-    look at its classes or build id: no space check, nothing downloaded."""
-    return _mirrored(root, split, cache_dir)[0]
+def split_index(uri: str, split: str, cache_dir) -> SplitIndex:
+    """A remote split's index alone (its manifests mirrored into `cache_dir`), for a look at
+    its classes or build id: no space check, nothing downloaded."""
+    return _mirrored(uri, split, cache_dir)[0]
 
 
-def _mirrored(root, split: str, cache_dir) -> tuple[SplitIndex, rm.RemoteFolder | None]:
-    """The split's index, and its remote folder when it is remote (checked: every shard
-    its manifests list is there with their sizes)."""
-    if not rm.is_uri(root):
-        return read_split(Path(root), split), None
+def _mirrored(root: str, split: str, cache_dir) -> tuple[SplitIndex, rm.RemoteFolder]:
+    """The remote split's index and folder (checked: every shard its manifests list is
+    there with their sizes)."""
+    if not rm.is_uri(root):  # a bug, never the user's doing
+        raise ValueError(f"{root} is a local build folder: shards.read_split reads it in place")
     if cache_dir is None:
-        if urlsplit(root).scheme == "file":  # a mounted folder: read in place
-            return read_split(Path(urlsplit(root).path), split), None
         raise DataError(f"{rm.display(root)} is remote: give a cache directory on a local disk with room for its "
                         f"{split} shards (--cache-dir, or cache_dir=)")
     remote = rm.open_folder(root)

@@ -21,10 +21,12 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 
+from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.atomic import temporary_name
 # The names are build_folder.py's; shard_name and the others are imported from here too.
 from alexprep.imagenet_prep.build_folder import BuildFolder, manifest_name, partial_name, shard_name  # noqa: F401
@@ -230,6 +232,16 @@ def read_manifest(path: Path) -> dict:
     if manifest.get("format") != "alexprep-shards":
         raise DataError(f"{path} is not an alexprep manifest")
     return manifest
+
+
+def local_folder(root, cache_dir=None) -> Path | None:
+    """Where build folder `root` is read in place: a path, or a file:// URI given no cache
+    directory (a mounted folder); None for a URI read through a cache (shard_cache.py)."""
+    if not rm.is_uri(root):
+        return Path(root)
+    if cache_dir is None and urlsplit(root).scheme == "file":
+        return Path(urlsplit(root).path)
+    return None
 
 
 def read_split(root: Path, split: str) -> SplitIndex:

@@ -4,8 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
-from alexprep.imagenet_prep.shard_cache import split_index
+from alexprep.imagenet_prep.loaders import eval_loader, pick_backend, split_index
 from alexprep.model.alexnet import AlexNet, AlexNetConfig
 from alexprep.model.checkpoint import load_checkpoint, normalize_of, require_same_classes, stats_from_checkpoint
 from alexprep.model.distributed import resolve_devices
