@@ -57,7 +57,8 @@ MAX_FAILURES_LISTED = 100  # decode failures kept with their shard and row (all 
 
 def pick_backend(backend: str) -> str:
     """"dali" or "torch" for "auto": DALI where it imports. The one place "auto" is
-    resolved (the loaders' default, and TrainConfig's through them)."""
+    resolved (LoaderConfig calls it: the loaders take "auto", and so do TrainConfig,
+    evaluation and the feature extraction, which pass it on)."""
     if backend != "auto":
         return backend
     try:

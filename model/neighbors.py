@@ -38,7 +38,7 @@ import torch
 from alexprep.imagenet_prep.atomic import replace_synced, temporary_name, write_text_atomic
 from alexprep.imagenet_prep.devices import device_name
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
+from alexprep.imagenet_prep.loaders import eval_loader
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import SplitIndex, read_split
 from alexprep.model.checkpoint import load_checkpoint, normalize_of
@@ -125,7 +125,7 @@ def split_features(checkpoint, root, split: str, *, cache_dir=None, batch_size: 
         model = model_from_checkpoint(ckpt, resolve_devices((device,)))
     loader = eval_loader(root, batch_size=batch_size, device=device_name(model.input_device),
                          stats=eval_stats(ckpt, index), split=split, crops=1, normalize=normalize_of(ckpt),
-                         backend=pick_backend(backend), workers=workers)
+                         backend=backend, workers=workers)
     npy, meta = cache_paths(cache_dir, digest, split)
     tmp = temporary_name(npy)
     try:
