@@ -35,7 +35,7 @@ import numpy as np
 
 from alexprep.imagenet_prep import augment, rrc, shard_cache
 from alexprep.imagenet_prep import remote as rm
-from alexprep.imagenet_prep.batches import Batch, EpochPlan
+from alexprep.imagenet_prep.batches import BackendInput, Batch, EpochPlan
 from alexprep.imagenet_prep.dali_backend import DaliBackend
 from alexprep.imagenet_prep.devices import check_device, cpu_share, dtype_name, local_world_size, parse_device, DTYPES
 from alexprep.imagenet_prep.errors import DataError
@@ -230,7 +230,7 @@ class Loader:
         self.norm = Normalization.from_stats(self.stats, config.normalize, self.size)
         self.samples = SplitSamples(self.index, self._cache.fetch if self._cache else None, transient=self._evicting)
         if self._evicting:
-            self._cache.drop = self.samples.unmap  # the cache unmaps a shard here before it lets go of it
+            self._cache.maps = self.samples  # the cache unmaps a shard here before it lets go of it
             self._last_uses: dict[int, np.ndarray] = {}
         self.decode_failures: list[str] = []  # "shard row: reason", the first MAX_FAILURES_LISTED
         self.decode_failure_count = 0
@@ -252,7 +252,9 @@ class Loader:
         self._epoch = 0
         self._start_batch = 0
         self._orders: dict[int, np.ndarray] = {}
-        self._backend = DaliBackend(self) if config.backend == "dali" else TorchBackend(self)
+        source = BackendInput(self.samples, self.index.spec, self.norm, config, self.device, self.positions,
+                              self.eval_windows, self.plan, self.report_decode_failures)
+        self._backend = DaliBackend(source) if config.backend == "dali" else TorchBackend(source)
         if self._cache is not None:  # a remote build: start downloading what the first epoch needs
             self._cache.prefetch(first_use_order(self.index, self.plan().order, rest=not self._evicting), self._epoch)
 

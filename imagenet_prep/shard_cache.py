@@ -44,6 +44,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -61,6 +62,14 @@ ROOM_LOCK = ".room.lock"  # in a split's folder: a size-limited cache's reservat
 ROOM_POLL_S = 0.05  # a download waiting for room looks again this often (other processes free it)
 ROOM_WARN_S = 120  # a batch waiting this long for room says so (once): too many readers for the limit
 PREFETCH_THREAD = "alexprep-prefetch"
+
+
+class ShardMaps(Protocol):
+    """A process's memory maps of a split's shards (samples.SplitSamples): an EvictingCache
+    has them unmap a shard before it lets go of it, since letting go may delete the file."""
+
+    def unmap(self, k: int) -> None:
+        """Drop this process's map of shard k (the split's k-th)."""
 
 
 class _Stopped(Exception):
@@ -355,7 +364,7 @@ class EvictingCache(ShardCache):
 
     The rule, for all processes of a node (ranks, loaders): a process holds a shared flock
     on each shard it uses, from `fetch` until `release_through` lets go of it (unmapping it
-    first, `drop`); downloading or deleting a shard takes its exclusive flock, so a shard is
+    first, through `maps`); downloading or deleting a shard takes its exclusive flock, so a shard is
     deleted only when nobody uses or downloads it: whoever lets go of it last deletes it.
     A download first waits until it fits under the limit beside every shard file of the
     split (a download counts at its full size), deleting shards nobody holds (an earlier
@@ -366,8 +375,8 @@ class EvictingCache(ShardCache):
     """
 
     BACKGROUND_WAITS = True  # prefetch in plan order: wait for a shard another process downloads
-    _UNPICKLED = ShardCache._UNPICKLED + ("_pins", "_until", "_busy", "_queued", "drop")
-    drop = None  # drop(k): unmap shard k in this process before letting go of it (SplitSamples.unmap)
+    _UNPICKLED = ShardCache._UNPICKLED + ("_pins", "_until", "_busy", "_queued", "maps")
+    maps: ShardMaps | None = None  # this process's maps of the split's shards (the loader's SplitSamples)
 
     def __init__(self, remote: rm.RemoteFolder, index: SplitIndex, limit: int, ahead: int, workers: int | None = None):
         super().__init__(remote, index, workers)
@@ -458,8 +467,8 @@ class EvictingCache(ShardCache):
     def _let_go(self, names: list[str], evict: bool = True) -> None:
         for name in names:
             k = self._position[name]
-            if self.drop is not None:
-                self.drop(k)
+            if self.maps is not None:
+                self.maps.unmap(k)
             with self._lock:
                 self._until.pop(name, None)
                 fd = self._pins.pop(name, None)
