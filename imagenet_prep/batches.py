@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -88,7 +89,9 @@ class BackendInput:
     samples: SplitSamples  # the split's images, views of its memory-mapped shards
     spec: ImageSpec  # how they are stored: encoding, size, keep-aspect
     norm: Normalization  # what the images are normalised with
-    config: Any  # the loader's LoaderConfig (loaders.py, a layer above): batch size, recipe, crop, threads...
+    # The loader's LoaderConfig (loaders.py, a layer above); a backend reads its batch_size,
+    # threads, prefetch, train, crops, crop, recipe, decoder and dtype.
+    config: Any
     device: torch.device  # where the batches go
     positions: int  # the paper's crop offsets per axis (33 for 224 in 256); 0 for recipe "rrc"
     eval_windows: np.ndarray | None  # evaluation's (K, 3) fixed windows (paper recipe); None in training
@@ -96,7 +99,7 @@ class BackendInput:
     report_failures: Callable[[list[str]], None]  # images fed as grey: "shard row: reason" each
 
     @property
-    def root(self):
+    def root(self) -> Path:
         """The build folder (its local mirror for a remote one), named in errors."""
         return self.samples.index.root
 

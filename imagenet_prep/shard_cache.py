@@ -364,8 +364,9 @@ class EvictingCache(ShardCache):
 
     The rule, for all processes of a node (ranks, loaders): a process holds a shared flock
     on each shard it uses, from `fetch` until `release_through` lets go of it (unmapping it
-    first, through `maps`); downloading or deleting a shard takes its exclusive flock, so a shard is
-    deleted only when nobody uses or downloads it: whoever lets go of it last deletes it.
+    first, through `maps`); downloading or deleting a shard takes its exclusive flock, so a
+    shard is deleted only when nobody uses or downloads it: whoever lets go of it last
+    deletes it.
     A download first waits until it fits under the limit beside every shard file of the
     split (a download counts at its full size), deleting shards nobody holds (an earlier
     run's) to make room. Background downloads stay `ahead` shards past those of the batches
