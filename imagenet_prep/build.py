@@ -413,7 +413,7 @@ def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, list
     records: dict[str, list[dict]] = {s: [] for s in listings}
     own_names: dict[str, list[str]] = {}
     for split, jobs in mine.items():
-        folder = out / split
+        folder = BuildFolder(out).split(split)
         folder.mkdir(exist_ok=True)
         names = [shard_name(split, j.index, j.count) for j in jobs]
         own_names[split] = names + [partial_name(n) for n in names] + [manifest_name(config.part, config.parts)]
@@ -446,7 +446,7 @@ def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, list
             raise
         # The pool is gone by now (its workers terminated and joined): remove what they left.
         for split, names in own_names.items():
-            remove_leftovers(out / split, None if config.parts == 1 else names)
+            remove_leftovers(BuildFolder(out).split(split), None if config.parts == 1 else names)
         raise DiskFull(
             errno.ENOSPC,
             f"the disk filled while writing to {out} ({exc.strerror or exc}; "

@@ -211,7 +211,7 @@ class SplitIndex:
 
     @property
     def folder(self) -> Path:
-        return self.root / self.split
+        return BuildFolder(self.root).split(self.split)
 
     @property
     def rows(self) -> int:
@@ -253,7 +253,7 @@ def read_split(root: Path, split: str) -> SplitIndex:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a build folder (run `alexprep build-shards SRC {root}` first)")
-    folder = root / split
+    folder = BuildFolder(root).split(split)
     paths = BuildFolder(root).manifests(split)
     if not paths:
         if not folder.is_dir():

@@ -649,16 +649,17 @@ def load_stats(root_or_path, split: str = "train") -> DatasetStats:
         if not given.exists():
             raise DataError(f"{given} is missing: give a build folder OUT (after `alexprep stats OUT`) or a stats.npz")
         return DatasetStats.load(given)
-    path = BuildFolder(given).stats
+    folder = BuildFolder(given)
+    path = folder.stats
     if not path.exists():
         raise DataError(f"{path} is missing: run `alexprep stats {given}` first")
     stats = DatasetStats.load(path)
-    if split == "train" and not (given / "train").is_dir() and (given / "val").is_dir():
+    if split == "train" and not folder.split("train").is_dir() and folder.split("val").is_dir():
         split = "val"  # a val-only build folder given a training set's statistics: check its build
     build = read_split(given, split).build_id
     if stats.build_id != build:
         raise DataError(f"{path} is a stats file from another build (build id {stats.build_id or 'unknown'}; "
-                        f"{given / split} is build {build}): run `alexprep stats {given}` again")
+                        f"{folder.split(split)} is build {build}): run `alexprep stats {given}` again")
     return stats
 
 
