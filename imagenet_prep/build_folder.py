@@ -3,6 +3,7 @@
     OUT/classes.json                                the class list, fixed once per build folder
     OUT/stats.npz, stats.json, stats.png            `alexprep stats` (the loaders read stats.npz)
     OUT/.lock, .lock-part-002-of-016                build-shards' flocks (locks.py)
+    OUT/features/                                   fc7 features cached by `alexprep inspect neighbors`
     OUT/<split>/<split>-00000-of-01252.arrow        a shard
     OUT/<split>/<split>-00000-of-01252.stats.npz    its statistics partial and its record
     OUT/<split>/manifest.json                       or manifest-part-002-of-016.json per --part
@@ -21,6 +22,7 @@ STATS_JSON = "stats.json"
 STATS_PNG = "stats.png"
 STATS_FILES = (STATS, STATS_JSON, STATS_PNG)
 ROOT_FILES = (CLASSES, *STATS_FILES)  # a build's files beside its splits
+FEATURES = "features"  # the default cache of model/neighbors.py
 LOCK = ".lock"  # a whole build holds it exclusively, a --part run shared (locks.build_lock)
 SHARD_SUFFIX = ".arrow"
 PARTIAL_SUFFIX = ".stats.npz"
@@ -73,6 +75,10 @@ class BuildFolder:
     def stats_paths(self) -> dict[str, Path]:
         """{"npz", "json", "png"}: `alexprep stats`'s outputs."""
         return {"npz": self.root / STATS, "json": self.root / STATS_JSON, "png": self.root / STATS_PNG}
+
+    @property
+    def features(self) -> Path:
+        return self.root / FEATURES
 
     @property
     def lock(self) -> Path:
