@@ -61,10 +61,10 @@ def demo_command(work: Path, epochs: int, batch_size: int, backend: str) -> None
     click.echo(f"2/4 built {out}: " + ", ".join(f"{r.split} {r.written} images in {r.shards_built} shards"
                                                  for r in report.splits) + f" ({report.seconds:.1f} s)")
     stats = compute_stats(out)
-    write_stats(out, stats)
+    written = write_stats(out, stats)
     click.echo(f"3/4 statistics of {stats.count} training images: channel mean "
                f"{', '.join(f'{v:.1f}' for v in stats.channel_mean)}, eigenvalues "
-               f"{', '.join(f'{v:.1f}' for v in stats.eigvals)} -> {out / 'stats.png'}")
+               f"{', '.join(f'{v:.1f}' for v in stats.eigvals)} -> {written['png']}")
     config = TrainConfig(batch_size=batch_size, epochs=epochs, bias_init="caffe", max_drops=0,
                          backend=backend, log_every=10)
     click.echo(f"4/4 training AlexNet on the CPU for {epochs} epochs (batch {batch_size}, biases 0.1) ...")

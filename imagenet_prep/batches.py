@@ -1,17 +1,26 @@
 """Batches as decided on the host, before any pixel is touched, and the streaming logic
 both backends share: a backend is fed one endless stream of batch plans, so that its
 prefetching runs on across epoch boundaries, and is restarted when an iteration does not
-continue where the stream stands (docs/design.md, "Loaders")."""
+continue where the stream stands (docs/design.md, "Loaders"); and `BackendInput`, all a
+backend is given."""
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from alexprep.imagenet_prep import augment, rrc
 from alexprep.imagenet_prep.devices import torch_dtype
+from alexprep.imagenet_prep.normalization import Normalization
+from alexprep.imagenet_prep.samples import SplitSamples
+from alexprep.imagenet_prep.transform import ImageSpec
+
+if TYPE_CHECKING:  # the plans need no torch: only the backends that render them
+    import torch
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,30 @@ def stream_position(plan: EpochPlan, start: int) -> tuple[int, int]:
     return (plan.epoch, start) if start < len(plan) else (plan.epoch + 1, 0)
 
 
+@dataclass(frozen=True)
+class BackendInput:
+    """Everything a backend reads, and the two things it calls: what the loader hands a
+    backend in place of itself. The host's decisions come in the plans; the backend renders
+    them from `samples` and reports the images that do not decode."""
+
+    samples: SplitSamples  # the split's images, views of its memory-mapped shards
+    spec: ImageSpec  # how they are stored: encoding, size, keep-aspect
+    norm: Normalization  # what the images are normalised with
+    # The loader's LoaderConfig (loaders.py, a layer above); a backend reads its batch_size,
+    # threads, prefetch, train, crops, crop, recipe, decoder and dtype.
+    config: Any
+    device: torch.device  # where the batches go
+    positions: int  # the paper's crop offsets per axis (33 for 224 in 256); 0 for recipe "rrc"
+    eval_windows: np.ndarray | None  # evaluation's (K, 3) fixed windows (paper recipe); None in training
+    plan: Callable[[int], EpochPlan]  # plan(epoch): that epoch's batches on this rank (Loader.plan)
+    report_failures: Callable[[list[str]], None]  # images fed as grey: "shard row: reason" each
+
+    @property
+    def root(self) -> Path:
+        """The build folder (its local mirror for a remote one), named in errors."""
+        return self.samples.index.root
+
+
 class BatchStream(abc.ABC):
     """What the DALI and torch backends share: one endless feed of batch plans, restarted
     only when an iteration does not follow on, and batches checked against the plan.
@@ -79,8 +112,8 @@ class BatchStream(abc.ABC):
     `_produce()` -> ((epoch, number), images, labels), the next batch of the stream.
     """
 
-    def __init__(self, loader):
-        self.loader = loader  # its plan(epoch) and config
+    def __init__(self, source: BackendInput):
+        self.input = source
         self._next = None  # (epoch, batch) the stream's next output is; None: not started
         self._generation = 0  # which iteration owns the stream (a new one supersedes the last)
 
@@ -88,7 +121,7 @@ class BatchStream(abc.ABC):
         """Batches start.. of `plan`."""
         position = stream_position(plan, start)
         if self._next != position:
-            self._restart(endless_batches(self.loader.plan, *position))
+            self._restart(endless_batches(self.input.plan, *position))
             self._next = position
         self._generation += 1
         return self._iterate(self._generation, plan.epoch, range(start, len(plan)))
@@ -105,7 +138,7 @@ class BatchStream(abc.ABC):
             self._next = None
 
     def _iterate(self, generation: int, epoch: int, numbers: range):
-        dtype = torch_dtype(self.loader.config.dtype)
+        dtype = torch_dtype(self.input.config.dtype)
         last = len(numbers) and numbers[-1]
         for number in numbers:
             if generation != self._generation:

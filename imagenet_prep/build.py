@@ -32,14 +32,13 @@ import pyarrow as pa
 
 from alexprep.imagenet_prep import archives, layout
 from alexprep.imagenet_prep.atomic import remove_leftovers, write_bytes_atomic, write_text_atomic
-from alexprep.imagenet_prep.build_lock import build_lock, close_inherited_locks
+from alexprep.imagenet_prep.build_folder import ROOT_FILES, BuildFolder, manifest_name, partial_name, shard_name
 from alexprep.imagenet_prep.classes import ClassList, load_classes, read_class_file, save_classes
 from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.forking import frozen_gc, trim_heap
-from alexprep.imagenet_prep.shards import (
-    ShardRecord, ShardWriter, build_id, manifest_name, partial_name, read_manifest, shard_name, shard_schema,
-)
+from alexprep.imagenet_prep.locks import build_lock
+from alexprep.imagenet_prep.shards import ShardRecord, ShardWriter, build_id, read_manifest, shard_schema
 from alexprep.imagenet_prep.stats import PartialStats
 from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, encode, load_image, pil_flavour
 
@@ -169,7 +168,7 @@ def _init_worker(counter) -> None:
 
 
 def _init_pool_worker(counter) -> None:
-    close_inherited_locks()  # only the build process itself holds OUT's lock
+    # (OUT's lock descriptors were closed at the fork: only the build process holds it, locks.py)
     archives.close_handles()  # each worker opens the archives itself
     _init_worker(counter)
 
@@ -261,12 +260,11 @@ def _check_out(out: Path, overwrite: bool, build: str) -> None:
 def _existing_build_ids(out: Path) -> set[str]:
     ids = set()
     for split in layout.SPLITS:
-        folder = out / split
-        if not folder.is_dir():
+        if not BuildFolder(out).split(split).is_dir():
             continue
-        for path in folder.glob("manifest*.json"):
+        for path in BuildFolder(out).manifests(split):
             ids.add(read_manifest(path)["build_id"])
-        for path in folder.glob("*.stats.npz"):
+        for path in BuildFolder(out).partials(split):
             with np.load(path) as z:
                 ids.add(json.loads(str(z["record"]))["build_id"])
             break  # one finished shard tells the build of an unfinished run
@@ -275,15 +273,12 @@ def _existing_build_ids(out: Path) -> set[str]:
 
 def _clear_build(out: Path) -> None:
     """--overwrite: remove what a build wrote (only our files), keep anything else."""
+    folder = BuildFolder(out)
     for split in layout.SPLITS:
-        folder = out / split
-        if folder.is_dir():
-            for pattern in ("*.arrow", "*.stats.npz", "manifest*.json"):
-                for path in folder.glob(pattern):
-                    path.unlink()
-    for name in ("classes.json", "stats.npz", "stats.json", "stats.png"):
-        if (out / name).exists():
-            (out / name).unlink()
+        for path in folder.shards(split) + folder.partials(split) + folder.manifests(split):
+            path.unlink()
+    for name in ROOT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _check_disk(out: Path, spec: ImageSpec, images: int) -> None:
@@ -302,7 +297,7 @@ def _check_disk(out: Path, spec: ImageSpec, images: int) -> None:
 def fix_class_list(out: Path, src: Path, config: BuildConfig, folders: dict, listings: dict,
                    labels: layout.ValLabelSource | None = None) -> ClassList:
     """OUT/classes.json if present; else --classes FILE; else inferred from SRC."""
-    existing = out / "classes.json"
+    existing = BuildFolder(out).classes
     given = read_class_file(config.classes_file) if config.classes_file else None
     if existing.exists() and not config.overwrite:
         classes = load_classes(existing)
@@ -418,7 +413,7 @@ def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, list
     records: dict[str, list[dict]] = {s: [] for s in listings}
     own_names: dict[str, list[str]] = {}
     for split, jobs in mine.items():
-        folder = out / split
+        folder = BuildFolder(out).split(split)
         folder.mkdir(exist_ok=True)
         names = [shard_name(split, j.index, j.count) for j in jobs]
         own_names[split] = names + [partial_name(n) for n in names] + [manifest_name(config.part, config.parts)]
@@ -438,8 +433,8 @@ def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, list
              build, config.accumulate_stats) for j in todo)
     done = {"shards": 0, "bytes": 0}
     try:
-        if not (out / "classes.json").exists():
-            save_classes(classes, out / "classes.json")
+        if not BuildFolder(out).classes.exists():
+            save_classes(classes, BuildFolder(out).classes)
         for record, split in _run_all(args, len(todo), config.workers, total, progress):
             records[split].append(record)
             reports[split].shards_built += 1
@@ -451,7 +446,7 @@ def _build_locked(src: Path, out: Path, config: BuildConfig, folders: dict, list
             raise
         # The pool is gone by now (its workers terminated and joined): remove what they left.
         for split, names in own_names.items():
-            remove_leftovers(out / split, None if config.parts == 1 else names)
+            remove_leftovers(BuildFolder(out).split(split), None if config.parts == 1 else names)
         raise DiskFull(
             errno.ENOSPC,
             f"the disk filled while writing to {out} ({exc.strerror or exc}; "
@@ -495,7 +490,7 @@ def _finish(src: Path, out: Path, config: BuildConfig, classes: ClassList, build
             "ignored": listings[split].ignored if config.part == 0 else [],
             "software": _software(),
         }
-        write_text_atomic(out / split / manifest_name(config.part, config.parts), json.dumps(manifest, indent=1) + "\n")
+        write_text_atomic(BuildFolder(out).manifest(split, config.part, config.parts), json.dumps(manifest, indent=1) + "\n")
     return BuildReport(out, build, list(reports.values()), time.perf_counter() - started)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from alexprep.imagenet_prep import augment
-from alexprep.imagenet_prep.batches import BatchStream
+from alexprep.imagenet_prep.batches import BackendInput, BatchStream
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.transform import decode
 
@@ -108,21 +108,21 @@ def rrc_graph(data, *, encoding: str, size: int, gpu: bool, anchor, shape, mirro
 class DaliBackend(BatchStream):
     """One DALI pipeline, built once, fed one endless stream of batch plans."""
 
-    def __init__(self, loader):
-        super().__init__(loader)
+    def __init__(self, source: BackendInput):
+        super().__init__(source)
         dali = require_dali()
         from nvidia.dali.pipeline import Pipeline
         from nvidia.dali.tensors import TensorCPU
 
-        config = loader.config
+        config = source.config
         self._tensor_cpu = TensorCPU
-        self.gpu = loader.device.type == "cuda"
+        self.gpu = source.device.type == "cuda"
         self._feed = None  # the stream of Batch plans; None ends it
         # What was fed and not yet consumed, in order: (batch, inputs). no_copy: DALI reads
         # the inputs' memory until that iteration's outputs are out, so they live here.
         self._inflight: collections.deque = collections.deque()
         self.pipe = Pipeline(batch_size=config.batch_size, num_threads=max(1, config.threads),
-                             device_id=loader.device.index if self.gpu else None,
+                             device_id=source.device.index if self.gpu else None,
                              prefetch_queue_depth=config.prefetch, seed=0)
         self._rrc = config.recipe == "rrc"
         with self.pipe:
@@ -138,8 +138,8 @@ class DaliBackend(BatchStream):
         evaluation."""
         from nvidia.dali import fn, types
 
-        loader, config = self.loader, self.loader.config
-        norm, positions = loader.norm, loader.positions
+        source, config = self.input, self.input.config
+        norm, positions = source.norm, source.positions
         if config.train:
             data, pos_x, pos_y, mirror, cmn_mean = fn.external_source(
                 source=self._source, num_outputs=5, batch=True, batch_info=True, no_copy=True,
@@ -148,11 +148,11 @@ class DaliBackend(BatchStream):
         else:
             (data,) = fn.external_source(source=self._source, num_outputs=1, batch=True, batch_info=True,
                                          no_copy=True, dtype=[types.UINT8])
-            fixed = loader.eval_windows  # the same windows for every image: constants
+            fixed = source.eval_windows  # the same windows for every image: constants
             pos = augment.crop_position(fixed[:, :2], positions)
             windows = [(float(x), float(y), int(flip)) for (x, y), flip in zip(pos, fixed[:, 2])]
             cmn_mean = [float(v) for v in norm.base]
-        return image_graph(data, encoding=loader.index.spec.encoding, size=loader.size, crop=config.crop,
+        return image_graph(data, encoding=source.spec.encoding, size=source.spec.size, crop=config.crop,
                            gpu=self.gpu, mean_image=norm.mean_image, windows=windows, cmn_mean=cmn_mean,
                            std=[float(v) for v in norm.std], roi=ROI_DECODE)
 
@@ -160,22 +160,22 @@ class DaliBackend(BatchStream):
         """recipe="rrc": every sample's window, flip and mean fed, in training and evaluation."""
         from nvidia.dali import fn, types
 
-        encoding = self.loader.index.spec.encoding
+        encoding = self.input.spec.encoding
         data, anchor, shape, mirror, cmn_mean = fn.external_source(
             source=self._source, num_outputs=5, batch=True, batch_info=True, no_copy=True,
             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT],
             layout=["HWC" if encoding == "raw" else "", "", "", "", ""])
-        return rrc_graph(data, encoding=encoding, size=self.loader.config.crop, gpu=self.gpu, anchor=anchor,
+        return rrc_graph(data, encoding=encoding, size=self.input.config.crop, gpu=self.gpu, anchor=anchor,
                          shape=shape, mirror=mirror, cmn_mean=cmn_mean,
-                         std=[float(v) for v in self.loader.norm.std])
+                         std=[float(v) for v in self.input.norm.std])
 
     # -- feeding
     def _rrc_inputs(self, batch) -> tuple:
         """recipe="rrc": images (raw ones as HWC views), anchors (x, y), shapes (w, h),
         flips and means, per sample."""
-        samples, tensor = self.loader.samples, self._tensor_cpu
+        samples, tensor = self.input.samples, self._tensor_cpu
         views = samples.views(batch.index)
-        if self.loader.index.spec.encoding == "raw":
+        if self.input.spec.encoding == "raw":
             sizes = zip(samples.heights[batch.index].tolist(), samples.widths[batch.index].tolist())
             views = [v.reshape(h, w, 3) for v, (h, w) in zip(views, sizes)]
         w = batch.windows[:, 0, :]
@@ -196,10 +196,10 @@ class DaliBackend(BatchStream):
             inputs = self._rrc_inputs(batch)
             self._inflight.append((batch, inputs))
             return inputs
-        inputs = ([tensor(v) for v in self.loader.samples.views(batch.index)],)
-        if self.loader.config.train:
+        inputs = ([tensor(v) for v in self.input.samples.views(batch.index)],)
+        if self.input.config.train:
             w = batch.windows[:, 0, :]
-            positions = self.loader.positions
+            positions = self.input.positions
             inputs += (augment.crop_position(w[:, 0], positions), augment.crop_position(w[:, 1], positions),
                        w[:, 2].astype(np.int32), np.ascontiguousarray(batch.cmn_mean, np.float32))
         self._inflight.append((batch, inputs))
@@ -210,7 +210,7 @@ class DaliBackend(BatchStream):
         dropped, the pipeline is reset), then start on `feed`."""
         if self._next is not None:
             self._feed = None
-            for _ in range(self.loader.config.prefetch + 2):
+            for _ in range(self.input.config.prefetch + 2):
                 try:
                     self.pipe.run()
                 except StopIteration:
@@ -231,7 +231,7 @@ class DaliBackend(BatchStream):
         batch, _ = self._inflight.popleft()
         labels = torch.from_numpy(np.ascontiguousarray(batch.labels))
         if self.gpu:
-            labels = labels.to(self.loader.device, non_blocking=True)
+            labels = labels.to(self.input.device, non_blocking=True)
         return (batch.epoch, batch.number), self._to_torch(out), labels
 
     def _decode_error(self, exc: Exception) -> Exception:
@@ -240,7 +240,7 @@ class DaliBackend(BatchStream):
         if not self._inflight:
             return exc
         batch, _ = self._inflight[0]
-        samples, spec = self.loader.samples, self.loader.index.spec
+        samples, spec = self.input.samples, self.input.spec
         bad = []
         for i in batch.index:
             try:
@@ -250,7 +250,7 @@ class DaliBackend(BatchStream):
         if not bad:
             return exc
         return DataError(f"{len(bad)} image(s) do not decode: {'; '.join(bad[:5])}. The shards changed after "
-                         f"their build: run `alexprep verify {self.loader.root}`, rebuild them, or use "
+                         f"their build: run `alexprep verify {self.input.root}`, rebuild them, or use "
                          f"backend='torch', which feeds such images as grey and counts them")
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
@@ -264,8 +264,8 @@ class DaliBackend(BatchStream):
         # On the GPU, DALI's documented hand-over: a device copy ordered on torch's current
         # stream after DALI's work (feed_ndarray makes it wait for DALI's stream), so torch
         # never reads a buffer DALI is still writing; the copy costs microseconds there.
-        out = torch.empty(dense.shape(), dtype=torch.float32, device=self.loader.device)
-        stream = torch.cuda.current_stream(self.loader.device) if self.gpu else None
+        out = torch.empty(dense.shape(), dtype=torch.float32, device=self.input.device)
+        stream = torch.cuda.current_stream(self.input.device) if self.gpu else None
         feed_ndarray(dense, out, cuda_stream=stream)
         return out
 

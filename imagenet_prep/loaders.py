@@ -34,13 +34,15 @@ from typing import Iterator
 import numpy as np
 
 from alexprep.imagenet_prep import augment, rrc, shard_cache
-from alexprep.imagenet_prep.batches import Batch, EpochPlan
+from alexprep.imagenet_prep import remote as rm
+from alexprep.imagenet_prep.batches import BackendInput, Batch, EpochPlan
 from alexprep.imagenet_prep.dali_backend import DaliBackend
 from alexprep.imagenet_prep.devices import check_device, cpu_share, dtype_name, local_world_size, parse_device, DTYPES
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.normalization import NORMALIZE, Normalization, resolve_stats
 from alexprep.imagenet_prep.samples import SplitSamples
-from alexprep.imagenet_prep.shard_cache import EvictingCache, first_use_order, open_split
+from alexprep.imagenet_prep.shard_cache import EvictingCache, ShardCache, first_use_order
+from alexprep.imagenet_prep.shards import SplitIndex, local_folder, read_split
 from alexprep.imagenet_prep.torch_backend import DECODERS, TorchBackend
 
 BACKENDS = ("dali", "torch")
@@ -55,7 +57,8 @@ MAX_FAILURES_LISTED = 100  # decode failures kept with their shard and row (all 
 
 def pick_backend(backend: str) -> str:
     """"dali" or "torch" for "auto": DALI where it imports. The one place "auto" is
-    resolved (the loaders' default, and TrainConfig's through them)."""
+    resolved (LoaderConfig calls it: the loaders take "auto", and so do TrainConfig,
+    evaluation and the feature extraction, which pass it on)."""
     if backend != "auto":
         return backend
     try:
@@ -63,6 +66,29 @@ def pick_backend(backend: str) -> str:
     except ImportError:
         return "torch"
     return "dali"
+
+
+def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
+               in_use=None) -> tuple[SplitIndex, ShardCache | None]:
+    """A split of build folder `root`: a local one read in place (cache None), or a remote
+    one (a URI) through a verified cache in `cache_dir` (shard_cache.open_split, which
+    `in_use` and `cache_limit` are for)."""
+    folder = local_folder(root, cache_dir)
+    if folder is None:
+        return shard_cache.open_split(root, split, cache_dir, cache_limit, in_use)
+    index = read_split(folder, split)
+    if cache_limit is not None:  # a flag with no effect would mislead: say so
+        raise DataError(f"a cache limit applies to a remote build read through a cache directory; "
+                        f"{rm.display(root) if rm.is_uri(root) else root} is read in place: drop the limit "
+                        f"(--cache-limit, cache_limit=)")
+    return index, None
+
+
+def split_index(root, split: str, cache_dir=None) -> SplitIndex:
+    """A split's index alone (a remote one's manifests mirrored into `cache_dir`), for a look
+    at its classes or build id: no space check, nothing downloaded."""
+    folder = local_folder(root, cache_dir)
+    return read_split(folder, split) if folder is not None else shard_cache.split_index(root, split, cache_dir)
 
 
 @dataclass(frozen=True)
@@ -204,7 +230,7 @@ class Loader:
         self.norm = Normalization.from_stats(self.stats, config.normalize, self.size)
         self.samples = SplitSamples(self.index, self._cache.fetch if self._cache else None, transient=self._evicting)
         if self._evicting:
-            self._cache.drop = self.samples.unmap  # the cache unmaps a shard here before it lets go of it
+            self._cache.maps = self.samples  # the cache unmaps a shard here before it lets go of it
             self._last_uses: dict[int, np.ndarray] = {}
         self.decode_failures: list[str] = []  # "shard row: reason", the first MAX_FAILURES_LISTED
         self.decode_failure_count = 0
@@ -226,7 +252,9 @@ class Loader:
         self._epoch = 0
         self._start_batch = 0
         self._orders: dict[int, np.ndarray] = {}
-        self._backend = DaliBackend(self) if config.backend == "dali" else TorchBackend(self)
+        source = BackendInput(self.samples, self.index.spec, self.norm, config, self.device, self.positions,
+                              self.eval_windows, self.plan, self.report_decode_failures)
+        self._backend = DaliBackend(source) if config.backend == "dali" else TorchBackend(source)
         if self._cache is not None:  # a remote build: start downloading what the first epoch needs
             self._cache.prefetch(first_use_order(self.index, self.plan().order, rest=not self._evicting), self._epoch)
 

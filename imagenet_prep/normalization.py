@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alexprep.imagenet_prep.build_folder import BuildFolder
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.shards import SplitIndex
 from alexprep.imagenet_prep.stats import DatasetStats
@@ -55,7 +56,7 @@ def resolve_stats(root: Path, stats, index: SplitIndex) -> DatasetStats:
     if isinstance(stats, DatasetStats):
         source = "the statistics given"
     else:
-        path = Path(root) / "stats.npz" if stats is None else Path(stats)
+        path = BuildFolder(root).stats if stats is None else Path(stats)
         source = str(path)
         if stats is None and not path.exists():
             raise DataError(f"{path} is missing: run `alexprep stats {root}` first, or pass stats=")

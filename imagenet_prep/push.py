@@ -33,11 +33,11 @@ from pathlib import Path
 
 from alexprep.imagenet_prep import layout
 from alexprep.imagenet_prep import remote as rm
+from alexprep.imagenet_prep.build_folder import ROOT_FILES, BuildFolder, is_manifest, partial_name
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.shards import file_sha256, partial_name, read_split
+from alexprep.imagenet_prep.shards import file_sha256, read_split
 
 MARKS = rm.PUSH_MARKS  # the folder of upload markers beside the build (see above)
-ROOT_FILES = ("classes.json", "stats.npz", "stats.json", "stats.png")  # after the shards, before the manifests
 WORKERS = 8
 
 
@@ -73,8 +73,8 @@ def _local_files(out: Path) -> tuple[list[_File], list[_File], list[_File]]:
             partial = index.folder / partial_name(shard.name)
             if partial.exists():
                 data.append(_hashed(out, f"{split}/{partial.name}"))
-        manifests += [_hashed(out, f"{split}/{p.name}") for p in sorted(index.folder.glob("manifest*.json"))]
-    small = [_hashed(out, name) for name in ROOT_FILES if (out / name).exists()]
+        manifests += [_hashed(out, f"{split}/{p.name}") for p in BuildFolder(out).manifests(split)]
+    small = [_hashed(out, name) for name in ROOT_FILES if (out / name).exists()]  # after the shards, before the manifests
     return data, small, manifests
 
 
@@ -105,8 +105,7 @@ class _Pusher:
                 sha, _, version = mark.partition(".")
                 self.marks.setdefault(path, []).append((sha, version))
         local = {m.rel: m for m in manifests}
-        for rel in [r for r in self.listing if r.rsplit("/", 1)[-1].startswith("manifest") and r.endswith(".json")
-                    and not r.startswith(MARKS + "/")]:
+        for rel in [r for r in self.listing if is_manifest(r) and not r.startswith(MARKS + "/")]:
             mine = local.get(rel)
             if mine is not None and mine.size == self.listing[rel][0] and \
                     hashlib.sha256(self.remote.read_bytes(rel)).hexdigest() == mine.sha256:
@@ -117,7 +116,7 @@ class _Pusher:
     def needed(self, f: _File) -> bool:
         """Whether `f` must go up (see the module docstring); a HEAD request where a marker
         says the remote holds its bytes."""
-        if f.rel.rsplit("/", 1)[-1].startswith("manifest"):
+        if is_manifest(f.rel):
             return f.rel not in self.same_manifests
         if self.listing.get(f.rel, (None,))[0] != f.size:
             return True

@@ -44,78 +44,32 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Protocol
 
 import numpy as np
 
 from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.atomic import write_bytes_atomic, write_text_atomic
+from alexprep.imagenet_prep.build_folder import CLASSES, STATS, STATS_JSON, BuildFolder
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.locks import close_lock, flock, locked, open_lock
 from alexprep.imagenet_prep.shards import ShardRecord, SplitIndex, file_sha256, read_split
 
-SMALL_FILES = ("classes.json", "stats.npz", "stats.json")  # what the loaders read besides shards
+SMALL_FILES = (CLASSES, STATS, STATS_JSON)  # what the loaders read besides shards
 PREFETCH_WORKERS = 4  # parallel downloads per process: S3 serves each stream at a fraction of a NIC
 RESERVE = 1 << 30  # free space left on the cache's disk after the split is in it
 ROOM_LOCK = ".room.lock"  # in a split's folder: a size-limited cache's reservations, one at a time
 ROOM_POLL_S = 0.05  # a download waiting for room looks again this often (other processes free it)
 ROOM_WARN_S = 120  # a batch waiting this long for room says so (once): too many readers for the limit
 PREFETCH_THREAD = "alexprep-prefetch"
-# Lock descriptors open now (locked or about to be), closed in forked children. flock locks
-# belong to the open file, which a fork shares: a DataLoader worker forked while a download
-# thread held (or was about to take) a shard's lock would otherwise keep that shard locked
-# after the parent let go, until the worker exits (seen: a test hung on it). _FORK_GUARD
-# keeps a fork from landing between a descriptor's open and its registration here.
-_HELD: set[int] = set()
-_FORK_GUARD = threading.Lock()
 
 
-def _after_fork_in_child() -> None:
-    global _FORK_GUARD
-    _FORK_GUARD = threading.Lock()  # the parent's was held by the forking thread
-    for fd in list(_HELD):
-        with contextlib.suppress(OSError):
-            os.close(fd)  # the child's duplicate only: the parent's lock stands
-    _HELD.clear()
+class ShardMaps(Protocol):
+    """A process's memory maps of a split's shards (samples.SplitSamples): an EvictingCache
+    has them unmap a shard before it lets go of it, since letting go may delete the file."""
 
-
-os.register_at_fork(before=lambda: _FORK_GUARD.acquire(), after_in_parent=lambda: _FORK_GUARD.release(),
-                    after_in_child=_after_fork_in_child)
-
-
-def _open_lock(path: Path) -> int:
-    """A descriptor of lock file `path`, registered in _HELD (forked children close theirs)."""
-    with _FORK_GUARD:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        _HELD.add(fd)
-    return fd
-
-
-def _close_lock(fd: int) -> None:
-    """Close a descriptor of _open_lock, which drops its lock."""
-    with _FORK_GUARD:
-        _HELD.discard(fd)
-        os.close(fd)
-
-
-def _flock(fd: int, mode: int, wait: bool) -> bool:
-    """flock `fd` in `mode` (LOCK_SH or LOCK_EX); False at once, instead of waiting, when
-    `wait` is False and another holds it."""
-    try:
-        fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _locked(path: Path, wait: bool = True):
-    """flock `path` exclusively (as build_lock.py does: the kernel drops it if we die);
-    yields False at once instead of waiting when `wait` is False and another holds it."""
-    fd = _open_lock(path)
-    try:
-        yield _flock(fd, fcntl.LOCK_EX, wait)
-    finally:
-        _close_lock(fd)
+    def unmap(self, k: int) -> None:
+        """Drop this process's map of shard k (the split's k-th)."""
 
 
 class _Stopped(Exception):
@@ -159,7 +113,7 @@ class ShardCache:
         if shard.name in self._local:
             return True
         path = self.index.shard_path(shard)
-        with _locked(self._lock_path(shard), wait) as held:
+        with locked(self._lock_path(shard), wait) as held:
             if not held:
                 return False
             if not self._verified(shard, path):
@@ -237,7 +191,7 @@ class ShardCache:
         rel = f"{self.index.split}/{shard.name}"
         now = None
         try:
-            for manifest in self.index.folder.glob("manifest*.json"):
+            for manifest in BuildFolder(self.index.root).manifests(self.index.split):
                 listed = json.loads(self.remote.read_bytes(f"{self.index.split}/{manifest.name}"))["shards"]
                 now = next((e.get("sha256") for e in listed if e.get("name") == shard.name), now)
         except FileNotFoundError:
@@ -305,7 +259,7 @@ class ShardCache:
         not answer now is not this check's to report (True)."""
         split, listed = self.index.split, set()
         try:
-            for manifest in self.index.folder.glob("manifest*.json"):
+            for manifest in BuildFolder(self.index.root).manifests(self.index.split):
                 with self.remote.open_input(f"{split}/{manifest.name}") as f:
                     listed |= {(e["name"], e["sha256"]) for e in json.loads(f.read())["shards"]}
         except FileNotFoundError:
@@ -410,8 +364,9 @@ class EvictingCache(ShardCache):
 
     The rule, for all processes of a node (ranks, loaders): a process holds a shared flock
     on each shard it uses, from `fetch` until `release_through` lets go of it (unmapping it
-    first, `drop`); downloading or deleting a shard takes its exclusive flock, so a shard is
-    deleted only when nobody uses or downloads it: whoever lets go of it last deletes it.
+    first, through `maps`); downloading or deleting a shard takes its exclusive flock, so a
+    shard is deleted only when nobody uses or downloads it: whoever lets go of it last
+    deletes it.
     A download first waits until it fits under the limit beside every shard file of the
     split (a download counts at its full size), deleting shards nobody holds (an earlier
     run's) to make room. Background downloads stay `ahead` shards past those of the batches
@@ -421,8 +376,8 @@ class EvictingCache(ShardCache):
     """
 
     BACKGROUND_WAITS = True  # prefetch in plan order: wait for a shard another process downloads
-    _UNPICKLED = ShardCache._UNPICKLED + ("_pins", "_until", "_busy", "_queued", "drop")
-    drop = None  # drop(k): unmap shard k in this process before letting go of it (SplitSamples.unmap)
+    _UNPICKLED = ShardCache._UNPICKLED + ("_pins", "_until", "_busy", "_queued", "maps")
+    maps: ShardMaps | None = None  # this process's maps of the split's shards (the loader's SplitSamples)
 
     def __init__(self, remote: rm.RemoteFolder, index: SplitIndex, limit: int, ahead: int, workers: int | None = None):
         super().__init__(remote, index, workers)
@@ -455,7 +410,7 @@ class EvictingCache(ShardCache):
             if shard.name in self._pins:
                 return True
             self._busy.add(shard.name)
-        fd, held = _open_lock(self._lock_path(shard)), False
+        fd, held = open_lock(self._lock_path(shard)), False
         try:
             held = self._hold_verified(fd, shard, wait)
             if held:
@@ -464,7 +419,7 @@ class EvictingCache(ShardCache):
             return held
         finally:
             if not held:
-                _close_lock(fd)
+                close_lock(fd)
             with self._lock:
                 self._busy.discard(shard.name)
                 self._lock.notify_all()
@@ -474,12 +429,12 @@ class EvictingCache(ShardCache):
         exclusive lock) if it is not; False when `wait` is False and another holds it."""
         path = self.index.shard_path(shard)
         while True:
-            if not _flock(fd, fcntl.LOCK_SH, wait):
+            if not flock(fd, fcntl.LOCK_SH, wait):
                 return False
             if self.is_cached(shard):
                 return True
             fcntl.flock(fd, fcntl.LOCK_UN)
-            if not _flock(fd, fcntl.LOCK_EX, wait):
+            if not flock(fd, fcntl.LOCK_EX, wait):
                 return False
             if not self._verified(shard, path):
                 self._reserve(shard)
@@ -513,14 +468,14 @@ class EvictingCache(ShardCache):
     def _let_go(self, names: list[str], evict: bool = True) -> None:
         for name in names:
             k = self._position[name]
-            if self.drop is not None:
-                self.drop(k)
+            if self.maps is not None:
+                self.maps.unmap(k)
             with self._lock:
                 self._until.pop(name, None)
                 fd = self._pins.pop(name, None)
                 self._lock.notify_all()
             if fd is not None:
-                _close_lock(fd)
+                close_lock(fd)
             if evict:
                 self._evict(self.index.shards[k])
 
@@ -532,7 +487,7 @@ class EvictingCache(ShardCache):
         while True:
             if self._stop:
                 raise _Stopped()
-            with _locked(self.index.folder / ROOM_LOCK):
+            with locked(self.index.folder / ROOM_LOCK):
                 used, present = self._used(besides=shard.name)
                 if used + shard.bytes > self.limit:
                     used -= self._reclaim(present, used + shard.bytes - self.limit)
@@ -585,7 +540,7 @@ class EvictingCache(ShardCache):
         """Delete the shard's file, marker and any download a killed process left, unless a
         process holds or downloads it (its exclusive lock, not waited for); the bytes freed."""
         path, freed = self.index.shard_path(shard), 0
-        with _locked(self._lock_path(shard), wait=False) as free:
+        with locked(self._lock_path(shard), wait=False) as free:
             with self._lock:
                 free = free and shard.name not in self._busy
             if not free:
@@ -598,7 +553,7 @@ class EvictingCache(ShardCache):
         return freed
 
     def _publish(self, tmp: Path, path: Path) -> None:
-        with _locked(self.index.folder / ROOM_LOCK):  # a listing never misses it mid-rename
+        with locked(self.index.folder / ROOM_LOCK):  # a listing never misses it mid-rename
             os.replace(tmp, path)
 
     # -- in the background
@@ -676,13 +631,13 @@ def mirror(remote: rm.RemoteFolder, cache_dir: Path, split: str) -> tuple[SplitI
         (root / split).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cache directory {cache_dir} cannot be used ({exc})") from None
-    with _locked(root / ".lock"):
+    with locked(BuildFolder(root).lock):
         for name in SMALL_FILES:
             if name in sizes:
                 _write_if_changed(root / name, pushed_bytes(remote, name, sizes))
             else:
                 (root / name).unlink(missing_ok=True)
-        for stale in (root / split).glob("manifest*.json"):
+        for stale in BuildFolder(root).manifests(split):
             if f"{split}/{stale.name}" not in texts:
                 stale.unlink()
         for r, data in texts.items():
@@ -783,22 +738,16 @@ def _check_mount(cache_dir, limited: bool) -> None:
         warnings.warn(problem[0], RuntimeWarning, stacklevel=3)
 
 
-def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
-               in_use=None) -> tuple[SplitIndex, ShardCache | None]:
-    """A split of a build folder: a local one read in place (cache None), or a remote one
-    (a URI) through a verified cache in `cache_dir`, its shards fetched on use. Refuses,
-    before anything downloads, a remote split missing objects or too big for the cache.
+def open_split(uri: str, split: str, cache_dir, cache_limit: int | None = None,
+               in_use=None) -> tuple[SplitIndex, ShardCache]:
+    """A split of a remote build folder (a URI) through a verified cache in `cache_dir`, its
+    shards fetched on use (a local one is read in place: shards.local_folder, read_split).
+    Refuses, before anything downloads, a split missing objects or too big for the cache.
 
     `in_use(index)` -> (shards, ahead), for a reader that needs a few shards at a time:
     how many it holds at once and how many of those it fetches ahead. A split larger than
     `cache_limit` is then read through an EvictingCache, if the limit holds them."""
-    index, remote = _mirrored(root, split, cache_dir)
-    if remote is None:
-        if cache_limit is not None:  # a flag with no effect would mislead: say so
-            raise DataError(f"a cache limit applies to a remote build read through a cache directory; "
-                            f"{rm.display(root) if rm.is_uri(root) else root} is read in place: drop the limit "
-                            f"(--cache-limit, cache_limit=)")
-        return index, None
+    index, remote = _mirrored(uri, split, cache_dir)
     cache = ShardCache(remote, index)
     window = in_use(index) if in_use is not None else None
     evicting = cache.check_space(cache_limit, window)
@@ -808,20 +757,18 @@ def open_split(root, split: str, cache_dir=None, cache_limit: int | None = None,
     return index, cache
 
 
-def split_index(root, split: str, cache_dir=None) -> SplitIndex:
-    """A split's index alone (a remote one's manifests mirrored into `cache_dir`), for a
-    look at its classes or build id: no space check, nothing downloaded."""
-    return _mirrored(root, split, cache_dir)[0]
+def split_index(uri: str, split: str, cache_dir) -> SplitIndex:
+    """A remote split's index alone (its manifests mirrored into `cache_dir`), for a look at
+    its classes or build id: no space check, nothing downloaded."""
+    return _mirrored(uri, split, cache_dir)[0]
 
 
-def _mirrored(root, split: str, cache_dir) -> tuple[SplitIndex, rm.RemoteFolder | None]:
-    """The split's index, and its remote folder when it is remote (checked: every shard
-    its manifests list is there with their sizes)."""
-    if not rm.is_uri(root):
-        return read_split(Path(root), split), None
+def _mirrored(root: str, split: str, cache_dir) -> tuple[SplitIndex, rm.RemoteFolder]:
+    """The remote split's index and folder (checked: every shard its manifests list is
+    there with their sizes)."""
+    if not rm.is_uri(root):  # a bug, never the user's doing
+        raise ValueError(f"{root} is a local build folder: shards.read_split reads it in place")
     if cache_dir is None:
-        if urlsplit(root).scheme == "file":  # a mounted folder: read in place
-            return read_split(Path(urlsplit(root).path), split), None
         raise DataError(f"{rm.display(root)} is remote: give a cache directory on a local disk with room for its "
                         f"{split} shards (--cache-dir, or cache_dir=)")
     remote = rm.open_folder(root)

@@ -11,26 +11,25 @@ the class index), `wnid` (string), `key` (the source path relative to SRC); for
 which differs from row to row; raw bytes are then height x width x 3). Centre-crop shards
 have no size columns: every image is size x size, and their bytes are as before.
 
-Build folder (docs/design.md):
-    OUT/classes.json
-    OUT/<split>/<split>-00000-of-01252.arrow        a shard
-    OUT/<split>/<split>-00000-of-01252.stats.npz    its statistics partial and its record
-    OUT/<split>/manifest.json                       or manifest-part-002-of-016.json per --part
+Where shards, partials and manifests lie in a build folder, and their names: build_folder.py.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 
+from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.atomic import temporary_name
+# The names are build_folder.py's; shard_name and the others are imported from here too.
+from alexprep.imagenet_prep.build_folder import BuildFolder, manifest_name, partial_name, shard_name  # noqa: F401
 from alexprep.imagenet_prep.classes import ClassList, load_classes
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.transform import ImageSpec
@@ -39,20 +38,6 @@ FORMAT_VERSION = 1
 ROWS_PER_BATCH = 64  # record batches in a stream: small enough to bound a writer's memory
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SIZE_COLUMNS = ("height", "width")  # keep-aspect builds only
-
-
-# ---------------------------------------------------------------------------- naming
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.arrow"
-
-
-def partial_name(shard: str) -> str:
-    """The statistics partial beside a shard: train-00000-of-00010.stats.npz."""
-    return shard[: -len(".arrow")] + ".stats.npz"
-
-
-def manifest_name(part: int, parts: int) -> str:
-    return "manifest.json" if parts == 1 else f"manifest-part-{part:03d}-of-{parts:03d}.json"
 
 
 def build_id(spec: ImageSpec, shard_size: int, seed: int, classes: ClassList) -> str:
@@ -226,7 +211,7 @@ class SplitIndex:
 
     @property
     def folder(self) -> Path:
-        return self.root / self.split
+        return BuildFolder(self.root).split(self.split)
 
     @property
     def rows(self) -> int:
@@ -249,6 +234,16 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def local_folder(root, cache_dir=None) -> Path | None:
+    """Where build folder `root` is read in place: a path, or a file:// URI given no cache
+    directory (a mounted folder); None for a URI read through a cache (shard_cache.py)."""
+    if not rm.is_uri(root):
+        return Path(root)
+    if cache_dir is None and urlsplit(root).scheme == "file":
+        return Path(urlsplit(root).path)
+    return None
+
+
 def read_split(root: Path, split: str) -> SplitIndex:
     """Read every manifest of a split (a whole build or all its --part runs) as one dataset.
 
@@ -258,8 +253,8 @@ def read_split(root: Path, split: str) -> SplitIndex:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a build folder (run `alexprep build-shards SRC {root}` first)")
-    folder = root / split
-    paths = sorted(glob.glob(str(folder / "manifest*.json")))
+    folder = BuildFolder(root).split(split)
+    paths = BuildFolder(root).manifests(split)
     if not paths:
         if not folder.is_dir():
             raise DataError(f"{root} has no {split}/ split (give the build folder OUT, not OUT/{split})")
@@ -269,7 +264,7 @@ def read_split(root: Path, split: str) -> SplitIndex:
     if len(ids) > 1:
         detail = ", ".join(f"{Path(p).name}: {m['build_id']}" for p, m in zip(paths, manifests))
         raise DataError(f"{folder} mixes shards of different builds ({detail}): rebuild with one set of options")
-    classes = load_classes(root / "classes.json")
+    classes = load_classes(BuildFolder(root).classes)
     first = manifests[0]
     whole = [m for m in manifests if m["parts"] == 1]
     if whole:

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from alexprep.imagenet_prep.atomic import write_bytes_atomic
+from alexprep.imagenet_prep.build_folder import STATS, BuildFolder
 from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.shards import image_bytes_column, open_shard, read_split, row_sizes
@@ -615,14 +616,13 @@ def stats_json(stats: DatasetStats, *, source: str = "partials", split: str = "t
             "channel_mean": stats.mean_image.mean(axis=(0, 1)).tolist(),
             "min": float(stats.mean_image.min()),
             "max": float(stats.mean_image.max()),
-            "stored_in": "stats.npz",
+            "stored_in": STATS,
         } if stats.has_mean_image else NO_MEAN_IMAGE,
     }
 
 
 def stats_paths(root) -> dict[str, Path]:
-    root = Path(root)
-    return {"npz": root / "stats.npz", "json": root / "stats.json", "png": root / "stats.png"}
+    return BuildFolder(root).stats_paths()
 
 
 def write_stats(root, stats: DatasetStats, *, source: str = "partials", split: str = "train") -> dict[str, Path]:
@@ -649,16 +649,17 @@ def load_stats(root_or_path, split: str = "train") -> DatasetStats:
         if not given.exists():
             raise DataError(f"{given} is missing: give a build folder OUT (after `alexprep stats OUT`) or a stats.npz")
         return DatasetStats.load(given)
-    path = given / "stats.npz"
+    folder = BuildFolder(given)
+    path = folder.stats
     if not path.exists():
         raise DataError(f"{path} is missing: run `alexprep stats {given}` first")
     stats = DatasetStats.load(path)
-    if split == "train" and not (given / "train").is_dir() and (given / "val").is_dir():
+    if split == "train" and not folder.split("train").is_dir() and folder.split("val").is_dir():
         split = "val"  # a val-only build folder given a training set's statistics: check its build
     build = read_split(given, split).build_id
     if stats.build_id != build:
         raise DataError(f"{path} is a stats file from another build (build id {stats.build_id or 'unknown'}; "
-                        f"{given / split} is build {build}): run `alexprep stats {given}` again")
+                        f"{folder.split(split)} is build {build}): run `alexprep stats {given}` again")
     return stats
 
 

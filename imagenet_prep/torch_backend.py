@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from alexprep.imagenet_prep.batches import BatchStream
+from alexprep.imagenet_prep.batches import BackendInput, BatchStream
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.forking import frozen_gc
 from alexprep.imagenet_prep.render import (
@@ -202,21 +202,21 @@ def _as_is(item):
 class TorchBackend(BatchStream):
     """A DataLoader with persistent workers, fed one endless stream of batch plans."""
 
-    def __init__(self, loader):
-        super().__init__(loader)
-        config = loader.config
-        self.device = loader.device
+    def __init__(self, source: BackendInput):
+        super().__init__(source)
+        config = source.config
+        self.device = source.device
         gpu = self.device.type == "cuda"
-        self.decoder = pick_decoder(config.decoder, loader.index.spec.encoding)
+        self.decoder = pick_decoder(config.decoder, source.spec.encoding)
         mode = "bytes" if self.decoder == "torchvision" else "windows" if gpu else "render"
         self.mode = mode
         workers = config.threads
-        self.dataset = ShardBatches(loader.samples, config.crop, mode, norm=loader.norm, rrc=config.recipe == "rrc")
+        self.dataset = ShardBatches(source.samples, config.crop, mode, norm=source.norm, rrc=config.recipe == "rrc")
         self._sampler = _FeedSampler()
         self._dl = DataLoader(self.dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
                               collate_fn=_as_is, pin_memory=gpu, persistent_workers=workers > 0,
                               prefetch_factor=config.prefetch if workers > 0 else None)
-        self._norm_tensors = norm_tensors(loader.norm, self.device) if mode != "render" else None
+        self._norm_tensors = norm_tensors(source.norm, self.device) if mode != "render" else None
         self._squeeze = config.train or config.crops == 1
         self._iterator = None
 
@@ -230,7 +230,7 @@ class TorchBackend(BatchStream):
     def _produce(self):
         item = next(self._iterator)
         if item.failures:
-            self.loader.report_decode_failures(item.failures)
+            self.input.report_failures(item.failures)
         device, labels = self.device, item.labels
         if self.mode == "render":
             images = item.pixels
@@ -240,10 +240,10 @@ class TorchBackend(BatchStream):
             if self.mode == "bytes":
                 decoded = self._decode_batch(item.pixels, item.index)
                 if self.dataset.rrc:  # the host's copy of the windows: reading the device's is a sync
-                    crops = resized_windows_batched(decoded, item.windows[:, 0], self.loader.config.crop)
+                    crops = resized_windows_batched(decoded, item.windows[:, 0], self.input.config.crop)
                 else:  # all size x size: one gather
                     crops = cut_windows_batched(torch.stack(decoded).permute(0, 2, 3, 1), windows,
-                                                self.loader.config.crop)
+                                                self.input.config.crop)
             else:
                 crops = item.pixels.to(device, non_blocking=True)
             images = render(crops, windows, item.cmn_mean.to(device, non_blocking=True), *self._norm_tensors)
@@ -253,7 +253,7 @@ class TorchBackend(BatchStream):
 
     def _decode_batch(self, encoded: list[torch.Tensor], index: np.ndarray) -> list[torch.Tensor]:
         """(3, H, W) uint8 images on the device: the batch's JPEGs in one torchvision call."""
-        samples = self.loader.samples
+        samples = self.input.samples
         try:
             return list(decode_jpeg_batch(encoded, self.device))
         except RuntimeError:  # one bad image fails the call: decode one by one to find it
@@ -266,7 +266,7 @@ class TorchBackend(BatchStream):
                     failures.append(f"{samples.where(sample)}: {exc}")
                     shape = (3, int(samples.heights[sample]), int(samples.widths[sample]))
                     images.append(torch.full(shape, FAILED_PIXEL, dtype=torch.uint8, device=self.device))
-            self.loader.report_decode_failures(failures)
+            self.input.report_failures(failures)
             return images
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from alexprep.imagenet_prep import layout
 from alexprep.imagenet_prep import remote as rm
+from alexprep.imagenet_prep.build_folder import is_manifest
 from alexprep.imagenet_prep.devices import available_cpus
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.shards import file_sha256, image_bytes_column, open_shard, read_split, row_sizes
@@ -99,7 +100,7 @@ def _verify_remote(uri: str, decode_images: bool, on_shard, workers: int | None)
 
     remote, report = rm.open_folder(uri), VerifyReport()
     listed = remote.sizes()
-    splits = [s for s in layout.SPLITS if any(r.startswith(f"{s}/manifest") for r in listed)]
+    splits = [s for s in layout.SPLITS if any(r.startswith(f"{s}/") and is_manifest(r) for r in listed)]
     if not splits:
         raise DataError(f"{rm.display(uri)} holds no manifest of a train/ or val/ split: is it a build folder "
                         "whose push finished?")

@@ -4,8 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
-from alexprep.imagenet_prep.shard_cache import split_index
+from alexprep.imagenet_prep.loaders import eval_loader, split_index
 from alexprep.model.alexnet import AlexNet, AlexNetConfig
 from alexprep.model.config import check_value, rank_batch_size
 from alexprep.model.checkpoint import load_checkpoint, normalize_of, require_same_classes, stats_from_checkpoint
@@ -40,7 +39,7 @@ def evaluate_checkpoint(checkpoint, root, *, crops=(1, 10), split: str = "val", 
     for n in crops:
         loader = eval_loader(root, batch_size=rank_batch_size(batch_size, 1, n), device=device,
                              stats=stats, split=split, crops=n, normalize=normalize_of(ckpt),
-                             backend=pick_backend(backend), cache_dir=cache_dir, cache_limit=cache_limit)
+                             backend=backend, cache_dir=cache_dir, cache_limit=cache_limit)
         try:
             results.append(evaluate(model, loader, precision))
         finally:

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from alexprep.imagenet_prep.atomic import replace_synced, temporary_name, write_text_atomic
+from alexprep.imagenet_prep.build_folder import BuildFolder
 from alexprep.imagenet_prep.devices import device_name
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.loaders import eval_loader, pick_backend
+from alexprep.imagenet_prep.loaders import eval_loader
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.shards import SplitIndex, read_split
 from alexprep.model.checkpoint import load_checkpoint, normalize_of
@@ -114,7 +115,7 @@ def split_features(checkpoint, root, split: str, *, cache_dir=None, batch_size: 
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(Path(checkpoint))
     root = Path(root)
     index = read_split(root, split)
-    cache_dir = Path(cache_dir) if cache_dir is not None else root / "features"
+    cache_dir = Path(cache_dir) if cache_dir is not None else BuildFolder(root).features
     digest = digest or weights_digest(ckpt)
     found = cached_features(ckpt, index, cache_dir, digest)
     if found is not None:
@@ -125,7 +126,7 @@ def split_features(checkpoint, root, split: str, *, cache_dir=None, batch_size: 
         model = model_from_checkpoint(ckpt, resolve_devices((device,)))
     loader = eval_loader(root, batch_size=batch_size, device=device_name(model.input_device),
                          stats=eval_stats(ckpt, index), split=split, crops=1, normalize=normalize_of(ckpt),
-                         backend=pick_backend(backend), workers=workers)
+                         backend=backend, workers=workers)
     npy, meta = cache_paths(cache_dir, digest, split)
     tmp = temporary_name(npy)
     try:
@@ -237,7 +238,7 @@ def find_neighbors(checkpoint, root, *, queries: int = 5, k: int = 6, query_spli
     if k < 1 or queries < 1:
         raise DataError(f"--k and --queries must be at least 1 (got k={k}, queries={queries})")
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(Path(checkpoint))
-    cache = Path(cache_dir) if cache_dir is not None else Path(root) / "features"
+    cache = Path(cache_dir) if cache_dir is not None else BuildFolder(root).features
     digest = weights_digest(ckpt)
     model = None
     feats = {}

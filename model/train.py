@@ -32,7 +32,7 @@ from alexprep.imagenet_prep.atomic import remove_leftovers, write_text_atomic
 from alexprep.imagenet_prep.devices import device_name
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.fingerprint import build_identity, epoch_fingerprint
-from alexprep.imagenet_prep.loaders import Loader, eval_loader, pick_backend, train_loader
+from alexprep.imagenet_prep.loaders import Loader, eval_loader, train_loader
 from alexprep.imagenet_prep.remote import display, is_uri
 from alexprep.imagenet_prep.run_plan import RunPlan
 from alexprep.imagenet_prep.verify import verify_build
@@ -141,7 +141,7 @@ def loader_options(config: TrainConfig, ranks: Ranks, device: torch.device, cach
     """What the run's train, validation and 10-crop loaders share (a remote build's cache
     and its limit included: they are the node's, not the run's, so not in TrainConfig)."""
     return dict(device=device_name(device), rank=ranks.rank, world_size=ranks.world_size, normalize=config.normalize,
-                backend=pick_backend(config.backend), workers=config.loader_workers or None, decoder=config.decoder,
+                backend=config.backend, workers=config.loader_workers or None, decoder=config.decoder,
                 cache_dir=cache_dir, cache_limit=cache_limit)
 
 

@@ -278,7 +278,7 @@ def test_parts_run_at_once_into_one_out(slow_tree, tmp_path):
 
 
 def test_who_holds_out_is_named(photo_tree, tmp_path):
-    from alexprep.imagenet_prep.build_lock import build_lock
+    from alexprep.imagenet_prep.locks import build_lock
 
     out = tmp_path / "out"
     out.mkdir()
@@ -366,3 +366,31 @@ def test_a_real_full_tmpfs(photo_tree, photo_build, tmp_path, monkeypatch):
         assert shard_bytes(out) == shard_bytes(photo_build) and not _temporaries(out)
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_forked_child_does_not_keep_out_locked(tmp_path):
+    """A child forked while the build holds OUT (a worker, a DataLoader) closes its copy of
+    the lock's descriptor (locks.py): once the build lets go, OUT is free, child or not."""
+    from alexprep.imagenet_prep.locks import build_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    read, write = os.pipe()
+    started, ready = os.pipe()
+    with build_lock(out):
+        pid = os.fork()
+        if pid == 0:  # the child outlives the parent's hold, then exits without cleaning up
+            os.close(write)
+            os.write(ready, b"!")  # the fork's hooks have run: the child's copies are closed
+            os.read(read, 1)
+            os._exit(0)
+        assert os.read(started, 1) == b"!"
+    os.close(started)
+    os.close(ready)
+    try:
+        with build_lock(out):  # another descriptor: refused if the child still held the flock
+            pass
+    finally:
+        os.close(write)  # the child reads EOF and exits
+        os.close(read)
+        os.waitpid(pid, 0)

@@ -586,6 +586,34 @@ def test_torch_backend_counts_and_names_images_that_do_not_decode(jpeg_out, tmp_
     assert loader.decode_failures[0].startswith(str(damaged / "train" / shard) + " row 0:")
 
 
+def test_a_backend_reads_only_its_input(jpeg_out, tmp_path, closes):
+    """A backend is given a frozen BackendInput, not the loader: one made from the loader's
+    parts with another failure callback renders the loader's batches and reports there."""
+    import dataclasses
+
+    from alexprep.imagenet_prep.batches import BackendInput
+    from alexprep.imagenet_prep.torch_backend import TorchBackend
+
+    damaged, shard = _damage_first_image(jpeg_out, tmp_path)
+    loader = closes(eval_loader(damaged, batch_size=8, device="cpu", split="train", backend="torch", workers=0))
+    failures: list[str] = []
+    source = BackendInput(loader.samples, loader.index.spec, loader.norm, loader.config, loader.device,
+                          loader.positions, loader.eval_windows, loader.plan, failures.extend)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        source.plan = None
+    backend = TorchBackend(source)
+    try:
+        mine = [(x.clone(), y.clone()) for x, y in backend.run(loader.plan(0), 0)]
+    finally:
+        backend.close()
+    assert len(failures) == 1 and failures[0].startswith(str(damaged / "train" / shard) + " row 0:")
+    assert loader.decode_failure_count == 0  # the backend called its input, not the loader
+    theirs = run(loader)
+    assert len(mine) == len(theirs) == len(loader)
+    for (x, y), (x2, y2) in zip(mine, theirs):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 @pytest.mark.dali
 def test_dali_names_the_image_that_does_not_decode(jpeg_out, tmp_path, closes):
     damaged, shard = _damage_first_image(jpeg_out, tmp_path)

@@ -207,3 +207,31 @@ def test_opening_a_split_reads_its_index_not_its_images(tmp_path):
     before = _read_bytes()
     open_shard(index, index.shards[0])  # what stats and verify open to check a shard
     assert _read_bytes() - before < size // 20
+
+
+def test_build_folder_names_every_file_a_build_and_its_stats_write(stats_build):
+    """BuildFolder spells every name: what build-shards and `alexprep stats` wrote is what it lists."""
+    from alexprep.imagenet_prep.build_folder import BuildFolder, is_manifest, partial_name
+
+    folder = BuildFolder(stats_build)
+    named = {folder.classes, folder.lock, *folder.stats_paths().values()}
+    for split in ("train", "val"):
+        index = read_split(stats_build, split)
+        shards = folder.shards(split)
+        assert shards == sorted(index.shard_path(s) for s in index.shards) and shards
+        assert folder.partials(split) == [p.parent / partial_name(p.name) for p in shards]
+        assert folder.manifests(split) == [folder.manifest(split)] and is_manifest(f"{split}/manifest.json")
+        named |= {*shards, *folder.partials(split), *folder.manifests(split), folder.split(split)}
+    written = set(stats_build.rglob("*")) | set(stats_build.glob(".*"))
+    assert written == named  # nothing a build writes goes unnamed, and every name is written
+
+
+def test_local_folders_are_read_in_place(tmp_path):
+    """A path, or a file:// URI given no cache directory, is read in place; any URI given
+    a cache directory, and any other URI, goes through the cache (shard_cache.py)."""
+    from alexprep.imagenet_prep.shards import local_folder
+
+    assert local_folder(tmp_path) == tmp_path and local_folder(str(tmp_path), cache_dir=tmp_path) == tmp_path
+    assert local_folder(f"file://{tmp_path}/out") == tmp_path / "out"
+    assert local_folder(f"file://{tmp_path}/out", cache_dir=tmp_path) is None
+    assert local_folder("s3://bucket/out") is None and local_folder("s3://bucket/out", cache_dir=tmp_path) is None

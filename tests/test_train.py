@@ -652,3 +652,15 @@ def test_a_row_torn_by_a_kill_neither_breaks_nor_joins_the_next(tmp_path):
     assert [r["kind"] for r in log.rows()] == ["step", "epoch"]
     assert log.path.read_text().splitlines()[-1].startswith('{"kind": "epoch"')
 
+
+
+def test_the_loaders_resolve_the_runs_auto_backend(stats_build):
+    """TrainConfig's backend="auto" goes to the loaders as it is: they resolve it (loaders.pick_backend)."""
+    from alexprep.imagenet_prep.loaders import pick_backend
+
+    train, val = make_loaders(stats_build, TrainConfig(batch_size=8, loader_workers=0), Ranks(0, 1), torch.device("cpu"))
+    try:
+        assert train.config.backend == val.config.backend == pick_backend("auto") in ("dali", "torch")
+    finally:
+        train.close()
+        val.close()
