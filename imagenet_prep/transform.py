@@ -6,7 +6,7 @@ same mapping as resize-then-crop without rounding the intermediate size, and doe
 work. JPEGs at least twice the target are decoded at 1/2, 1/4 or 1/8 scale by libjpeg's
 DCT scaling (`Image.draft`), so big images cost a fraction of a full decode.
 
-Decisions a user should know (also in the README):
+Decisions a user should know (also in docs/build.md):
 - Files are recognised by content: a PNG named .JPEG decodes as PNG.
 - CMYK, grayscale, palette and 16-bit images become RGB.
 - Transparency is composited over white (what a viewer on a white page shows), not dropped.
