@@ -13,9 +13,10 @@ For each shorter side S this measures, on ImageNet's mix of image sizes:
    copy (`ImageSpec.target_size`, `--max-side` 2S); a stored copy larger than its original
    (an upscale) carries no more detail than the original, so a window's extent counts at
    most its original pixels. torchvision's baseline: the same draws on the originals.
-2. the bytes per image of a real build (q95 JPEG shards) of real photos (the ones that
-   ship in scikit-image and scikit-learn) cut to the same mix of sizes: the bytes a build
-   takes per image and per stored pixel.
+2. the bytes per image of a real build (q95 JPEG shards) of benchmarks/scale.py's
+   ImageNet-like JPEGs (real photos that ship in scikit-image and scikit-learn, cut to the
+   same mix of sizes, with noise and qualities that give ImageNet's mean file size): the
+   bytes a build takes per image and per stored pixel.
 
 ImageNet's mix of sizes is not on this machine: the mix is benchmarks/scale.py's (most
 photos near 500 px on the longer side, e.g. 500×375, 375×500, 500×333; 6% large up to
@@ -24,14 +25,13 @@ photos near 500 px on the longer side, e.g. 500×375, 375×500, 500×333; 6% lar
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import add_output_args, finish, machine
-from benchmarks.scale import COMMON, LARGE, QUALITIES, SHARES, SMALL
+from benchmarks.scale import COMMON, LARGE, SHARES, SMALL
 
 SIDES = (256, 320, 384, 512)
 OUTPUT = 224  # the recipe's output size
@@ -70,30 +70,23 @@ def window_table(draws: int) -> dict:
     return rows
 
 
-def write_tree(root: Path, images: int, seed: int = 0) -> None:
-    """`images` real-photo JPEGs at the mix's sizes and scale.py's qualities, in one class
-    folder per photo (root/train/<wnid>/)."""
-    from alexprep.imagenet_prep.sample_data import load_photo, photo_crop, photo_names, wnid_for
+def write_tree(root: Path, images: int) -> None:
+    """`images` ImageNet-like JPEGs in root/train/<wnid>/: benchmarks/scale.py's generator
+    (real photos cut to the mix's sizes, a colour shift, sensor-like noise, the qualities
+    and chroma subsampling of Flickr-era files; its mean file is ImageNet's ~110 KB)."""
+    from benchmarks.scale import Generator, wnid
 
-    rng = np.random.default_rng(seed)
-    mix = size_mix()
-    shares = np.array([s for _, _, s in mix]) / sum(s for _, _, s in mix)
-    names = photo_names()
-    photos = [load_photo(n) for n in names]
-    quality_shares = np.array([q[0] for q in QUALITIES])
-    for i in range(images):
-        w, h, _ = mix[int(rng.choice(len(mix), p=shares))]
-        _, lo, hi = QUALITIES[int(rng.choice(len(QUALITIES), p=quality_shares))]
-        folder = root / "train" / wnid_for(i % len(names))
+    generator = Generator()
+    for k in range(images):
+        folder = root / "train" / wnid(k % 10)
         folder.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        photo_crop(photos[i % len(names)], (w, h), rng).save(buf, format="JPEG", quality=int(rng.integers(lo, hi + 1)))
-        (folder / f"{i:05d}.JPEG").write_bytes(buf.getvalue())
+        (folder / f"{k:05d}.JPEG").write_bytes(generator.image("train", k))
 
 
 def build_costs(images: int, workers: int) -> dict:
-    """Per shorter side: a keep-aspect q95 build of the same photos, its bytes per image
-    (all shard files) and per stored pixel."""
+    """Per shorter side: a keep-aspect q95 build of the same JPEGs, its bytes per image
+    (all shard files) and per stored pixel; "source": the JPEGs themselves, what
+    torchvision reads."""
     import pyarrow as pa
 
     from alexprep.imagenet_prep.build import BuildConfig, build_shards
@@ -103,6 +96,8 @@ def build_costs(images: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="rrc-resolution-") as tmp:
         src = Path(tmp) / "src"
         write_tree(src, images)
+        files = list((src / "train").rglob("*.JPEG"))
+        rows["source"] = {"images": len(files), "bytes_per_image": sum(f.stat().st_size for f in files) / len(files)}
         for side in SIDES:
             out = Path(tmp) / f"out-{side}"
             build_shards(src, out, BuildConfig(spec=ImageSpec(resize="keep-aspect", size=side), workers=workers,
@@ -131,7 +126,7 @@ def main(argv=None) -> None:
         "machine": machine(),
         "what": "share of RandomResizedCrop(224) windows upscaled on at least one axis (width or height under 224 "
                 "in the original's pixels), drawn by imagenet_prep.rrc.draw_rrc on each keep-aspect copy "
-                "(--max-side 2S); bytes per image of keep-aspect q95 builds of real photos at the same mix",
+                "(--max-side 2S); bytes per image of keep-aspect q95 builds of scale.py's ImageNet-like JPEGs",
         "size_mix": {"source": "benchmarks/scale.py (COMMON, LARGE, SMALL, SHARES): most ImageNet train photos "
                                "are near 500 px on the longer side; an estimate, not counted from the archive",
                      "sizes": [{"width": w, "height": h, "share": s} for w, h, s in size_mix()],
@@ -142,7 +137,7 @@ def main(argv=None) -> None:
     }
     finish("rrc_resolution", payload, args)
     for key, row in windows.items():
-        cost = builds.get(key, {})
+        cost = builds.get("source" if key == "torchvision" else key, {})
         print(f"{key:>11}: {row['upscaled_share'] * 100:5.1f}% upscaled (500x375: "
               f"{row['upscaled_share_500x375'] * 100:.1f}%)"
               + (f", {cost['bytes_per_image'] / 1e3:.1f} KB per image" if cost else ""))

@@ -191,3 +191,17 @@ def test_the_train_backend_default_is_resolved_where_the_loaders_resolve_it(back
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     assert TrainConfig().backend == "auto" and LoaderConfig(batch_size=1).backend == "torch"
     assert LoaderConfig(batch_size=1, backend=backend).backend == ("torch" if backend == "auto" else backend)
+
+
+# ---------------------------------------------------------------------------- docs/loaders.md's resolution table
+def test_the_resolution_benchmark_counts_upscaled_windows_as_issue_27_found():
+    """benchmarks/rrc_resolution.py on one 500×375 photo: from a 341×256 copy most windows are
+    stretched to 224 (issue 27 found 81%), from the original a third (33%); a copy stored
+    larger than the original (shorter side 384 > 375) adds no detail, so it counts as the original."""
+    from benchmarks.rrc_resolution import upscaled_share
+
+    assert 0.79 < upscaled_share(500, 375, 256, draws=20_000) < 0.84
+    original = upscaled_share(500, 375, None, draws=20_000)
+    assert 0.31 < original < 0.36
+    assert abs(upscaled_share(500, 375, 384, draws=20_000) - original) < 0.01
+    assert upscaled_share(2048, 1536, 256, draws=20_000) > upscaled_share(2048, 1536, 512, draws=20_000) + 0.3
