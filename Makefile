@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(VENV)/bin/pytest -q tests
 
-# A minute on 2 cores: every module imported, and one behavioural test of each
+# About a minute on 2 cores: every module imported, and one behavioural test of each
 # (tests/conftest.py, FAST_TESTS). `make test` is the whole suite, what CI runs.
 test-fast: setup
 	$(VENV)/bin/pytest -q -m fast tests
