@@ -12,7 +12,7 @@ SIMD_CC := $(shell grep -q avx2 /proc/cpuinfo 2>/dev/null && echo "cc -mavx2" ||
 DALI := $(shell [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ] && echo "nvidia-dali-cuda120")
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench bench-publish ffcv-env gpu-path gpu-check gpu-fault clean
+.PHONY: setup test test-fast demo bench bench-publish ffcv-env gpu-path gpu-check gpu-fault clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -28,6 +28,11 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	$(VENV)/bin/pytest -q tests
+
+# About a minute on 2 cores: every module imported, and one behavioural test of each
+# (tests/conftest.py, FAST_TESTS). `make test` is the whole suite, what CI runs.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m fast tests
 
 demo: setup
 	$(VENV)/bin/alexprep demo

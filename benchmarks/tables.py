@@ -1,7 +1,7 @@
 """The documents' benchmark tables and numbers, made from `benchmarks/results/*.json`.
 
     python -m benchmarks.tables            # exit 1 and name the blocks that differ
-    python -m benchmarks.tables --write    # rewrite them in README.md, benchmarks/README.md, docs/design.md
+    python -m benchmarks.tables --write    # rewrite them in README.md, benchmarks/README.md, docs/*.md
 
 A block is whatever lies between `<!-- tables:NAME -->` and `<!-- /tables:NAME -->` (a
 table on lines of its own, or a number inside a sentence); NAME is a function below. The
@@ -18,7 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DOCUMENTS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "docs" / "design.md")
+# README.md, benchmarks/README.md and every page of docs/ (design.md, build.md, loaders.md, …)
+DOCUMENTS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 BLOCK = re.compile(r"<!-- tables:(?P<name>[\w-]+) -->(?P<body>.*?)<!-- /tables:(?P=name) -->", re.S)
 X = "\u00d7"  # the multiplication sign every ratio is written with
 
@@ -104,7 +105,16 @@ def headline() -> str:
          " / ".join(_resume_cell(resume[m]) for m in ("deterministic_new_process", "deterministic_same_process",
                                                       "default_same_process"))),
     ]
-    return table(("", "ratio"), rows)
+    sources = ("prep_throughput",) * 4 + ("loader_throughput",) * 3 + (
+        "loader_throughput_rrc", "train_step", "train_throughput", "gpu_check_h200", "gpu_check_h200",
+        "gpu_check_h200_followup", "gpu_check_h200")
+    assert len(sources) == len(rows)
+    return table(("", "ratio", "from"), [(*row, _result_link(s)) for row, s in zip(rows, sources)])
+
+
+def _result_link(name: str) -> str:
+    """A link from README.md to a result file (the headline table lives in README.md only)."""
+    return f"[{name}.json](benchmarks/results/{name}.json)"
 
 
 def _resume_cell(row: dict) -> str:
@@ -346,6 +356,24 @@ def relu_vs_tanh() -> str:
     return f"{min(r.values()):.2f}–{max(r.values()):.2f}{X}"
 
 
+def rrc_resolution() -> str:
+    """docs/loaders.md: per --shorter-side, the rrc windows upscaled to 224 and the bytes per image."""
+    r = load("rrc_resolution")
+    win, builds = r["windows"], r["builds"]
+    base = builds["256"]["bytes_per_image"]
+    rows = [(f"`--shorter-side {side}`" + (" (the default)" if side == "256" else ""),
+             f"{win[side]['upscaled_share'] * 100:.0f}%", f"{win[side]['upscaled_share_500x375'] * 100:.0f}%",
+             f"{builds[side]['bytes_per_image'] / 1e3:.1f} KB ({times(builds[side]['bytes_per_image'] / base)})")
+            for side in map(str, (256, 320, 384, 512))]
+    tv = win["torchvision"]
+    rows.append(("torchvision, from the original", f"{tv['upscaled_share'] * 100:.0f}%",
+                 f"{tv['upscaled_share_500x375'] * 100:.0f}%",
+                 f"{builds['source']['bytes_per_image'] / 1e3:.1f} KB ({times(builds['source']['bytes_per_image'] / base)}), "
+                 "the source JPEGs"))
+    return table(("build", "windows upscaled to 224, ImageNet's mix", "on a 500×375 original",
+                  "bytes per image (vs 256)"), rows)
+
+
 def bench_minutes() -> str:
     """What `make bench` takes, from the timings its results record (two of them do)."""
     tt, rt = load("train_throughput")["wall_s"], load("relu_vs_tanh")["seconds"]
@@ -355,7 +383,7 @@ def bench_minutes() -> str:
 
 BLOCKS = {f.__name__: f for f in (headline, shard_mb, shards, images, scale, scale_largest_build, prep_per_image,
                                   prep_whole, prep_ratios, loader, loader_ratios, rrc, model, end_to_end, remote,
-                                  remote_epoch_ratio, relu_vs_tanh, bench_minutes)}
+                                  remote_epoch_ratio, relu_vs_tanh, rrc_resolution, bench_minutes)}
 
 
 # ---------------------------------------------------------------------------- rewriting

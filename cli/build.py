@@ -46,7 +46,7 @@ class PartType(click.ParamType):
               help="keep-aspect only: the longer side's cap (a wider image gets a shorter side below "
                    "--shorter-side).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
-              help="Images per shard (26-28 MB of q95 JPEG at the default).")
+              help="Images per shard (at the default, tens of MB of q95 JPEG: docs/build.md).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the spread of samples over shards.")
 @click.option("--workers", type=click.IntRange(min=1), default=default_workers(), show_default="all cores",
               help="Worker processes.")

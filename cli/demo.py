@@ -6,7 +6,7 @@ the CPU, and the paper's 1-crop and 10-crop evaluation.
 
 The demo's recipe differs from the paper's in two places, both to learn within minutes
 on 2 cores: biases 0.1 where the paper has 1 (Caffe's choice; with 1 the loss sat at
-chance for the first 130 steps here), and batch 32 at a fixed lr 0.01 (the digits give
+chance for the first hundred-odd steps: docs/training.md), and batch 32 at a fixed lr 0.01 (the digits give
 only 11 steps an epoch at the paper's batch of 128). `alexprep train`'s defaults stay
 the paper's.
 """

@@ -42,9 +42,10 @@ from alexprep.imagenet_prep.shards import ShardRecord, ShardWriter, build_id, re
 from alexprep.imagenet_prep.stats import PartialStats
 from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, encode, load_image, pil_flavour
 
-# ~1024 images is 26-28 MB of q95 JPEG (benchmarks/results): long sequential reads (FFCV's pages are 8 MiB), about
-# 1,250 shards for ImageNet-1k so that 16-64 workers or machines each get many, a few
-# shards fit a shuffle buffer in RAM, and a crash loses at most a few seconds per worker.
+# ~1024 images is tens of MB of q95 JPEG (docs/build.md, from benchmarks/results): long
+# sequential reads (FFCV's pages are 8 MiB), about 1,250 shards for ImageNet-1k so that
+# 16-64 workers or machines each get many, a few shards fit a shuffle buffer in RAM, and a
+# crash loses at most a few seconds per worker.
 DEFAULT_SHARD_SIZE = 1024
 # Conservative bytes per image for the free-space check (q95 256x256 photos: 30-60 KB).
 JPEG_BYTES_ESTIMATE = 70_000

@@ -271,7 +271,7 @@ class Loader:
             raise DataError(f"{folder} holds --resize keep-aspect images of varying sizes; the paper's recipe "
                             f"(alexprep train and evaluate, and the loaders' default) takes {spec.size}x{spec.size} "
                             "centre-crop builds (build-shards without --resize). Keep-aspect builds feed other "
-                            "models through train_loader(..., recipe='rrc') (README, 'The RandomResizedCrop recipe')")
+                            "models through train_loader(..., recipe='rrc') (docs/loaders.md, 'The RandomResizedCrop recipe')")
         if c.recipe == "paper" and c.crop > self.size:
             raise DataError(f"crop {c.crop} is larger than the shards' {self.size}x{self.size} images")
         if c.recipe == "rrc" and not spec.keep_aspect:

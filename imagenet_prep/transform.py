@@ -6,7 +6,7 @@ same mapping as resize-then-crop without rounding the intermediate size, and doe
 work. JPEGs at least twice the target are decoded at 1/2, 1/4 or 1/8 scale by libjpeg's
 DCT scaling (`Image.draft`), so big images cost a fraction of a full decode.
 
-Decisions a user should know (also in the README):
+Decisions a user should know (also in docs/build.md):
 - Files are recognised by content: a PNG named .JPEG decodes as PNG.
 - CMYK, grayscale, palette and 16-bit images become RGB.
 - Transparency is composited over white (what a viewer on a white page shows), not dropped.
@@ -47,8 +47,8 @@ class ImageSpec:
     size: int = 256  # the paper's 256x256 (keep-aspect: the shorter side)
     encoding: str = "jpeg"  # "jpeg" (compact) or "raw" (HWC uint8, no decode cost, exact)
     quality: int = 95  # cuda-convnet2's make-data used 95
-    # Bicubic: 2.5x cheaper than Lanczos here, and the two differ by 43-53 dB PSNR on real
-    # photos, less than the q95 JPEG error itself (37-41 dB).
+    # Bicubic: cheaper than Lanczos here, and the two differ by less than the q95 JPEG error
+    # itself (the PSNRs and the cost: docs/build.md, "Each image").
     resample: str = "bicubic"
     resize: str = "center-crop"  # or "keep-aspect" (RESIZE_MODES); size is then the shorter side
     max_side: int | None = None  # keep-aspect only: the longer side's cap (default 2 * size)

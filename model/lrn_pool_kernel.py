@@ -6,8 +6,8 @@ and never writing the normalised maps; its backward reads x, the pooled gradient
 argmaxes, and writes the input's gradient, recomputing the few denominators it needs.
 
 Why: in eager PyTorch the two blocks are ~10 elementwise kernels forward and ~20 backward,
-each a pass over conv1's maps (149 MB at batch 128 in fp32): 7.4 ms of a 24.4 ms H200 step
-(benchmarks/GPU.md) where max pooling alone takes 1.0 ms. What the fused kernels take on a
+each a pass over conv1's maps (149 MB at batch 128 in fp32): on an H200 a large share of the
+step, several times what max pooling alone takes (benchmarks/GPU.md, "Results"). What the fused kernels take on a
 GPU is measured by benchmarks/gpu_check.py's `lrn` section.
 
 The contract, tested on the CPU through Triton's interpreter (tests/test_lrn_pool_kernel.py):

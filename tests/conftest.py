@@ -22,12 +22,83 @@ def _have_dali() -> bool:
     return True
 
 
+# The fast tier (`make test-fast`, `pytest -m fast`): for each module of imagenet_prep/,
+# model/ and cli/, one small behavioural test that exercises it (a test id, or a test's name
+# for all its parameters), plus the test that imports every module. tests/test_design.py
+# checks that every module has its row, that the test exists and that its file reaches the
+# module through its imports. A new module gets a row here.
+FAST_TESTS = {
+    "imagenet_prep.archives": "test_archives.py::test_a_truncated_train_tar_is_named_before_the_classes",
+    "imagenet_prep.atomic": "test_build.py::test_deterministic_byte_identical",
+    "imagenet_prep.augment": "test_augment.py::test_offsets_are_uniform_over_all_33_positions",
+    "imagenet_prep.batches": "test_loaders.py::test_train_drops_per_rank_remainders",
+    "imagenet_prep.build": "test_build.py::test_deterministic_byte_identical",
+    "imagenet_prep.build_lock": "test_build.py::test_who_holds_out_is_named",
+    "imagenet_prep.classes": "test_layout.py::test_imagefolder_labels_are_sorted_wnid_positions",
+    "imagenet_prep.dali_backend": "test_loaders.py::test_channel_normalisation_and_no_lighting[dali]",
+    "imagenet_prep.devices": "test_distributed.py::test_device_lists_under_torchrun",
+    "imagenet_prep.errors": "test_layout.py::test_val_wnid_not_in_class_list_is_named",
+    "imagenet_prep.forking": "test_loaders.py::test_torch_workers_give_the_same_batches",
+    "imagenet_prep.layout": "test_layout.py::test_imagefolder_labels_are_sorted_wnid_positions",
+    "imagenet_prep.listing": "test_layout.py::test_listing_sorts_rows_given_in_any_order",
+    "imagenet_prep.loaders": "test_docs.py::test_the_loader_example_runs_without_dali",
+    "imagenet_prep.normalization": "test_loaders.py::test_channel_normalisation_and_no_lighting[torch]",
+    "imagenet_prep.push": "test_remote.py::test_push_uploads_the_build_with_the_manifests_last",
+    "imagenet_prep.remote": "test_remote.py::test_display_masks_user_info_and_query_values_and_scrub_masks_them_in_texts",
+    "imagenet_prep.render": "test_loaders.py::test_channel_normalisation_and_no_lighting[torch]",
+    "imagenet_prep.resized_crop": "test_rrc.py::test_dct_scaled_decoding_maps_the_window_exactly",
+    "imagenet_prep.rrc": "test_rrc.py::test_windows_follow_torchvision_get_params",
+    "imagenet_prep.sample_data": "test_cli.py::test_build_then_verify",
+    "imagenet_prep.samples": "test_fast_paths.py::test_views_are_the_per_sample_views",
+    "imagenet_prep.shard_cache": "test_remote.py::test_a_cached_shard_is_reused_and_a_changed_one_fetched_again",
+    "imagenet_prep.shards": "test_shards.py::test_plain_pyarrow_reads_a_shard",
+    "imagenet_prep.stats": "test_stats.py::test_merging_in_any_order_gives_the_same_bits",
+    "imagenet_prep.stats_plot": "test_keep_aspect.py::test_stats_files_say_there_is_no_mean_image",
+    "imagenet_prep.torch_backend": "test_loaders.py::test_torch_workers_give_the_same_batches",
+    "imagenet_prep.transform": "test_transform.py::test_crop_at_imagenet_sizes_is_the_exact_centre",
+    "imagenet_prep.verify": "test_shards.py::test_verify_passes_a_good_build",
+    "model.alexnet": "test_alexnet.py::test_parameter_count_is_the_papers",
+    "model.checkpoint": "test_inspect.py::test_predictor_inputs_are_the_evaluation_loaders[1]",
+    "model.config": "test_train.py::test_the_option_table_rows_are_real_fields",
+    "model.distributed": "test_distributed.py::test_gpu_runs_get_a_cpu_backend_for_the_counters",
+    "model.evaluate": "test_evaluate.py::test_errors_worked_out_by_hand",
+    "model.figures": "test_inspect.py::test_kernel_mosaic_stretches_each_kernel_and_keeps_the_order",
+    "model.inference": "test_inspect.py::test_predictor_inputs_are_the_evaluation_loaders[1]",
+    "model.lrn_pool_kernel": "test_lrn_pool.py::test_fused_refuses_what_it_cannot_run_in_one_line",
+    "model.metrics": "test_train.py::test_a_row_torn_by_a_kill_neither_breaks_nor_joins_the_next",
+    "model.neighbors": "test_inspect.py::test_nearest_matches_brute_force_in_any_chunking",
+    "model.optim": "test_train.py::test_paper_sgd_is_the_papers_formula_and_differs_from_pytorch_at_an_lr_drop",
+    "model.predict": "test_inspect.py::test_inspect_needs_the_runs_class_list_and_an_existing_checkpoint",
+    "model.train": "test_inspect.py::test_predictor_inputs_are_the_evaluation_loaders[1]",
+    "cli.build": "test_cli.py::test_build_then_verify",
+    "cli.common": "test_cli.py::test_bad_use_is_one_line_and_exit_2",
+    "cli.demo": "test_cli.py::test_demo_without_scikit_learn_names_the_extra",
+    "cli.figures": "test_inspect.py::test_inspect_kernels_writes_a_png_of_the_set_size",
+    "cli.info": "test_cli.py::test_version_and_info",
+    "cli.main": "test_cli.py::test_every_command_has_a_summary_and_an_example",
+    "cli.predict": "test_inspect.py::test_inspect_needs_the_runs_class_list_and_an_existing_checkpoint",
+    "cli.push": "test_remote.py::test_push_command",
+    "cli.stats": "test_stats.py::test_cli_bad_input_is_one_line",
+    "cli.train": "test_train.py::test_every_train_option_reaches_its_field[batch_size]",
+}
+FAST_IMPORTS = "test_design.py::test_every_module_imports"  # the fast tier's "import all"
+
+
+def _fast(nodeid: str) -> bool:
+    """Whether a collected test (tests/<file>::<name>[<params>]) is in the fast tier."""
+    test = nodeid.partition("tests/")[2]
+    return any(test == t or test.startswith(t + "[") for t in (*FAST_TESTS.values(), FAST_IMPORTS))
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.gpu` tests skip without CUDA, `@pytest.mark.dali` ones without DALI: the
-    marker alone says what a test needs (pyproject.toml declares them)."""
+    marker alone says what a test needs (pyproject.toml declares them). FAST_TESTS get the
+    `fast` marker."""
     missing = {"gpu": None if torch.cuda.is_available() else "no CUDA device",
                "dali": None if _have_dali() else "NVIDIA DALI is not installed"}
     for item in items:
+        if _fast(item.nodeid):
+            item.add_marker(pytest.mark.fast)
         for marker, reason in missing.items():
             if reason and item.get_closest_marker(marker):
                 item.add_marker(pytest.mark.skip(reason=reason))

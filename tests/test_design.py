@@ -62,3 +62,52 @@ def test_readme_layout_names_real_folders():
     assert folders and all((ROOT / f).is_dir() for f in folders)
     for folder in ("imagenet_prep", "model", "cli", "benchmarks", "tests", "docs"):
         assert folder in folders
+
+
+# ---------------------------------------------------------------------------- the fast tier
+TIERED = ("imagenet_prep", "model", "cli")
+
+
+def tiered_modules() -> dict[str, Path]:
+    """Every module under imagenet_prep/, model/ and cli/, {"cli.main": path, …}."""
+    return {f"{folder}.{p.stem}": p for folder in TIERED for p in sorted((ROOT / folder).glob("*.py"))
+            if p.stem != "__init__"}
+
+
+def reached(start: set[str]) -> set[str]:
+    """The modules `start` imports, directly or through the modules they import."""
+    paths, seen, todo = tiered_modules(), set(), set(start)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in paths:
+            continue
+        seen.add(name)
+        todo |= own_imports(paths[name])
+    return seen
+
+
+def test_every_module_imports():
+    """The fast tier's "import all": each module imports alone, in a fresh namespace of this process."""
+    import importlib
+
+    for name in tiered_modules():
+        assert importlib.import_module(f"alexprep.{name}").__name__ == f"alexprep.{name}"
+
+
+def test_the_fast_tier_has_a_test_of_every_module():
+    """tests/conftest.py's FAST_TESTS names, for each module, a test that exists and whose
+    file reaches the module through its imports (the test file's imports, then theirs)."""
+    from tests.conftest import FAST_IMPORTS, FAST_TESTS
+
+    assert sorted(FAST_TESTS) == sorted(tiered_modules()), "add the new module's row to FAST_TESTS"
+    wrong = []
+    for module, test in sorted(FAST_TESTS.items()):
+        file, _, name = test.partition("::")
+        path = ROOT / "tests" / file
+        names = {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)}
+        if name.partition("[")[0] not in names:
+            wrong.append(f"{test} ({module}): no such test")
+        elif module not in reached(own_imports(path)):
+            wrong.append(f"{test} does not import {module}, not even through the modules it imports")
+    assert wrong == []
+    assert FAST_IMPORTS.partition("::")[2] in {n for n in globals() if n.startswith("test_")}
