@@ -17,10 +17,9 @@ import numpy as np
 
 from alexprep.imagenet_prep import augment, rrc
 from alexprep.imagenet_prep.errors import DataError
-from alexprep.imagenet_prep.loaders import LoaderConfig
+from alexprep.imagenet_prep.loaders import LoaderConfig, split_index
 from alexprep.imagenet_prep.run_plan import RunPlan
 from alexprep.imagenet_prep.samples import SplitSamples
-from alexprep.imagenet_prep.shard_cache import split_index
 from alexprep.imagenet_prep.shards import SplitIndex
 
 VERSION = "alexprep-fingerprint-1"  # changes if what is hashed, or how, ever changes

@@ -95,6 +95,23 @@ def test_predictor_inputs_are_the_evaluation_loaders(ckpt, stats_build, crops):
     assert torch.equal(ours, theirs)
 
 
+def test_evaluate_command_counts_every_val_image_as_the_predictor_scores_it(ckpt, run_dir, stats_build):
+    index = read_split(stats_build, "val")
+    inputs = normalized_crops(split_images(index, range(index.rows)), Predictor(ckpt).norm, 1)[:, 0]
+    labels = torch.tensor([label for shard in index.shards
+                           for label in open_shard(index, shard).column("label").to_pylist()])
+    with torch.no_grad():
+        logits = Predictor(ckpt).model(inputs)
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # the build has 4 classes: top-5 is all
+    result = run("evaluate", run_dir, stats_build, "--crops", "1", "--backend", "torch", "--batch-size", "3",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["count"] == index.rows and report["crops"] == 1
+    assert report["top1_error"] == pytest.approx((top5[:, 0] != labels).float().mean().item())
+    assert report["top5_error"] == pytest.approx((top5 != labels[:, None]).all(1).float().mean().item())
+
+
 def test_predict_on_files_matches_evaluation_and_reports_bad_files(ckpt, run_dir, photo_tree, photo_build_raw,
                                                                    tmp_path):
     # The raw build holds exactly what build-shards made of each source file, so the
