@@ -340,6 +340,20 @@ def fused_lrn_max_pool():
 
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in fp32
+CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # fp32 arithmetic (fp64 for fp64)
+
+
+def cpu_lrn_max_pool():
+    """The fused C++ kernel's entry point (model/lrn_pool_cpu.py) where it builds, else None.
+
+    Compiled at first use; where there is no compiler it warns once and the PyTorch path
+    runs. A relative import, as for the Triton kernel: this file copied alone runs its own
+    path."""
+    try:
+        from . import lrn_pool_cpu
+    except ImportError:
+        return None
+    return lrn_pool_cpu.lrn_max_pool if lrn_pool_cpu.kernel() is not None else None
 
 
 def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
@@ -347,16 +361,27 @@ def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: floa
                                  chunk: int | None = None, fused: bool | None = None) -> Tensor:
     """`max_pool2d(local_response_norm(x, ...), 3, 2)` without keeping the normalised maps.
 
-    `fused`: None runs the fused Triton kernel (one pass each way) for CUDA tensors of
-    FUSED_DTYPES where Triton imports, and PyTorch operations otherwise; True requires the
-    kernel; False never uses it. Under torch.compile the kernel is one opaque operator
-    (once imported: `AlexNet` imports it when placed on a GPU); without it, the formula.
+    `fused`: None runs a fused kernel (one pass each way) where one runs: the Triton kernel
+    for CUDA tensors of FUSED_DTYPES where Triton imports, the C++ kernel for CPU tensors
+    (model/lrn_pool_cpu.py; compiled at first use, and where it cannot be, the PyTorch
+    path after one warning), PyTorch operations otherwise. True requires the Triton kernel
+    (on the CPU: Triton's interpreter, for tests); False runs PyTorch operations. Under
+    torch.compile the Triton kernel is one opaque operator (once imported: `AlexNet`
+    imports it when placed on a GPU); elsewhere compiled code runs the formula.
     `chunk`: the PyTorch path's images per slice; by default the whole batch on a GPU
     (whose caching allocator reuses memory anyway) and about CPU_SLICE_BYTES of maps per
     slice on the CPU."""
     if fused is None:
         fused = (x.is_cuda and x.dtype in FUSED_DTYPES  # on the CPU, Triton is not even imported
                  and bool(_FUSED if torch.compiler.is_compiling() else fused_lrn_max_pool()))
+        if (not fused and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and x.dtype in CPU_FUSED_DTYPES and x.dim() == 4 and min(x.shape[2:]) >= POOL_KERNEL):
+            cpu_kernel = cpu_lrn_max_pool()
+            if cpu_kernel is not None:
+                if size % 2 != 1 or x.shape[1] % groups:
+                    _checked_lrn_input(x, size, groups)  # raises its own message
+                # Under autocast the output is float32, as the PyTorch path returns it.
+                return cpu_kernel(x, size, alpha, beta, k, groups, float_out=torch.is_autocast_enabled("cpu"))
     if fused:
         return _fused_call(x, size, alpha, beta, k, groups)
     x = _checked_lrn_input(x, size, groups)
@@ -414,10 +439,11 @@ class AlexNet(nn.Module):
         config: an `AlexNetConfig`, or just the number of classes; None for the paper's.
         devices: one device (both towers on it, as grouped convolutions) or two (tower t
             on `devices[t]`; the same device twice is allowed).
-        fused_lrn: the normalisation + pooling blocks as the fused Triton kernel
-            (`local_response_norm_max_pool`'s `fused`): None where it can run (CUDA,
-            Triton installed), False never, True always (the CPU runs it only in Triton's
-            interpreter). Not part of the config: both compute the same function.
+        fused_lrn: the normalisation + pooling blocks as a fused kernel
+            (`local_response_norm_max_pool`'s `fused`): None where one can run (Triton's
+            on CUDA, the C++ one on the CPU where it builds), False never (PyTorch
+            operations), True the Triton kernel always (the CPU runs it only in Triton's
+            interpreter). Not part of the config: all compute the same function.
         **overrides: `AlexNetConfig` fields replacing those of `config`, so that
             `AlexNet(num_classes=10, devices=("cpu", "cpu"))` reads naturally.
 
