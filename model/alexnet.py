@@ -547,14 +547,15 @@ class AlexNet(nn.Module):
 
     def _lrn_pool(self, hs: list[Tensor], keep_normed: bool) -> tuple[list[Tensor] | None, list[Tensor]]:
         """Response normalisation within each tower, then overlapping max pooling; the
-        normalised maps themselves only when asked for (`stages`)."""
+        normalised maps themselves only when asked for (`stages`). The pooled maps always
+        come from the same (fused) function, so that `stages()` and `forward` give the
+        same bits: a fused kernel's sums may round otherwise than norm-then-pool's."""
         groups = 2 // len(hs)  # both towers in one tensor: normalise each separately
         alpha = self.config.lrn_alpha
+        pooled = [local_response_norm_max_pool(h, alpha=alpha, groups=groups, fused=self.fused_lrn) for h in hs]
         if not keep_normed:
-            return None, [local_response_norm_max_pool(h, alpha=alpha, groups=groups, fused=self.fused_lrn)
-                          for h in hs]
-        normed = [local_response_norm(h, alpha=alpha, groups=groups) for h in hs]
-        return normed, [F.max_pool2d(h, POOL_KERNEL, POOL_STRIDE) for h in normed]
+            return None, pooled
+        return [local_response_norm(h, alpha=alpha, groups=groups) for h in hs], pooled
 
     def _run(self, x: Tensor, *, dropout: bool, stages: dict | None = None) -> list[Tensor]:
         """Everything up to fc7 (post-ReLU, after dropout if `dropout`), as a list."""
