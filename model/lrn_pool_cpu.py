@@ -34,8 +34,12 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("lrn_pool_cpu.cpp")
 # -march=native: the machine's vector width (AVX-512 where it has it). -fno-math-errno lets
 # sqrt vectorise (D >= k > 0: errno never set). No -ffast-math: it would change NaN and
-# tie handling and the order of sums.
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+# tie handling and the order of sums. -fopenmp: at::parallel_for is a header template whose
+# `#pragma omp parallel` is compiled here; without it the kernel runs on one thread. The
+# libgomp.so.1 it needs is the one torch has already loaded (same soname), so torch's
+# threads and set_num_threads are the kernel's.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 POOL, STRIDE = 3, 2
 
@@ -57,7 +61,7 @@ def _machine_tag() -> str:
                 break
     except OSError:  # not Linux
         flags = platform.processor()
-    text = "|".join((flags, platform.machine(), torch.__version__, " ".join(CFLAGS), SOURCE.read_text()))
+    text = "|".join((flags, platform.machine(), torch.__version__, " ".join(CFLAGS + LDFLAGS), SOURCE.read_text()))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -73,7 +77,7 @@ def kernel():
 
             log.info("compiling the CPU normalisation + pooling kernel (once per machine, ~15 s)")
             cpp_extension.load(name=f"alexprep_lrn_pool_{_machine_tag()}", sources=[str(SOURCE)],
-                               extra_cflags=CFLAGS, is_python_module=False, verbose=False)
+                               extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
             _OPS = torch.ops.alexprep_cpu
         except Exception as exc:  # no compiler, no ninja, a compiler error: the PyTorch path
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
