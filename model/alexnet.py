@@ -205,7 +205,8 @@ class _LocalResponseNorm(torch.autograd.Function):
 class _NormPool(torch.autograd.Function):
     """Response normalisation, then overlapping max pooling, in slices of the batch.
 
-    What training runs (`AlexNet._lrn_pool`). Only the input and the pooling's indices are
+    What training runs (`AlexNet._lrn_pool`) where no fused kernel does (`fused=False`, or
+    a CPU where the C++ kernel cannot be built). Only the input and the pooling's indices are
     kept for backward, which recomputes D and D^-β slice by slice: a slice's temporaries
     (`chunk` images) are small enough for the allocator to reuse from step to step,
     where batch-sized ones (37 MB for conv1's maps at batch 32) are fresh pages every
