@@ -94,9 +94,9 @@ def test_kernel_gradcheck_in_float64(groups, channels_last):
 @needs_kernel
 @pytest.mark.parametrize("beta", [0.5, 1.3])
 def test_kernel_other_betas_and_window_sizes(beta):
-    """β other than the paper's 0.75 take pow's path; a window of 3 and of 7."""
+    """β other than the paper's 0.75 take pow's path; windows of 1, 3 and 7."""
     x = activations((2, 9, 11, 11), 3.0, seed=21)
-    for size in (3, 7):
+    for size in (1, 3, 7):
         out, grad, want, want_grad = kernel_and_reference(x, size, 0.3, beta, K, 1)
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-5)
@@ -168,6 +168,15 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@needs_kernel
+def test_an_input_in_neither_layout_is_read_as_a_copy():
+    """Every other channel of a tensor (neither NCHW- nor channels_last-contiguous)."""
+    x = activations((2, 16, 13, 13), 3.0, seed=19)[:, ::2]
+    out, grad, want, want_grad = kernel_and_reference(x, N, 0.3, BETA, K, 2)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-5)
 
 
 @needs_kernel
