@@ -12,7 +12,7 @@
 // thread count.
 //
 // Arithmetic in float (double for double inputs); inputs float, double, bf16 or fp16.
-// Outputs are written by the caller's tensors (allocated in Python): no tensor is made here.
+// Outputs go into the caller's tensors (allocated in Python): no tensor is made here.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -339,9 +339,23 @@ void backward_cl(const g_t* grad, const in_t* x, const int8_t* idx, in_t* gx, co
 
 // ---- entry points ----------------------------------------------------------------------
 
-Params params_of(const at::Tensor& x, int64_t ho, int64_t wo, int64_t size, double alpha, double beta, double k,
-                 int64_t groups) {
-  return Params{x.size(0), x.size(1), x.size(2), x.size(3), ho, wo, x.size(1) / groups, size / 2, alpha, beta, k};
+// The kernels index raw memory: every tensor is checked here, so that a wrong call is an
+// error, never a write out of bounds.
+Params params_of(const at::Tensor& x, const at::Tensor& pooled, const at::Tensor& idx, const at::Tensor& full,
+                 int64_t size, double alpha, double beta, double k, int64_t groups, bool channels_last) {
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(x.dim() == 4 && x.size(2) >= 3 && x.size(3) >= 3, "lrn_max_pool (CPU): x must be (N, C, H>=3, W>=3)");
+  TORCH_CHECK(size >= 1 && size % 2 == 1 && groups >= 1 && x.size(1) % groups == 0,
+              "lrn_max_pool (CPU): size must be odd and C divisible by groups");
+  const std::vector<int64_t> pooled_shape{x.size(0), x.size(1), (x.size(2) - 3) / 2 + 1, (x.size(3) - 3) / 2 + 1};
+  TORCH_CHECK(pooled.sizes() == at::IntArrayRef(pooled_shape) && idx.sizes() == pooled.sizes() &&
+                  full.sizes() == x.sizes() && idx.scalar_type() == at::kChar,
+              "lrn_max_pool (CPU): the pooled maps, argmaxes (int8) and full-size tensor must match x");
+  for (const at::Tensor* t : {&x, &pooled, &idx, &full})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(fmt), "lrn_max_pool (CPU): tensors must be CPU and ",
+                channels_last ? "channels_last" : "NCHW", "-contiguous");
+  return Params{x.size(0), x.size(1), x.size(2), x.size(3), pooled.size(2), pooled.size(3), x.size(1) / groups,
+                size / 2, alpha, beta, k};
 }
 
 // The dtype pairs the Python side hands over: (x, out or grad) = (T, T) or (reduced, float).
@@ -359,7 +373,7 @@ void dispatch(const at::Tensor& x, const at::Tensor& other, F&& f) {
 
 void forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& idx, int64_t size, double alpha,
              double beta, double k, int64_t groups, bool channels_last) {
-  const Params p = params_of(x, out.size(2), out.size(3), size, alpha, beta, k, groups);
+  const Params p = params_of(x, out, idx, x, size, alpha, beta, k, groups, channels_last);
   dispatch(x, out, [&](auto in_v, auto out_v) {
     using in_t = decltype(in_v);
     using out_t = decltype(out_v);
@@ -372,7 +386,8 @@ void forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& idx, 
 
 void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& idx, const at::Tensor& gx,
               int64_t size, double alpha, double beta, double k, int64_t groups, bool channels_last) {
-  const Params p = params_of(x, grad.size(2), grad.size(3), size, alpha, beta, k, groups);
+  const Params p = params_of(x, grad, idx, gx, size, alpha, beta, k, groups, channels_last);
+  TORCH_CHECK(gx.scalar_type() == x.scalar_type(), "lrn_max_pool (CPU): the gradient must be in x's dtype");
   dispatch(x, grad, [&](auto in_v, auto g_v) {
     using in_t = decltype(in_v);
     using g_t = decltype(g_v);

@@ -233,6 +233,20 @@ def test_refuses_bad_input_in_one_line():
         local_response_norm_max_pool(torch.ones(1, 4, 7, 7), groups=3)
 
 
+@needs_kernel
+def test_the_operators_check_their_tensors_before_touching_memory():
+    """The C++ operators index raw memory: a mismatched tensor is an error, not a stray write."""
+    ops = lrn_pool_cpu.kernel()
+    x = torch.ones(2, 4, 7, 7)
+    out, idx = torch.empty(2, 4, 3, 3), torch.empty(2, 4, 3, 3, dtype=torch.int8)
+    ops.lrn_max_pool_forward(x, out, idx, N, 0.3, BETA, K, 2, False)  # the right tensors: no error
+    for bad_out, bad_idx, cl in ((torch.empty(2, 4, 2, 3), idx, False), (out, idx.long(), False), (out, idx, True)):
+        with pytest.raises(RuntimeError, match="lrn_max_pool"):
+            ops.lrn_max_pool_forward(x, bad_out, bad_idx, N, 0.3, BETA, K, 2, cl)
+    with pytest.raises(RuntimeError, match="lrn_max_pool"):
+        ops.lrn_max_pool_backward(out, x, idx, torch.empty(2, 4, 7, 6), N, 0.3, BETA, K, 2, False)
+
+
 FALLBACK = textwrap.dedent("""
     import warnings, torch
     from alexprep.model.alexnet import local_response_norm_max_pool
