@@ -14,7 +14,7 @@ own threads (`at::parallel_for`), faster than max_pool2d alone (docs/design.md, 
 
 The source (lrn_pool_cpu.cpp) is compiled at first use with the C++ compiler and ninja
 that `torch.utils.cpp_extension` finds, into torch's extension cache (~/.cache/
-torch_extensions, or $TORCH_EXTENSIONS_DIR), once per machine type: about 15 s. Where it
+torch_extensions, or $TORCH_EXTENSIONS_DIR), once per machine type: 15-40 s. Where it
 cannot be built (no compiler, no ninja) `kernel()` warns once and returns None, and
 model/alexnet.py runs its PyTorch path. `ALEXPREP_CPU_KERNEL=0` turns the kernel off.
 """
@@ -75,7 +75,7 @@ def kernel():
         try:
             from torch.utils import cpp_extension
 
-            log.info("compiling the CPU normalisation + pooling kernel (once per machine, ~15 s)")
+            log.info("compiling the CPU normalisation + pooling kernel (once per machine, 15-40 s)")
             cpp_extension.load(name=f"alexprep_lrn_pool_{_machine_tag()}", sources=[str(SOURCE)],
                                extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
             _OPS = torch.ops.alexprep_cpu

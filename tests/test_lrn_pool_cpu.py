@@ -1,6 +1,6 @@
 """The fused C++ normalisation + max-pool kernel for the CPU (model/lrn_pool_cpu.py), against
 a float64 reference written here, and the PyTorch path it falls back to where it cannot be
-built. The first test to run compiles the kernel into torch's extension cache (~15 s, once).
+built. The first test to run compiles the kernel into torch's extension cache (15-40 s, once).
 """
 from __future__ import annotations
 
