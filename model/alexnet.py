@@ -375,14 +375,8 @@ def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: floa
     if fused is None:
         fused = (x.is_cuda and x.dtype in FUSED_DTYPES  # on the CPU, Triton is not even imported
                  and bool(_FUSED if torch.compiler.is_compiling() else fused_lrn_max_pool()))
-        if (not fused and x.device.type == "cpu" and not torch.compiler.is_compiling()
-                and x.dtype in CPU_FUSED_DTYPES and x.dim() == 4 and min(x.shape[2:]) >= POOL_KERNEL):
-            cpu_kernel = cpu_lrn_max_pool()
-            if cpu_kernel is not None:
-                if size % 2 != 1 or x.shape[1] % groups:
-                    _checked_lrn_input(x, size, groups)  # raises its own message
-                # Under autocast the output is float32, as the PyTorch path returns it.
-                return cpu_kernel(x, size, alpha, beta, k, groups, float_out=torch.is_autocast_enabled("cpu"))
+        if not fused and (out := _cpu_kernel_call(x, size, alpha, beta, k, groups)) is not None:
+            return out
     if fused:
         return _fused_call(x, size, alpha, beta, k, groups)
     x = _checked_lrn_input(x, size, groups)
@@ -392,6 +386,21 @@ def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: floa
         per_image = x[0].numel() * max(x.element_size(), 4)
         chunk = x.shape[0] if x.device.type != "cpu" else max(1, CPU_SLICE_BYTES // max(per_image, 1))
     return _NormPool.apply(x, size, alpha, beta, k, groups, chunk)
+
+
+def _cpu_kernel_call(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> Tensor | None:
+    """The C++ kernel's result for a CPU tensor it takes, None where the PyTorch path must run
+    (another device or dtype, under torch.compile, maps under 3x3, no kernel built)."""
+    if (x.device.type != "cpu" or torch.compiler.is_compiling() or x.dtype not in CPU_FUSED_DTYPES
+            or x.dim() != 4 or min(x.shape[2:]) < POOL_KERNEL):
+        return None
+    cpu_kernel = cpu_lrn_max_pool()
+    if cpu_kernel is None:
+        return None
+    if size % 2 != 1 or x.shape[1] % groups:
+        _checked_lrn_input(x, size, groups)  # raises its own message
+    # Under autocast the output is float32, as the PyTorch path returns it; bf16 is read as is.
+    return cpu_kernel(x, size, alpha, beta, k, groups, float_out=torch.is_autocast_enabled("cpu"))
 
 
 def _fused_call(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> Tensor:
