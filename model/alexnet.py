@@ -205,7 +205,8 @@ class _LocalResponseNorm(torch.autograd.Function):
 class _NormPool(torch.autograd.Function):
     """Response normalisation, then overlapping max pooling, in slices of the batch.
 
-    What training runs (`AlexNet._lrn_pool`). Only the input and the pooling's indices are
+    What training runs (`AlexNet._lrn_pool`) where no fused kernel does (`fused=False`, or
+    a CPU where the C++ kernel cannot be built). Only the input and the pooling's indices are
     kept for backward, which recomputes D and D^-β slice by slice: a slice's temporaries
     (`chunk` images) are small enough for the allocator to reuse from step to step,
     where batch-sized ones (37 MB for conv1's maps at batch 32) are fresh pages every
@@ -340,6 +341,20 @@ def fused_lrn_max_pool():
 
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in fp32
+CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # fp32 arithmetic (fp64 for fp64)
+
+
+def cpu_lrn_max_pool():
+    """The fused C++ kernel's entry point (model/lrn_pool_cpu.py) where it builds, else None.
+
+    Compiled at first use; where there is no compiler it warns once and the PyTorch path
+    runs. A relative import, as for the Triton kernel: this file copied alone runs its own
+    path."""
+    try:
+        from . import lrn_pool_cpu
+    except ImportError:
+        return None
+    return lrn_pool_cpu.lrn_max_pool if lrn_pool_cpu.kernel() is not None else None
 
 
 def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
@@ -347,16 +362,21 @@ def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: floa
                                  chunk: int | None = None, fused: bool | None = None) -> Tensor:
     """`max_pool2d(local_response_norm(x, ...), 3, 2)` without keeping the normalised maps.
 
-    `fused`: None runs the fused Triton kernel (one pass each way) for CUDA tensors of
-    FUSED_DTYPES where Triton imports, and PyTorch operations otherwise; True requires the
-    kernel; False never uses it. Under torch.compile the kernel is one opaque operator
-    (once imported: `AlexNet` imports it when placed on a GPU); without it, the formula.
+    `fused`: None runs a fused kernel (one pass each way) where one runs: the Triton kernel
+    for CUDA tensors of FUSED_DTYPES where Triton imports, the C++ kernel for CPU tensors
+    (model/lrn_pool_cpu.py; compiled at first use, and where it cannot be, the PyTorch
+    path after one warning), PyTorch operations otherwise. True requires the Triton kernel
+    (on the CPU: Triton's interpreter, for tests); False runs PyTorch operations. Under
+    torch.compile the Triton kernel is one opaque operator (once imported: `AlexNet`
+    imports it when placed on a GPU); elsewhere compiled code runs the formula.
     `chunk`: the PyTorch path's images per slice; by default the whole batch on a GPU
     (whose caching allocator reuses memory anyway) and about CPU_SLICE_BYTES of maps per
     slice on the CPU."""
     if fused is None:
         fused = (x.is_cuda and x.dtype in FUSED_DTYPES  # on the CPU, Triton is not even imported
                  and bool(_FUSED if torch.compiler.is_compiling() else fused_lrn_max_pool()))
+        if not fused and (out := _cpu_kernel_call(x, size, alpha, beta, k, groups)) is not None:
+            return out
     if fused:
         return _fused_call(x, size, alpha, beta, k, groups)
     x = _checked_lrn_input(x, size, groups)
@@ -366,6 +386,21 @@ def local_response_norm_max_pool(x: Tensor, *, size: int = LRN_SIZE, alpha: floa
         per_image = x[0].numel() * max(x.element_size(), 4)
         chunk = x.shape[0] if x.device.type != "cpu" else max(1, CPU_SLICE_BYTES // max(per_image, 1))
     return _NormPool.apply(x, size, alpha, beta, k, groups, chunk)
+
+
+def _cpu_kernel_call(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> Tensor | None:
+    """The C++ kernel's result for a CPU tensor it takes, None where the PyTorch path must run
+    (another device or dtype, under torch.compile, maps under 3x3, no kernel built)."""
+    if (x.device.type != "cpu" or torch.compiler.is_compiling() or x.dtype not in CPU_FUSED_DTYPES
+            or x.dim() != 4 or min(x.shape[2:]) < POOL_KERNEL):
+        return None
+    cpu_kernel = cpu_lrn_max_pool()
+    if cpu_kernel is None:
+        return None
+    if size % 2 != 1 or x.shape[1] % groups:
+        _checked_lrn_input(x, size, groups)  # raises its own message
+    # Under autocast the output is float32, as the PyTorch path returns it; bf16 is read as is.
+    return cpu_kernel(x, size, alpha, beta, k, groups, float_out=torch.is_autocast_enabled("cpu"))
 
 
 def _fused_call(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> Tensor:
@@ -414,10 +449,11 @@ class AlexNet(nn.Module):
         config: an `AlexNetConfig`, or just the number of classes; None for the paper's.
         devices: one device (both towers on it, as grouped convolutions) or two (tower t
             on `devices[t]`; the same device twice is allowed).
-        fused_lrn: the normalisation + pooling blocks as the fused Triton kernel
-            (`local_response_norm_max_pool`'s `fused`): None where it can run (CUDA,
-            Triton installed), False never, True always (the CPU runs it only in Triton's
-            interpreter). Not part of the config: both compute the same function.
+        fused_lrn: the normalisation + pooling blocks as a fused kernel
+            (`local_response_norm_max_pool`'s `fused`): None where one can run (Triton's
+            on CUDA, the C++ one on the CPU where it builds), False never (PyTorch
+            operations), True the Triton kernel always (the CPU runs it only in Triton's
+            interpreter). Not part of the config: all compute the same function.
         **overrides: `AlexNetConfig` fields replacing those of `config`, so that
             `AlexNet(num_classes=10, devices=("cpu", "cpu"))` reads naturally.
 
@@ -521,14 +557,15 @@ class AlexNet(nn.Module):
 
     def _lrn_pool(self, hs: list[Tensor], keep_normed: bool) -> tuple[list[Tensor] | None, list[Tensor]]:
         """Response normalisation within each tower, then overlapping max pooling; the
-        normalised maps themselves only when asked for (`stages`)."""
+        normalised maps themselves only when asked for (`stages`). The pooled maps always
+        come from the same (fused) function, so that `stages()` and `forward` give the
+        same bits: a fused kernel's sums may round otherwise than norm-then-pool's."""
         groups = 2 // len(hs)  # both towers in one tensor: normalise each separately
         alpha = self.config.lrn_alpha
+        pooled = [local_response_norm_max_pool(h, alpha=alpha, groups=groups, fused=self.fused_lrn) for h in hs]
         if not keep_normed:
-            return None, [local_response_norm_max_pool(h, alpha=alpha, groups=groups, fused=self.fused_lrn)
-                          for h in hs]
-        normed = [local_response_norm(h, alpha=alpha, groups=groups) for h in hs]
-        return normed, [F.max_pool2d(h, POOL_KERNEL, POOL_STRIDE) for h in normed]
+            return None, pooled
+        return [local_response_norm(h, alpha=alpha, groups=groups) for h in hs], pooled
 
     def _run(self, x: Tensor, *, dropout: bool, stages: dict | None = None) -> list[Tensor]:
         """Everything up to fc7 (post-ReLU, after dropout if `dropout`), as a list."""

@@ -139,7 +139,9 @@ def test_lrn_defaults_are_the_papers_constants():
     a = torch.randn(2, 12, 7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 100
     want = lrn_direct(a, alpha=1e-4, n=5, k=2.0, beta=0.75)
     torch.testing.assert_close(local_response_norm(a), want, rtol=1e-12, atol=0)
-    torch.testing.assert_close(local_response_norm_max_pool(a), F.max_pool2d(want, 3, 2), rtol=1e-12, atol=0)
+    for fused in (None, False):  # the C++ kernel (in float64 arithmetic) and the PyTorch path
+        torch.testing.assert_close(local_response_norm_max_pool(a, fused=fused), F.max_pool2d(want, 3, 2),
+                                   rtol=1e-12, atol=0)
     for wrong in ({"k": 1.0}, {"n": 3}, {"n": 7}, {"alpha": 2e-5}, {"beta": 0.5}):
         other = lrn_direct(a, **{"alpha": 1e-4, "n": 5, "k": 2.0, "beta": 0.75, **wrong})
         assert not torch.allclose(other, want, rtol=1e-3, atol=0), wrong
@@ -295,8 +297,8 @@ def test_lrn_under_torch_compile_equals_eager():
 
 def _norm_pool_pair(a: torch.Tensor, upstream: torch.Tensor, fused, chunk=None, **kw):
     t = a.clone().requires_grad_()
-    if fused:
-        out = local_response_norm_max_pool(t, alpha=0.3, groups=2, chunk=chunk, **kw)
+    if fused:  # the PyTorch path (fused=False: not a fused kernel; tests/test_lrn_pool_cpu.py has the C++ one)
+        out = local_response_norm_max_pool(t, alpha=0.3, groups=2, chunk=chunk, fused=False, **kw)
     else:
         out = F.max_pool2d(local_response_norm(t, alpha=0.3, groups=2, **kw), 3, 2)
     return out, torch.autograd.grad(out, t, upstream.to(out.dtype))[0]

@@ -1,0 +1,145 @@
+"""Response normalisation then overlapping max pooling, fused in one C++ pass each way, on the CPU.
+
+`lrn_max_pool(x, size, alpha, beta, k, groups, float_out)` computes
+`max_pool2d(local_response_norm(x), 3, 2)`, differentiable once, with the contract of the
+CUDA kernel (model/lrn_pool_kernel.py): NCHW or channels_last read in place, fp32, fp64,
+bf16 or fp16 in with arithmetic in fp32 (fp64 for fp64), the output in x's dtype or fp32
+with `float_out` (autocast's rule), windows clipped at each group's channel edge, ties to
+the first maximum and NaN winning as in max_pool2d. Only x and each window's argmax (int8)
+are kept for the backward, which recomputes the denominators it needs.
+
+Why: PyTorch's own operations take about ten passes over conv1's maps forward and twenty
+backward; this is one pass each way with the normalised plane in the L1 cache, on torch's
+own threads (`at::parallel_for`), faster than max_pool2d alone (docs/design.md, "Model").
+
+The source (lrn_pool_cpu.cpp) is compiled at first use with the C++ compiler and ninja
+that `torch.utils.cpp_extension` finds, into torch's extension cache (~/.cache/
+torch_extensions, or $TORCH_EXTENSIONS_DIR), once per machine type: 15-40 s. Where it
+cannot be built (no compiler, no ninja) `kernel()` warns once and returns None, and
+model/alexnet.py runs its PyTorch path. `ALEXPREP_CPU_KERNEL=0` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("lrn_pool_cpu.cpp")
+# -march=native: the machine's vector width (AVX-512 where it has it). -fno-math-errno lets
+# sqrt vectorise (D >= k > 0: errno never set). No -ffast-math: it would change NaN and
+# tie handling and the order of sums. -fopenmp: at::parallel_for is a header template whose
+# `#pragma omp parallel` is compiled here; without it the kernel runs on one thread. The
+# libgomp.so.1 it needs is the one torch has already loaded (same soname), so torch's
+# threads and set_num_threads are the kernel's.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+POOL, STRIDE = 3, 2
+
+log = logging.getLogger(__name__)
+
+# torch.ops.alexprep_cpu once loaded, False where it could not be built, None until asked.
+_OPS = None
+
+
+def _machine_tag() -> str:
+    """A short hash of what the compiled code depends on: the CPU's instruction sets
+    (-march=native code must not be loaded on another CPU that shares the cache
+    directory), torch's version and the source."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:  # not Linux
+        flags = platform.processor()
+    text = "|".join((flags, platform.machine(), torch.__version__, " ".join(CFLAGS + LDFLAGS), SOURCE.read_text()))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def kernel():
+    """torch.ops.alexprep_cpu (compiled and loaded on the first call), or None where it
+    cannot be built (one warning) or ALEXPREP_CPU_KERNEL=0."""
+    global _OPS
+    if _OPS is None:
+        if os.environ.get("ALEXPREP_CPU_KERNEL", "1") == "0":
+            return None
+        try:
+            from torch.utils import cpp_extension
+
+            log.info("compiling the CPU normalisation + pooling kernel (once per machine, 15-40 s)")
+            cpp_extension.load(name=f"alexprep_lrn_pool_{_machine_tag()}", sources=[str(SOURCE)],
+                               extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
+            _OPS = torch.ops.alexprep_cpu
+        except Exception as exc:  # no compiler, no ninja, a compiler error: the PyTorch path
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            warnings.warn(f"alexprep: the fused CPU normalisation kernel could not be built ({reason}); "
+                          "using the slower PyTorch path", RuntimeWarning, stacklevel=2)
+            _OPS = False
+    return _OPS or None
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether x is read as channels_last (NCHW when it is both, or neither)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _fmt(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class _LrnMaxPool(torch.autograd.Function):
+    """The two C++ kernels as one differentiable operation (once: no double backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int,
+                float_out: bool) -> Tensor:
+        ops = kernel()
+        cl = _channels_last(x)
+        x = x if cl or x.is_contiguous() else x.contiguous()
+        n, c, h, w = x.shape
+        shape = (n, c, (h - POOL) // STRIDE + 1, (w - POOL) // STRIDE + 1)
+        out_dtype = torch.promote_types(x.dtype, torch.float32) if float_out else x.dtype
+        out = torch.empty(shape, dtype=out_dtype, memory_format=_fmt(cl))
+        idx = torch.empty(shape, dtype=torch.int8, memory_format=_fmt(cl))
+        if out.numel():
+            ops.lrn_max_pool_forward(x, out, idx, size, alpha, beta, k, groups, cl)
+        ctx.save_for_backward(x, idx)
+        ctx.constants = (size, alpha, beta, k, groups, cl, out_dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, idx = ctx.saved_tensors
+        size, alpha, beta, k, groups, cl, out_dtype = ctx.constants
+        # The pooled gradient in the layout of x and the argmaxes: a graph around this
+        # may hand it laid out otherwise.
+        grad = grad.to(out_dtype).contiguous(memory_format=_fmt(cl))
+        gx = torch.empty_like(x, memory_format=_fmt(cl))
+        if gx.numel():
+            kernel().lrn_max_pool_backward(grad, x, idx, gx, size, alpha, beta, k, groups, cl)
+        return gx, None, None, None, None, None, None
+
+
+def lrn_max_pool(x: Tensor, size: int, alpha: float, beta: float, k: float, groups: int,
+                 float_out: bool = False) -> Tensor:
+    """max_pool2d(lrn(x), 3, 2) for a CPU tensor (N, C, H, W) of DTYPES, H and W >= 3; needs
+    `kernel()` to have returned the operators. `alpha` is used as given (the caller picks α
+    or α/n)."""
+    if x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() != 4 or min(x.shape[2:]) < POOL:
+        raise ValueError(f"the CPU kernel takes (N, C, H >= 3, W >= 3) CPU maps of {DTYPES}, "
+                         f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+    if size % 2 != 1 or x.shape[1] % groups:
+        raise ValueError(f"size must be odd and {x.shape[1]} channels divisible by groups={groups}")
+    if kernel() is None:
+        raise RuntimeError("the CPU kernel is not available (see the warning above, or ALEXPREP_CPU_KERNEL)")
+    return _LrnMaxPool.apply(x, int(size), float(alpha), float(beta), float(k), int(groups), bool(float_out))
