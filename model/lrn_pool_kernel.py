@@ -21,8 +21,8 @@ The contract, tested on the CPU through Triton's interpreter (tests/test_lrn_poo
 
 Registered with `torch.library.custom_op` (fake and autograd registrations), so
 `torch.compile` sees one operator and does not break its graph. Importing this module
-needs Triton; model/alexnet.py uses it for CUDA tensors where it imports, and keeps its
-own eager path on the CPU.
+needs Triton; model/alexnet.py uses it for CUDA tensors where it imports; the CPU has its
+C++ twin (model/lrn_pool_cpu.py).
 """
 
 from __future__ import annotations
