@@ -69,6 +69,7 @@ FAST_TESTS = {
     "model.evaluate": "test_evaluate.py::test_errors_worked_out_by_hand",
     "model.figures": "test_inspect.py::test_kernel_mosaic_stretches_each_kernel_and_keeps_the_order",
     "model.inference": "test_inspect.py::test_predictor_inputs_are_the_evaluation_loaders[1]",
+    "model.lrn_pool_cpu": "test_lrn_pool_cpu.py::test_alexnet_on_the_cpu_runs_the_kernel_and_computes_what_the_pytorch_path_does",
     "model.lrn_pool_kernel": "test_lrn_pool.py::test_fused_refuses_what_it_cannot_run_in_one_line",
     "model.metrics": "test_train.py::test_a_row_torn_by_a_kill_neither_breaks_nor_joins_the_next",
     "model.neighbors": "test_inspect.py::test_nearest_matches_brute_force_in_any_chunking",
