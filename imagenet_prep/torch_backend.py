@@ -267,13 +267,25 @@ class TorchBackend(BatchStream):
         self.dataset = ShardBatches(source.samples, config.crop, mode, norm=source.norm, rrc=config.recipe == "rrc",
                                     slots=self._ring.slots if self._ring else None)
         self._sampler = _FeedSampler()
-        # The ring's slots are pinned once: the DataLoader's pin-memory thread would copy each.
-        self._dl = DataLoader(self.dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
-                              collate_fn=_as_is, pin_memory=gpu and self._ring is None,
-                              persistent_workers=workers > 0, prefetch_factor=config.prefetch if workers > 0 else None)
+        self._dl = self._data_loader()
         self._norm_tensors = norm_tensors(source.norm, self.device) if mode != "render" else None
         self._squeeze = config.train or config.crops == 1
         self._iterator = None
+
+    def _data_loader(self) -> DataLoader:
+        workers = self.input.config.threads
+        # The ring's slots are pinned once: the DataLoader's pin-memory thread would copy each.
+        return DataLoader(self.dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
+                          collate_fn=_as_is, pin_memory=self.device.type == "cuda" and self._ring is None,
+                          persistent_workers=workers > 0,
+                          prefetch_factor=self.input.config.prefetch if workers > 0 else None)
+
+    def rest(self) -> None:
+        """Between evaluation passes: end the workers (dropping what they fed ahead); the
+        next pass forks new ones, which find the ring where the last ones left it."""
+        self._next = None
+        self._iterator = None
+        self._dl = self._data_loader()  # the old one's iterator shuts its workers down when freed
 
     def _make_ring(self, source: BackendInput, mode: str, workers: int) -> BatchSlots:
         """One slot per batch the DataLoader may have in flight (workers x prefetch), one for

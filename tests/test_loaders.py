@@ -635,3 +635,41 @@ def test_the_default_decoder_is_pil_in_workers_on_every_device():
     else:
         with pytest.raises(DataError, match="decoder='torchvision' needs torchvision"):
             pick_decoder("torchvision", "jpeg")
+
+
+# ---------------------------------------------------------------------------- workers sized for the machine
+@pytest.mark.parametrize("cores, ranks, train, torch_eval, dali_eval", [
+    (16, 1, 14, 14, 2), (16, 8, 1, 1, 1), (2, 1, 1, 1, 1), (64, 8, 6, 6, 2), (3, 1, 1, 1, 2),
+])
+def test_workers_leave_two_cores_and_evaluation_never_adds_to_training(monkeypatch, cores, ranks, train,
+                                                                        torch_eval, dali_eval):
+    from alexprep.imagenet_prep.loaders import LoaderConfig
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    share = cores // ranks
+
+    def threads(**kwargs) -> int:
+        return LoaderConfig(batch_size=8, device="cpu", **kwargs).threads
+
+    assert threads(train=True, backend="torch") == threads(train=True, backend="dali") == train
+    assert threads(train=False, backend="torch") == torch_eval  # its workers end after each pass
+    assert threads(train=False, backend="dali") == dali_eval
+    assert train + dali_eval <= max(share, 2)  # together never more than the share (or one each)
+    assert threads(train=True, backend="torch", workers=5) == 5  # given: as given
+
+
+def test_evaluation_workers_exist_only_during_a_pass(jpeg_out, closes):
+    loader = closes(eval_loader(jpeg_out, batch_size=4, device="cpu", split="train", backend="torch", workers=2))
+    first, workers = [], []
+    for x, y in loader:
+        workers = workers or list(loader._backend._iterator._workers)
+        first.append((x.clone(), y.clone()))
+    assert len(workers) == 2
+    for worker in workers:
+        worker.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)  # ended with the pass, not idling until close
+    second = run(loader)  # new workers, the same batches
+    assert len(second) == len(first)
+    for (x, y), (x0, y0) in zip(second, first):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
