@@ -6,6 +6,10 @@ shared-memory tensor per batch costs a file, its zero-filled pages and a mapping
 process), and on CUDA the slots are page-locked once (`cudaHostRegister`), so the copy to
 the device is asynchronous and no pin-memory thread copies each batch once more.
 
+On CUDA the slots are pinned only after the workers have forked (`pin`), and unpinned
+before new ones fork (`unpin`): CUDA drivers may keep page-locked ranges out of a forked
+child (MADV_DONTFORK), which would leave a worker without its slots.
+
 When a slot may be written again (docs/design.md, "Loaders"):
 - CUDA: when the event recorded after its copy to the device has completed.
 - CPU: the trainer is handed the slot itself (no copy). A slot that something outside
@@ -34,6 +38,7 @@ class BatchSlots:
         if count < 1:
             raise ValueError(f"a ring needs at least one slot, not {count}")
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.pinned = False  # CUDA: page-locked (pin, after the workers fork)
         self.slots = [self._make() for _ in range(count)]
         self.moved = [False] * count  # replaced since the workers forked: the plan carries it
         self.replaced = 0  # slots left to a caller that kept them (CPU)
@@ -43,23 +48,39 @@ class BatchSlots:
 
     def _make(self) -> torch.Tensor:
         slot = torch.empty(self.shape, dtype=self.dtype).share_memory_()
-        if self.device.type == "cuda":
-            self._pin(slot)
+        if self.pinned:
+            self._register(slot)
         return slot
 
     @staticmethod
-    def _pin(slot: torch.Tensor) -> None:
-        # Page-locked once, so that each copy to the device is a DMA that returns at once.
-        # The memory is shared with the workers; registering it in this process alone
+    def _register(slot: torch.Tensor) -> None:
+        # Page-locked, so that each copy to the device is a DMA that returns at once. The
+        # memory is shared with the workers; registering it in this process alone
         # suffices, as only this process copies it.
-        cudart = torch.cuda.cudart()
-        code = cudart.cudaHostRegister(slot.data_ptr(), slot.untyped_storage().nbytes(), 0)
+        code = torch.cuda.cudart().cudaHostRegister(slot.data_ptr(), slot.untyped_storage().nbytes(), 0)
         if int(code) != 0:
             raise RuntimeError(f"cudaHostRegister failed with CUDA error {int(code)}")
 
-    @staticmethod
-    def _unpin(slot: torch.Tensor) -> None:
-        torch.cuda.cudart().cudaHostUnregister(slot.data_ptr())
+    def pin(self) -> None:
+        """CUDA: page-lock the slots (once the workers have forked); elsewhere nothing."""
+        if self.device.type == "cuda" and not self.pinned:
+            for slot in self.slots:
+                self._register(slot)
+            self.pinned = True
+
+    def unpin(self) -> None:
+        """Let the slots be paged again (before new workers fork), once their copies are done."""
+        self._wait_all()
+        if self.pinned:
+            for slot in self.slots:
+                torch.cuda.cudart().cudaHostUnregister(slot.data_ptr())
+            self.pinned = False
+
+    def _wait_all(self) -> None:
+        for number, event in enumerate(self._events):
+            if event is not None:
+                event.synchronize()
+                self._events[number] = None
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -97,10 +118,5 @@ class BatchSlots:
 
     def close(self) -> None:
         """Unpin and let go of the slots (their memory goes with the last reference)."""
-        for event in self._events:
-            if event is not None:
-                event.synchronize()
-        if self.device.type == "cuda":
-            for slot in self.slots:
-                self._unpin(slot)
+        self.unpin()
         self.slots, self._events, self.moved = [], [], []

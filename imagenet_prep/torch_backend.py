@@ -286,6 +286,8 @@ class TorchBackend(BatchStream):
         self._next = None
         self._iterator = None
         self._dl = self._data_loader()  # the old one's iterator shuts its workers down when freed
+        if self._ring is not None:
+            self._ring.unpin()  # before the next pass forks new workers
 
     def _make_ring(self, source: BackendInput, mode: str, workers: int) -> BatchSlots:
         """One slot per batch the DataLoader may have in flight (workers x prefetch), one for
@@ -302,6 +304,8 @@ class TorchBackend(BatchStream):
         self._sampler.feed = feed if self._ring is None else self._slotted(feed)
         with frozen_gc():  # forks the workers: see forking.py
             self._iterator = iter(self._dl)
+        if self._ring is not None:
+            self._ring.pin()  # after the fork: see batch_slots.py
 
     def _slotted(self, feed):
         """Each plan with the slot its pixels go into, taken as the DataLoader sends it out."""

@@ -112,3 +112,39 @@ def test_a_loader_after_close_unmaps_its_ring(stats_build_raw, closes):
     loader.close()
     gc.collect()
     assert mapped_shm() == maps
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:recipe='rrc' on")  # a centre-crop build: fine for comparing devices
+@pytest.mark.parametrize("recipe", ["paper", "rrc"])
+def test_cuda_batches_through_pinned_slots_equal_the_cpu_ones(stats_build_raw, closes, recipe):
+    """Real workers writing pinned slots, copied without waiting, the slots reused behind
+    their copies' events: two epochs equal the CPU's (raw shards: to float32 rounding)."""
+    kwargs = dict(batch_size=4, seed=1, backend="torch", workers=2, recipe=recipe)
+    gpu = closes(train_loader(stats_build_raw, device="cuda:0", **kwargs))
+    cpu = closes(train_loader(stats_build_raw, device="cpu", **kwargs))
+    ring = ring_of(gpu)
+    assert not any(slot.is_pinned() for slot in ring.slots)  # pinned once the workers have forked
+    for epoch in range(2):
+        gpu.set_epoch(epoch), cpu.set_epoch(epoch)
+        for (x, y), (x0, y0) in zip(gpu, cpu, strict=True):
+            assert all(slot.is_pinned() for slot in ring.slots)
+            assert x.device.type == "cuda" and torch.equal(y.cpu(), y0)
+            assert (x.cpu() - x0).abs().max() <= 1e-3
+    slot = ring.slots[0]
+    gpu.close()
+    assert not slot.is_pinned()  # unregistered on close
+
+
+@pytest.mark.gpu
+def test_cuda_evaluation_passes_repin_the_ring_around_new_workers(stats_build_raw, closes):
+    """An evaluation pass ends its workers and unpins the ring; the next forks new workers,
+    then pins it again: both passes give the same batches."""
+    loader = closes(eval_loader(stats_build_raw, batch_size=4, device="cuda:0", split="train", backend="torch",
+                                workers=2))
+    first = [(x.cpu(), y.cpu()) for x, y in loader]
+    assert not ring_of(loader).pinned
+    second = [(x.cpu(), y.cpu()) for x, y in loader]
+    assert len(first) == len(second) > 0
+    for (x, y), (x0, y0) in zip(first, second):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
