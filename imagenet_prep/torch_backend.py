@@ -17,8 +17,12 @@ the pixels are decoded and rendered depends on the device (`decoder`):
   pays where a host has few cores per GPU.
 
 With recipe="rrc" each window is resized to the output size where it is decoded
-(resized_crop.py: PIL in the workers, or torch on the device after torchvision's decode),
-then flipped and normalised by the same code as the paper's crops.
+(resized_crop.py: PIL in the workers on the CPU, or torch on the device after
+torchvision's decode), then flipped and normalised by the same code as the paper's crops.
+On CUDA with PIL decoding ("canvas" mode) the workers only decode and cut each window
+(DCT-scaled where PIL's path is) onto a canvas, and the device resizes the whole batch in
+one batched call (`resized_crop.resized_canvases`, within a level of PIL), from boxes the
+workers computed: no host sync.
 
 The pixels reach the main process through a ring of shared-memory batch slots made once
 (batch_slots.py; pinned once on CUDA): a worker writes its batch into the slot its plan
@@ -42,7 +46,7 @@ from alexprep.imagenet_prep.forking import frozen_gc
 from alexprep.imagenet_prep.render import (
     cpu_norm_arrays, cut_windows, cut_windows_batched, norm_tensors, render, render_one,
 )
-from alexprep.imagenet_prep.resized_crop import resized_window, resized_windows_batched
+from alexprep.imagenet_prep.resized_crop import resized_canvases, resized_window, resized_windows_batched, window_pixels
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.transform import decode
 
@@ -109,6 +113,7 @@ class SlotBatch(NamedTuple):
     index: np.ndarray
     which: tuple
     failures: list
+    boxes: np.ndarray | None = None  # "canvas": (B, 6) float64 (x0, y0, x1, y1, width, height)
 
 
 class ShardBatches(Dataset):
@@ -183,12 +188,31 @@ class ShardBatches(Dataset):
         if len(batch) > slot.shape[0] or batch.windows.shape[1] != slot.shape[1]:  # a bug, never the user's
             raise RuntimeError(f"batch of {len(batch)} x {batch.windows.shape[1]} does not fit slot {tuple(slot.shape)}")
         failures: list[str] = []
-        self._write(batch, slot, failures)
+        boxes = self._write(batch, slot, failures)
         return SlotBatch(number, np.asarray(batch.labels, np.int64), np.asarray(batch.windows, np.int64),
-                         np.asarray(batch.cmn_mean, np.float32), batch.index, (batch.epoch, batch.number), failures)
+                         np.asarray(batch.cmn_mean, np.float32), batch.index, (batch.epoch, batch.number), failures,
+                         boxes)
 
-    def _write(self, batch, out: torch.Tensor, failures: list) -> None:
-        """The batch's pixels into `out`: finished images ("render") or uint8 windows."""
+    def _canvas(self, sample: int, window: np.ndarray, out: np.ndarray, failures: list) -> tuple:
+        """recipe="rrc" on CUDA: the window's pixels onto the canvas `out` (top left); its
+        box there and their (width, height)."""
+        samples = self._samples()
+        shape = (int(samples.heights[sample]), int(samples.widths[sample]))
+        try:
+            pixels, box = window_pixels(samples.view(sample), self.spec, shape, window, self.crop)
+        except Exception as exc:  # as _decode
+            failures.append(f"{samples.where(sample)}: {type(exc).__name__}: {exc}")
+            pixels, box = np.full((self.crop, self.crop, 3), FAILED_PIXEL, np.uint8), (0, 0, self.crop, self.crop)
+        h, w = pixels.shape[:2]
+        out[:h, :w] = pixels
+        return (*box, w, h)
+
+    def _write(self, batch, out: torch.Tensor, failures: list) -> np.ndarray | None:
+        """The batch's pixels into `out`: finished images ("render"), uint8 windows, or the
+        rrc windows uncut ("canvas", whose boxes it returns)."""
+        if self.mode == "canvas":
+            return np.array([self._canvas(sample, batch.windows[i, 0], out[i, 0].numpy(), failures)
+                             for i, sample in enumerate(batch.index)], np.float64).reshape(-1, 6)
         if self.mode == "render":  # CPU device: finished here, in parallel across workers
             if self._norm_arrays is None:
                 self._norm_arrays = cpu_norm_arrays(self.norm)
@@ -220,15 +244,23 @@ class ShardBatches(Dataset):
         return done(out)
 
 
-def pixel_shape(mode: str, batch_size: int, crops: int, crop: int) -> tuple:
-    """A batch's pixels: finished (B, K, 3, c, c) images ("render") or (B, K, c, c, 3) windows."""
+def pixel_shape(mode: str, batch_size: int, crops: int, crop: int, canvas: tuple[int, int] = (0, 0)) -> tuple:
+    """A batch's pixels: finished (B, K, 3, c, c) images ("render"), (B, K, c, c, 3) windows,
+    or (B, 1, H, W, 3) canvases as large as the split's largest image ("canvas")."""
     if mode == "render":
         return batch_size, crops, 3, crop, crop
+    if mode == "canvas":
+        return batch_size, 1, *canvas, 3
     return batch_size, crops, crop, crop, 3
 
 
 def pixel_dtype(mode: str) -> torch.dtype:
     return torch.float32 if mode == "render" else torch.uint8
+
+
+def flipped(crops: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """(B, c, c, 3) crops mirrored where flip (B,) is set, on the device: no host sync."""
+    return torch.where(flip.bool()[:, None, None, None], crops.flip(2), crops)
 
 
 class _FeedSampler(Sampler):
@@ -261,6 +293,8 @@ class TorchBackend(BatchStream):
         gpu = self.device.type == "cuda"
         self.decoder = pick_decoder(config.decoder, source.spec.encoding)
         mode = "bytes" if self.decoder == "torchvision" else "windows" if gpu else "render"
+        if mode == "windows" and config.recipe == "rrc" and self.handoff == "slots":
+            mode = "canvas"  # resized on the device
         self.mode = mode
         workers = config.threads
         self._ring = self._make_ring(source, mode, workers) if mode != "bytes" and self.handoff == "slots" else None
@@ -295,7 +329,8 @@ class TorchBackend(BatchStream):
         a slot's turn comes again only after its batch was handed over two steps ago."""
         config = source.config
         crops = 1 if source.eval_windows is None else len(source.eval_windows)
-        shape = pixel_shape(mode, config.batch_size, crops, config.crop)
+        canvas = (int(source.samples.heights.max()), int(source.samples.widths.max())) if mode == "canvas" else (0, 0)
+        shape = pixel_shape(mode, config.batch_size, crops, config.crop, canvas)
         return BatchSlots(workers * config.prefetch + 2, shape, pixel_dtype(mode), self.device)
 
     def _restart(self, feed) -> None:
@@ -352,6 +387,9 @@ class TorchBackend(BatchStream):
             self._ring.copied(item.slot)  # the slot is written again once this copy completes
             labels = labels.to(device, non_blocking=True)  # pageable: a staged copy, 8 bytes an image
             windows = torch.from_numpy(item.windows).to(device, non_blocking=True)
+            if self.mode == "canvas":  # rrc: every window resized in one batched call, then flipped
+                boxes = torch.from_numpy(item.boxes).to(device, non_blocking=True)
+                crops = flipped(resized_canvases(crops[:, 0], boxes, self.input.config.crop), windows[:, 0, 4])[:, None]
             images = render(crops, windows, torch.from_numpy(item.cmn_mean).to(device, non_blocking=True),
                             *self._norm_tensors)
         if self._squeeze:

@@ -119,10 +119,12 @@ def test_a_loader_after_close_unmaps_its_ring(stats_build_raw, closes):
 @pytest.mark.parametrize("recipe", ["paper", "rrc"])
 def test_cuda_batches_through_pinned_slots_equal_the_cpu_ones(stats_build_raw, closes, recipe):
     """Real workers writing pinned slots, copied without waiting, the slots reused behind
-    their copies' events: two epochs equal the CPU's (raw shards: to float32 rounding)."""
+    their copies' events: two epochs equal the CPU's (raw shards: to float32 rounding; rrc:
+    windows cut in the workers, resized on the device, within a level of PIL)."""
     kwargs = dict(batch_size=4, seed=1, backend="torch", workers=2, recipe=recipe)
     gpu = closes(train_loader(stats_build_raw, device="cuda:0", **kwargs))
     cpu = closes(train_loader(stats_build_raw, device="cpu", **kwargs))
+    assert gpu._backend.mode == ("canvas" if recipe == "rrc" else "windows")
     ring = ring_of(gpu)
     assert not any(slot.is_pinned() for slot in ring.slots)  # pinned once the workers have forked
     for epoch in range(2):
@@ -130,7 +132,11 @@ def test_cuda_batches_through_pinned_slots_equal_the_cpu_ones(stats_build_raw, c
         for (x, y), (x0, y0) in zip(gpu, cpu, strict=True):
             assert all(slot.is_pinned() for slot in ring.slots)
             assert x.device.type == "cuda" and torch.equal(y.cpu(), y0)
-            assert (x.cpu() - x0).abs().max() <= 1e-3
+            d = (x.cpu() - x0).abs()
+            if recipe == "paper":
+                assert d.max() <= 1e-3
+            else:  # the device resizes in one batched call: within a level of PIL (a level / std ~ 0.02)
+                assert d.max() <= 0.05 and d.mean() <= 0.005
     slot = ring.slots[0]
     gpu.close()
     assert not slot.is_pinned()  # unregistered on close

@@ -673,3 +673,28 @@ def test_evaluation_workers_exist_only_during_a_pass(jpeg_out, closes):
     assert len(second) == len(first)
     for (x, y), (x0, y0) in zip(second, first):
         assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+@pytest.mark.filterwarnings("ignore:recipe='rrc' on")  # a centre-crop build: its windows are what matters
+def test_rrc_canvases_resized_in_one_batched_call_are_pils_within_a_level(jpeg_out):
+    """CUDA's rrc path, run on the CPU: workers cut each window onto a canvas (DCT-scaled
+    where PIL's path is), one batched resize and flip; against the workers' PIL resize."""
+    from alexprep.imagenet_prep.resized_crop import resized_canvases
+    from alexprep.imagenet_prep.torch_backend import ShardBatches, flipped, pixel_shape
+
+    size = 64  # windows of 128+ pixels a side are decoded DCT-scaled
+    loader = train_loader(jpeg_out, batch_size=16, device="cpu", seed=2, backend="torch", workers=0, recipe="rrc",
+                          size=size)
+    try:
+        for batch in loader.plan(0)[:2]:
+            pil = ShardBatches(loader.samples, size, "windows", rrc=True)[batch].pixels[:, 0]
+            slot = torch.zeros(pixel_shape("canvas", len(batch), 1, size, (SIZE, SIZE)), dtype=torch.uint8)
+            cut = ShardBatches(loader.samples, size, "canvas", rrc=True, slots=[slot])[(batch, 0, None)]
+            assert cut.slot == 0 and cut.boxes.shape == (len(batch), 6)
+            crops = flipped(resized_canvases(slot[:, 0], torch.from_numpy(cut.boxes), size),
+                            torch.from_numpy(cut.windows[:, 0, 4]))
+            d = (crops.int() - pil.int()).abs()
+            assert d.max() <= 1 and d.float().mean() <= 0.05, (d.max(), d.float().mean())
+            assert (cut.boxes[:, 4] < batch.windows[:, 0, 2]).any()  # some were decoded DCT-scaled
+    finally:
+        loader.close()
