@@ -931,7 +931,30 @@ class Check:
                        "before issue 25, 'slots' the ring; target: slots <= 1/3 of fresh", "rows": rows}
         if len(rows) == 2:
             out["slots_over_fresh"] = round(rows[1]["us_per_image"] / rows[0]["us_per_image"], 4)
+        if time.monotonic() < deadline:
+            out["rrc_device_vs_cpu"] = self._rrc_agreement()
         return out
+
+    def _rrc_agreement(self) -> dict:
+        """recipe="rrc": the device's batches (windows cut in the workers, resized on the
+        device in one batched call) against the CPU's (PIL in the workers), two batches."""
+        diffs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rrc on a centre-crop build: its windows are what matters
+            made = [train_loader(self.jpeg, batch_size=self.sizes.batch, device=d, seed=0, backend="torch",
+                                 recipe="rrc", workers=2) for d in (str(self.device), "cpu")]
+        try:
+            for (x, _), (x0, _) in zip(*made):
+                diffs.append((x.cpu() - x0).abs())
+                if len(diffs) == 2:
+                    break
+            d = torch.stack(diffs)
+            return {"mode": getattr(made[0]._backend, "mode", None), "max": round(float(d.max()), 5),
+                    "mean": round(float(d.mean()), 6), "tolerance": "a level of PIL: max <= 0.05, mean <= 0.005",
+                    "within": bool(d.max() <= 0.05 and d.mean() <= 0.005)}
+        finally:
+            for loader in made:
+                loader.close()
 
     # ------------------------------------------------------------------------- trainer
     def _config(self, **kw) -> TrainConfig:

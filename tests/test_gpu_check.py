@@ -72,6 +72,7 @@ def test_what_must_run_on_the_cpu_ran(smoke):
     handoff = {r["name"]: r for r in sections["handoff"]["rows"]}
     assert handoff["fresh"]["us_per_image"] > 0 and handoff["slots"]["us_per_image"] > 0
     assert sections["handoff"]["slots_over_fresh"] > 0
+    assert sections["handoff"]["rrc_device_vs_cpu"]["within"]
     trainer = sections["trainer"]["rows"][0]
     assert trainer["images_per_s_wall"] > 0 and 0 <= trainer["data_wait_fraction"] <= 1
     raw = next(r for r in sections["trainer"]["rows"] if r["name"] == "bf16_channels_last_raw")
