@@ -1206,7 +1206,8 @@ class Check:
         """Whether --sections asks for `name` (the data section comes with any that needs it)."""
         asked = self.args.sections
         if name == "data":
-            return asked is None or bool(set(asked) & {"data", "syncs", "loader", "handoff", "trainer", "resume", "eval"})
+            needs_data = {"data", "syncs", "loader", "handoff", "trainer", "resume", "eval"}
+            return asked is None or bool(set(asked) & needs_data)
         return asked is None or name in asked
 
     def close(self) -> None:

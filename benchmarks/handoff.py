@@ -193,9 +193,9 @@ def main(argv=None) -> None:
     name = "handoff" if args.device == "cpu" else "handoff_cuda"
     finish(name, payload, args)
     alone = payload["handoff_alone"]
-    print(f"hand-off alone, µs/image (wall, cpu): fresh {alone['fresh']['wall_us_per_image']['median']:.1f}, "
-          f"{alone['fresh']['cpu_us_per_image']['median']:.1f}; slots {alone['slots']['wall_us_per_image']['median']:.1f}, "
-          f"{alone['slots']['cpu_us_per_image']['median']:.1f}; fill {alone['fill_us_per_image']:.1f}")
+    costs = "; ".join(f"{kind} {alone[kind]['wall_us_per_image']['median']:.1f}, "
+                      f"{alone[kind]['cpu_us_per_image']['median']:.1f}" for kind in HANDOFFS)
+    print(f"hand-off alone, µs/image (wall, cpu): {costs}; fill {alone['fill_us_per_image']:.1f}")
     for recipe, r in payload["loader"].items():
         print(f"loader {recipe}: fresh {r['fresh']['median']:.0f} img/s, slots {r['slots']['median']:.0f} img/s")
 

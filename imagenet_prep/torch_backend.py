@@ -186,7 +186,8 @@ class ShardBatches(Dataset):
             self.slots[number] = moved
         slot = self.slots[number]
         if len(batch) > slot.shape[0] or batch.windows.shape[1] != slot.shape[1]:  # a bug, never the user's
-            raise RuntimeError(f"batch of {len(batch)} x {batch.windows.shape[1]} does not fit slot {tuple(slot.shape)}")
+            raise RuntimeError(f"batch of {len(batch)} x {batch.windows.shape[1]} does not fit "
+                               f"slot {tuple(slot.shape)}")
         failures: list[str] = []
         boxes = self._write(batch, slot, failures)
         return SlotBatch(number, np.asarray(batch.labels, np.int64), np.asarray(batch.windows, np.int64),
