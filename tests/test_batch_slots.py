@@ -154,3 +154,21 @@ def test_cuda_evaluation_passes_repin_the_ring_around_new_workers(stats_build_ra
     assert len(first) == len(second) > 0
     for (x, y), (x0, y0) in zip(first, second):
         assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_ctrl_c_mid_epoch_then_close_leaves_nothing(stats_build_raw):
+    gc.collect()
+    files, maps = shm_files(), mapped_shm()
+    loader = train_loader(stats_build_raw, batch_size=4, device="cpu", seed=0, backend="torch", workers=2)
+    workers = []
+    with pytest.raises(KeyboardInterrupt) as raised:
+        for x, _ in loader:
+            workers = workers or list(loader._backend._iterator._workers)
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C while the trainer holds a batch
+    del raised, x, _
+    loader.close()
+    gc.collect()
+    for worker in workers:
+        worker.join(timeout=10)
+    assert len(workers) == 2 and not any(w.is_alive() for w in workers)
+    assert shm_files() == files and mapped_shm() == maps
