@@ -21,6 +21,10 @@ from the same run:
   outputs and gradients compared (fp32, TF32 off; tolerances in the JSON), and its speed;
 - loader: the torch backend's training batches/s on the device: PIL decoding in workers
   and nvJPEG decoding (torchvision) on JPEG shards, and raw shards;
+- handoff: the torch backend's batch hand-off alone (workers do no pixel work), µs per
+  image to the device: per-batch shared tensors + pin-memory thread against the ring of
+  pinned slots (issue 25); the loader section also times one core's decode-only rate and
+  sets issue 25's targets beside the raw and JPEG rows;
 - trainer: `alexprep train`'s own loop (model/train.py) for a few hundred steps: images/s
   and the fraction of wall time spent waiting for data (goal on a GPU: under 5%);
 - resume: N steps uninterrupted against N/2, a mid-epoch checkpoint, and a resume to N:
@@ -127,8 +131,8 @@ from alexprep.model.train import train  # noqa: E402
 
 MB = 2**20
 CLASSES = 10
-SECTIONS = ("machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "trainer", "resume", "eval",
-            "digits", "compile")
+SECTIONS = ("machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "handoff", "trainer", "resume",
+            "eval", "digits", "compile")
 # The model section's contenders: ours (towers as grouped convolutions, as one device runs
 # them; the fused Triton LRN + pool where Triton imports), the same with the LRN + pool as
 # PyTorch operations, ours with the towers as two separate halves on the same device,
@@ -145,7 +149,13 @@ TRAINER_RUNS = {
     "bf16_channels_last": dict(precision="bf16", channels_last=True),
     "fp32_compiled": dict(compile=True),
     "bf16_channels_last_compiled": dict(precision="bf16", channels_last=True, compile=True),
+    # The fastest eager setting on raw shards (no decoding): is the GPU ever waiting for data?
+    "bf16_channels_last_raw": dict(precision="bf16", channels_last=True, shards="raw"),
 }
+# Issue 25's targets for the loader section (H200 + 16 cores): raw shards, images/s; JPEG
+# shards, a share of (training workers x one core's decode-only rate).
+LOADER_RAW_TARGET = 30_000
+LOADER_JPEG_SHARE = 0.9
 # scikit-learn's sample photos: the only real photos on the lent GPU machine (no scikit-image).
 PHOTOS = ("china", "flower")
 
@@ -380,7 +390,8 @@ class Check:
         out = {"photos": list(PHOTOS), "classes": CLASSES, "source_images": n, "corpus_s": round(corpus_s, 2)}
         workers = max(1, self.args.cpu_workers)
         shard = 256 if self.gpu else 8
-        for encoding, splits, limit in (("jpeg", ("train", "val"), None), ("raw", ("train",), s.raw_images)):
+        # raw has a val split too: the trainer validates at each epoch's end.
+        for encoding, splits, limit in (("jpeg", ("train", "val"), None), ("raw", ("train", "val"), s.raw_images)):
             folder = self.work / f"out-{encoding}"
             tree = src if limit is None else self._subset(src, limit)
             t = time.perf_counter()
@@ -400,11 +411,11 @@ class Check:
         return out
 
     def _subset(self, src: Path, n: int) -> Path:
-        """A tree of the first n train images (hard links), for the raw build."""
+        """A tree of the first n train images and every val image (hard links), for the raw build."""
         sub = self.work / "src-raw"
-        files = sorted((src / "train").rglob("*.JPEG"))[:n]
+        files = sorted((src / "train").rglob("*.JPEG"))[:n] + sorted((src / "val").rglob("*.JPEG"))
         for f in files:
-            dest = sub / "train" / f.parent.name / f.name
+            dest = sub / f.relative_to(src)
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(f, dest)
@@ -824,10 +835,126 @@ class Check:
         for r in rows:
             if base and r.get("images_per_s"):
                 r["vs_jpeg_pil"] = round(r["images_per_s"] / base, 3)
+        one_core = self._decode_one_core(deadline)
+        rows.append(one_core)
+        self._loader_targets(rows, one_core.get("images_per_s"))
         return {"what": "train_loader(backend='torch') batches on the device, images/s after warm-up "
                         "(workers started, nvJPEG initialised); 'pil' decodes in CPU workers, 'torchvision' "
                         "decodes each batch with nvJPEG on the GPU (CPU on a CPU device); raw shards "
                         "need no decoding", "rows": rows}
+
+    def _decode_one_core(self, deadline) -> dict:
+        """One core's decode-only rate: the JPEG shards' images decoded by PIL in this
+        process, one after another (what one loader worker could do at best)."""
+        from alexprep.imagenet_prep.transform import decode
+
+        loader = train_loader(self.jpeg, batch_size=self.sizes.batch, device="cpu", seed=0, backend="torch",
+                              workers=0)
+        try:
+            samples, spec = loader.samples, loader.index.spec
+            n = min(len(samples), 2000)
+            decode(samples.view(0), spec)  # warm
+            t, done = time.perf_counter(), 0
+            while done < n and (done < 20 or time.monotonic() < deadline):
+                decode(samples.view(done % len(samples)), spec)
+                done += 1
+            rate = done / (time.perf_counter() - t)
+        finally:
+            loader.close()
+        return {"name": "jpeg/decode_one_core", "images_per_s": round(rate, 1), "images": done}
+
+    def _loader_targets(self, rows: list[dict], one_core: float | None) -> None:
+        """Issue 25's targets beside the rows they judge (meaningful on the GPU machine)."""
+        from alexprep.imagenet_prep.devices import training_workers
+
+        workers = training_workers()
+        for r in rows:
+            if r.get("name") == "raw/pil" and r.get("images_per_s"):
+                r.update(target_images_per_s=LOADER_RAW_TARGET, meets_target=r["images_per_s"] >= LOADER_RAW_TARGET)
+            if r.get("name") == "jpeg/pil" and r.get("images_per_s") and one_core:
+                target = round(LOADER_JPEG_SHARE * workers * one_core, 1)
+                r.update(target_images_per_s=target, meets_target=r["images_per_s"] >= target,
+                         target_rule=f"{LOADER_JPEG_SHARE} x {workers} training workers x one core's decode-only rate")
+
+    # ------------------------------------------------------------------------- handoff
+    @contextlib.contextmanager
+    def _handoff_kind(self, kind: str):
+        """Loaders made inside use the torch backend's hand-off `kind` ("fresh": a shared tensor
+        per batch and the pin-memory thread; "slots": the ring), their workers doing no pixel
+        work but one fill of the batch (forked workers inherit the patched method)."""
+        from alexprep.imagenet_prep.torch_backend import ShardBatches, TorchBackend
+
+        saved = TorchBackend.handoff, ShardBatches._write
+        TorchBackend.handoff = kind
+        ShardBatches._write = lambda self, batch, out, failures: out[:len(batch)].fill_(1)
+        try:
+            yield
+        finally:
+            TorchBackend.handoff, ShardBatches._write = saved
+
+    def _handoff_rate(self, kind: str, deadline) -> float:
+        s, device = self.sizes, self.device
+        with self._handoff_kind(kind):
+            loader = train_loader(self.raw, batch_size=s.batch, device=str(device), seed=0, backend="torch", workers=1)
+        try:
+            got, images, t = 0, 0, None
+            while got < s.loader_warmup + s.loader_batches and time.monotonic() < deadline:
+                for x, y in loader:
+                    got += 1
+                    if got == s.loader_warmup:
+                        sync(device)
+                        t = time.perf_counter()
+                    elif t is not None:
+                        images += len(y)
+                    if got >= s.loader_warmup + s.loader_batches or time.monotonic() > deadline:
+                        break
+            sync(device)
+            if not images:
+                raise RuntimeError("out of this section's time before any timed batch")
+            return 1e6 * (time.perf_counter() - t) / images
+        finally:
+            loader.close()
+
+    def handoff(self, deadline) -> dict:
+        """The torch backend's hand-off alone: per-batch shared tensors + pin-memory thread
+        ("fresh") against the ring of pinned slots ("slots"), alternately, twice each."""
+        runs: dict[str, list[float]] = {"fresh": [], "slots": []}
+        for _ in range(2):
+            for kind in runs:
+                if time.monotonic() < deadline:
+                    runs[kind].append(self._handoff_rate(kind, deadline))
+        rows = [{"name": kind, "us_per_image": round(statistics.median(v), 2), "runs": [round(x, 2) for x in v]}
+                for kind, v in runs.items() if v]
+        out = {"what": "train_loader(backend='torch', workers=1) over raw shards whose worker only fills each "
+                       "batch (no decoding or cutting): wall µs per image from the worker's finished batch to "
+                       "the rendered batch on the device (synchronised at the end); 'fresh' is the hand-off "
+                       "before issue 25, 'slots' the ring; target: slots <= 1/3 of fresh", "rows": rows}
+        if len(rows) == 2:
+            out["slots_over_fresh"] = round(rows[1]["us_per_image"] / rows[0]["us_per_image"], 4)
+        if time.monotonic() < deadline:
+            out["rrc_device_vs_cpu"] = self._rrc_agreement()
+        return out
+
+    def _rrc_agreement(self) -> dict:
+        """recipe="rrc": the device's batches (windows cut in the workers, resized on the
+        device in one batched call) against the CPU's (PIL in the workers), two batches."""
+        diffs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rrc on a centre-crop build: its windows are what matters
+            made = [train_loader(self.jpeg, batch_size=self.sizes.batch, device=d, seed=0, backend="torch",
+                                 recipe="rrc", workers=2) for d in (str(self.device), "cpu")]
+        try:
+            for (x, _), (x0, _) in zip(*made):
+                diffs.append((x.cpu() - x0).abs())
+                if len(diffs) == 2:
+                    break
+            d = torch.stack(diffs)
+            return {"mode": getattr(made[0]._backend, "mode", None), "max": round(float(d.max()), 5),
+                    "mean": round(float(d.mean()), 6), "tolerance": "a level of PIL: max <= 0.05, mean <= 0.005",
+                    "within": bool(d.max() <= 0.05 and d.mean() <= 0.005)}
+        finally:
+            for loader in made:
+                loader.close()
 
     # ------------------------------------------------------------------------- trainer
     def _config(self, **kw) -> TrainConfig:
@@ -837,16 +964,16 @@ class Check:
         base.update(kw)
         return TrainConfig(**base)
 
-    def _train_run(self, name: str, config: TrainConfig) -> dict:
+    def _train_run(self, name: str, config: TrainConfig, shards: str = "jpeg") -> dict:
         s = self.sizes
         run_dir = self.work / "runs" / name
         t = time.perf_counter()
-        peak = train_in_new_process(self.jpeg, run_dir, config, self.device)
+        peak = train_in_new_process(self.raw if shards == "raw" else self.jpeg, run_dir, config, self.device)
         wall = time.perf_counter() - t
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if r["kind"] == "step"]
         epochs = [r for r in rows if r["kind"] == "epoch"]
-        row = {"name": name, "precision": config.precision, "channels_last": config.channels_last,
+        row = {"name": name, "shards": shards, "precision": config.precision, "channels_last": config.channels_last,
                "compile": config.compile, "decoder": config.decoder, "log_every": config.log_every,
                "steps": config.max_steps, "batch": config.batch_size,
                "run_s": round(wall, 2), "epoch_ends": len(epochs), **peak}
@@ -889,7 +1016,8 @@ class Check:
 
     def trainer(self, deadline) -> dict:
         s = self.sizes
-        runs = [(name, kw, name == "fp32" or not s.smoke) for name, kw in TRAINER_RUNS.items()
+        smoked = ("fp32", "bf16_channels_last_raw")  # the smoke runs the first and the raw shards' run
+        runs = [(name, kw, name in smoked or not s.smoke) for name, kw in TRAINER_RUNS.items()
                 if self.args.trainer_runs is None or name in self.args.trainer_runs]
         rows = []
         for name, kw, wanted in runs:
@@ -902,7 +1030,9 @@ class Check:
                 continue
             try:
                 steps = s.trainer_steps if not rows else max(s.trainer_steps // 3, s.trainer_warmup + 2)
-                rows.append(self._train_run(name, self._config(max_steps=steps, **kw)))
+                kw = dict(kw)
+                shards = kw.pop("shards", "jpeg")
+                rows.append(self._train_run(name, self._config(max_steps=steps, **kw), shards))
             except Exception as exc:
                 rows.append({"name": name, "error": reason(exc), "traceback": traceback.format_exc()[-2000:]})
             free_cuda()
@@ -1057,6 +1187,7 @@ class Check:
             if self.wanted(name):
                 self.section(name, fn, cap)
         for name, fn, cap in (("syncs", self.syncs, a.cap_syncs), ("loader", self.loader, a.cap_loader),
+                              ("handoff", self.handoff, a.cap_handoff),
                               ("trainer", self.trainer, a.cap_trainer), ("resume", self.resume, a.cap_resume),
                               ("eval", self.eval, a.cap_eval), ("digits", self.digits, a.cap_digits),
                               ("compile", self.compile, 600)):
@@ -1075,7 +1206,8 @@ class Check:
         """Whether --sections asks for `name` (the data section comes with any that needs it)."""
         asked = self.args.sections
         if name == "data":
-            return asked is None or bool(set(asked) & {"data", "syncs", "loader", "trainer", "resume", "eval"})
+            needs_data = {"data", "syncs", "loader", "handoff", "trainer", "resume", "eval"}
+            return asked is None or bool(set(asked) & needs_data)
         return asked is None or name in asked
 
     def close(self) -> None:
@@ -1367,6 +1499,8 @@ def summary(result: dict) -> dict:
         out["one_device images/s"] = two.get("one_device", {}).get("images_per_s")
     for r in rows("loader"):
         out[f"loader {r['name']}"] = r.get("images_per_s", r.get("skipped") or r.get("error"))
+    for r in rows("handoff"):
+        out[f"handoff {r['name']} us/image"] = r["us_per_image"]
     for r in rows("trainer"):
         out[f"trainer {r['name']}"] = r.get("images_per_s_wall", r.get("skipped") or r.get("error"))
         if "data_wait_fraction" in r:
@@ -1410,7 +1544,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, (allowed, default, what) in lists.items():
         parser.add_argument(f"--{name.replace('_', '-')}", default=default, help=f"{what}, of {','.join(allowed)}")
     for name, cap in (("data", 60), ("lrn", 40), ("convs", 60), ("model", 60), ("syncs", 60), ("two-device", 40),
-                      ("loader", 45), ("trainer", 75), ("resume", 90), ("eval", 30), ("digits", 90)):
+                      ("loader", 45), ("handoff", 40), ("trainer", 75), ("resume", 90), ("eval", 30), ("digits", 90)):
         parser.add_argument(f"--cap-{name}", type=float, default=cap, help=f"section cap, s (default {cap})")
     args = parser.parse_args(argv)
     for name, (allowed, _, _) in lists.items():  # "a,b" -> ["a", "b"], each one of `allowed`

@@ -137,6 +137,10 @@ class BatchStream(abc.ABC):
             self._restart(iter(()))
             self._next = None
 
+    def rest(self) -> None:
+        """An evaluation pass is over. The torch backend ends its workers (the next pass
+        starts them again); DALI keeps its pipeline."""
+
     def _iterate(self, generation: int, epoch: int, numbers: range):
         dtype = torch_dtype(self.input.config.dtype)
         last = len(numbers) and numbers[-1]

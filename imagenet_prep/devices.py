@@ -8,6 +8,9 @@ import re
 from alexprep.imagenet_prep.errors import DataError
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Cores of a rank's share left to its main process (the training loop, the copies to the
+# device, the batch plans) and to the rest of the machine, not to loader workers.
+SPARE_CORES = 2
 
 
 def available_cpus() -> int:
@@ -30,6 +33,21 @@ def cpu_share() -> int:
     """This rank's share of the machine's CPUs: each of the ranks on one machine gets an
     equal part, so that 8 ranks do not each start a pool as large as the machine."""
     return max(1, available_cpus() // local_world_size())
+
+
+def training_workers() -> int:
+    """A training loader's workers (DataLoader processes or DALI threads): this rank's
+    share less SPARE_CORES, at least one."""
+    return max(1, cpu_share() - SPARE_CORES)
+
+
+def evaluation_workers(ends_between_passes: bool) -> int:
+    """An evaluation loader's workers, sized so that training's and evaluation's never
+    want more cores together than the rank has: as many as training's where they exist
+    only during a pass (training's idle meanwhile), else what training leaves over."""
+    if ends_between_passes:
+        return training_workers()
+    return max(1, cpu_share() - training_workers())
 
 
 def parse_device(device) -> tuple[str, int | None]:

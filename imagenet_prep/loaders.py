@@ -37,7 +37,9 @@ from alexprep.imagenet_prep import augment, rrc, shard_cache
 from alexprep.imagenet_prep import remote as rm
 from alexprep.imagenet_prep.batches import BackendInput, Batch, EpochPlan
 from alexprep.imagenet_prep.dali_backend import DaliBackend
-from alexprep.imagenet_prep.devices import check_device, cpu_share, dtype_name, local_world_size, parse_device, DTYPES
+from alexprep.imagenet_prep.devices import (
+    check_device, dtype_name, evaluation_workers, local_world_size, parse_device, training_workers, DTYPES,
+)
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.normalization import NORMALIZE, Normalization, resolve_stats
 from alexprep.imagenet_prep.samples import SplitSamples
@@ -110,7 +112,7 @@ class LoaderConfig:
     world_size: int = 1
     dtype: str = "float32"  # of the images; "bfloat16"/"float16" for GPU training
     crop: int = augment.CROP  # 224: the paper's input (the images are the shards' size)
-    workers: int | None = None  # DALI threads / DataLoader processes; None: devices.cpu_share()
+    workers: int | None = None  # DALI threads / DataLoader processes; None: sized by devices (`threads`)
     prefetch: int = 2  # batches prepared ahead (DALI's prefetch_queue_depth)
     decoder: str = "auto"  # torch backend: "pil" (workers), "torchvision" (batched, nvJPEG on CUDA)
     recipe: str = "paper"  # or "rrc": RandomResizedCrop of keep-aspect images to crop x crop
@@ -171,11 +173,12 @@ class LoaderConfig:
 
     @property
     def threads(self) -> int:
-        """DALI threads or DataLoader workers: this rank's share of the CPUs, half of it for
-        evaluation (which runs while the training loader idles, and not for long)."""
+        """DALI threads or DataLoader workers: this rank's CPUs less two in training; in
+        evaluation as many where the torch backend ends its workers after each pass, else
+        what training leaves (devices.evaluation_workers)."""
         if self.workers is not None:
             return self.workers
-        return cpu_share() if self.train else max(1, cpu_share() // 2)
+        return training_workers() if self.train else evaluation_workers(self.backend == "torch")
 
     @property
     def batches_in_flight(self) -> int:
@@ -392,7 +395,15 @@ class Loader:
                                                  rest=not self._evicting), plan.epoch)
         self._epoch, self._start_batch = self._epoch + 1, 0  # a broken-off epoch still advances
         batches = self._backend.run(plan, start)
+        if not self.config.train:
+            batches = self._resting(batches)
         return self._releasing(batches, plan.epoch, start) if self._evicting else batches
+
+    def _resting(self, batches):
+        """An evaluation pass, after which the backend stops working ahead: evaluation's
+        workers hold no cores between passes, which training's need (docs/design.md, "Loaders")."""
+        yield from batches
+        self._backend.rest()
 
     def close(self) -> None:
         """Stop worker processes and free the pipeline (also done when collected)."""

@@ -36,13 +36,13 @@ def draft_scale(w: int, h: int, size: int) -> int:
     return 1
 
 
-def resized_window(data, spec: ImageSpec, shape: tuple[int, int], window, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: window (x, y, w, h) of one stored image (shard bytes and its
-    (height, width)), resized; not flipped."""
+def window_pixels(data, spec: ImageSpec, shape: tuple[int, int], window, size: int) -> tuple[np.ndarray, tuple]:
+    """What `resized_window` resizes: (pixels (h, w, 3) uint8, box (x0, y0, x1, y1) in them).
+    The window itself and its whole box, or for a JPEG window decoded DCT-scaled the hull of
+    whole drafted pixels it touches and its fractional box there."""
     x, y, w, h = (int(v) for v in window[:4])
     if spec.encoding == "raw":
-        pixels = decode(data, spec, shape)
-        return np.asarray(Image.fromarray(pixels[y:y + h, x:x + w]).resize((size, size), FILTER))
+        return decode(data, spec, shape)[y:y + h, x:x + w], (0, 0, w, h)
     with Image.open(io.BytesIO(data)) as img:
         s = draft_scale(w, h, size) if img.format == "JPEG" else 1
         if s > 1:
@@ -51,11 +51,54 @@ def resized_window(data, spec: ImageSpec, shape: tuple[int, int], window, size: 
             s = full_width / box[2]  # the scale libjpeg applied (draft's box: the file's size / s)
         img = img.convert("RGB")
         if s == 1:
-            return np.asarray(img.crop((x, y, x + w, y + h)).resize((size, size), FILTER))
+            return np.asarray(img.crop((x, y, x + w, y + h))), (0, 0, w, h)
         left, top = math.floor(x / s), math.floor(y / s)
         hull = img.crop((left, top, math.ceil((x + w) / s), math.ceil((y + h) / s)))
-        box = (x / s - left, y / s - top, (x + w) / s - left, (y + h) / s - top)
-        return np.asarray(hull.resize((size, size), FILTER, box=box))
+        return np.asarray(hull), (x / s - left, y / s - top, (x + w) / s - left, (y + h) / s - top)
+
+
+def resized_window(data, spec: ImageSpec, shape: tuple[int, int], window, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: window (x, y, w, h) of one stored image (shard bytes and its
+    (height, width)), resized; not flipped."""
+    pixels, box = window_pixels(data, spec, shape, window, size)
+    return np.asarray(Image.fromarray(pixels).resize((size, size), FILTER, box=box))
+
+
+def pil_bilinear_weights(start: torch.Tensor, stop: torch.Tensor, extent: torch.Tensor, size: int,
+                         length: int) -> torch.Tensor:
+    """(B, size, length): PIL's antialiased bilinear coefficients (Resample.c,
+    precompute_coeffs) resizing [start, stop) of each of B inputs `extent` pixels long to
+    `size`; taps past `extent` (the canvas beyond the image) weigh 0. Computed where the
+    inputs are, from tensors: no host sync."""
+    dtype = torch.float64 if start.device.type == "cpu" else torch.float32
+    start, stop, extent = start.to(dtype), stop.to(dtype), extent.to(dtype)
+    scale = (stop - start) / size  # (B,)
+    filterscale = scale.clamp(min=1.0)  # widened when shrinking: the antialiasing
+    out = torch.arange(size, dtype=dtype, device=start.device)
+    centers = start[:, None] + (out[None, :] + 0.5) * scale[:, None]  # (B, size)
+    first = torch.trunc(centers - filterscale[:, None] + 0.5).clamp(min=0)
+    last = torch.minimum(torch.trunc(centers + filterscale[:, None] + 0.5), extent[:, None])
+    x = torch.arange(length, dtype=dtype, device=start.device)
+    weights = (1 - ((x - centers[..., None] + 0.5) / filterscale[:, None, None]).abs()).clamp(min=0)
+    weights = weights * ((x >= first[..., None]) & (x < last[..., None]))
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def _round_u8(x: torch.Tensor) -> torch.Tensor:
+    return (x + 0.5).floor_().clamp_(0, 255)  # PIL rounds half up, then clips
+
+
+def resized_canvases(canvas: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, size, size, 3) uint8 from `window_pixels`' outputs on (B, H, W, 3) uint8 canvases
+    (each at the top left) and their (B, 6) rows (x0, y0, x1, y1, width, height): the whole
+    batch in two batched matrix products, columns then rows with a uint8 rounding between,
+    as PIL does (within a level of PIL's fixed-point arithmetic)."""
+    b, height, width, _ = canvas.shape
+    wx = pil_bilinear_weights(boxes[:, 0], boxes[:, 2], boxes[:, 4], size, width)  # (B, size, W)
+    wy = pil_bilinear_weights(boxes[:, 1], boxes[:, 3], boxes[:, 5], size, height)  # (B, size, H)
+    pixels = canvas.to(wx.dtype)
+    across = _round_u8(torch.einsum("bow,bhwc->bhoc", wx, pixels))  # (B, H, size, 3)
+    return _round_u8(torch.einsum("boh,bhwc->bowc", wy, across)).to(torch.uint8)
 
 
 def resized_windows_batched(images: list[torch.Tensor], windows: torch.Tensor, size: int) -> torch.Tensor:

@@ -17,8 +17,16 @@ the pixels are decoded and rendered depends on the device (`decoder`):
   pays where a host has few cores per GPU.
 
 With recipe="rrc" each window is resized to the output size where it is decoded
-(resized_crop.py: PIL in the workers, or torch on the device after torchvision's decode),
-then flipped and normalised by the same code as the paper's crops.
+(resized_crop.py: PIL in the workers on the CPU, or torch on the device after
+torchvision's decode), then flipped and normalised by the same code as the paper's crops.
+On CUDA with PIL decoding ("canvas" mode) the workers only decode and cut each window
+(DCT-scaled where PIL's path is) onto a canvas, and the device resizes the whole batch in
+one batched call (`resized_crop.resized_canvases`, within a level of PIL), from boxes the
+workers computed: no host sync.
+
+The pixels reach the main process through a ring of shared-memory batch slots made once
+(batch_slots.py; pinned once on CUDA): a worker writes its batch into the slot its plan
+names and returns the slot's number, the plan's labels and windows as small arrays.
 
 A sample that does not decode is fed as a mid-grey image and counted; the loader reports
 it with its shard and row (`Loader.decode_failures`).
@@ -31,13 +39,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from alexprep.imagenet_prep.batch_slots import BatchSlots
 from alexprep.imagenet_prep.batches import BackendInput, BatchStream
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.forking import frozen_gc
 from alexprep.imagenet_prep.render import (
     cpu_norm_arrays, cut_windows, cut_windows_batched, norm_tensors, render, render_one,
 )
-from alexprep.imagenet_prep.resized_crop import resized_window, resized_windows_batched
+from alexprep.imagenet_prep.resized_crop import resized_canvases, resized_window, resized_windows_batched, window_pixels
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.transform import decode
 
@@ -93,12 +102,27 @@ class WorkerBatch(NamedTuple):
     failures: list  # "shard row: reason" of the images that did not decode
 
 
+class SlotBatch(NamedTuple):
+    """What a worker hands the main process for a batch it wrote into a slot: no tensor
+    (each would be a shared-memory file of its own), only numbers and small arrays."""
+
+    slot: int  # the BatchSlots slot holding the pixels
+    labels: np.ndarray  # (B,) int64
+    windows: np.ndarray  # (B, K, 3) int64
+    cmn_mean: np.ndarray  # (B, 3) float32
+    index: np.ndarray
+    which: tuple
+    failures: list
+    boxes: np.ndarray | None = None  # "canvas": (B, 6) float64 (x0, y0, x1, y1, width, height)
+
+
 class ShardBatches(Dataset):
     """dataset[batch] -> the batch's pixels in the form `mode` asks for; indexed by `Batch`
     plans, not ints. Modes: "render" (finished float32 images), "windows" (uint8 windows,
     cut and flipped) or "bytes" (each image's encoded bytes, for torchvision)."""
 
-    def __init__(self, samples: SplitSamples, crop: int, mode: str, norm=None, rrc: bool = False):
+    def __init__(self, samples: SplitSamples, crop: int, mode: str, norm=None, rrc: bool = False, slots=None):
+        self.slots = slots  # BatchSlots.slots: the tensors the workers write batches into
         self.samples = samples  # dropped when pickled, re-opened in the worker
         self.fetch = samples.fetch  # a remote build's cache (shard_cache.ShardCache), or None
         self.transient = samples.transient  # a size-limited cache: workers map shards per batch
@@ -146,12 +170,60 @@ class ShardBatches(Dataset):
             return self._decode(sample, failures), windows
         return self._resized(sample, windows[0], failures), np.array([[0, 0, windows[0, 4]]], np.int64)
 
-    def __getitem__(self, batch):
+    def __getitem__(self, item):
+        """item: a `Batch` (its pixels in a fresh tensor), or (Batch, slot number, the slot's
+        tensor or None) from TorchBackend's feed (its pixels into that slot)."""
         try:
-            return self._get(batch)
+            if isinstance(item, tuple):
+                return self._into_slot(*item)
+            return self._get(item)
         finally:
             if get_worker_info() is not None:  # the main process lets go of its shards (loaders._releasing)
                 self._samples().let_go()
+
+    def _into_slot(self, batch, number: int, moved) -> SlotBatch:
+        if moved is not None:  # the ring replaced this slot after the workers were forked
+            self.slots[number] = moved
+        slot = self.slots[number]
+        if len(batch) > slot.shape[0] or batch.windows.shape[1] != slot.shape[1]:  # a bug, never the user's
+            raise RuntimeError(f"batch of {len(batch)} x {batch.windows.shape[1]} does not fit "
+                               f"slot {tuple(slot.shape)}")
+        failures: list[str] = []
+        boxes = self._write(batch, slot, failures)
+        return SlotBatch(number, np.asarray(batch.labels, np.int64), np.asarray(batch.windows, np.int64),
+                         np.asarray(batch.cmn_mean, np.float32), batch.index, (batch.epoch, batch.number), failures,
+                         boxes)
+
+    def _canvas(self, sample: int, window: np.ndarray, out: np.ndarray, failures: list) -> tuple:
+        """recipe="rrc" on CUDA: the window's pixels onto the canvas `out` (top left); its
+        box there and their (width, height)."""
+        samples = self._samples()
+        shape = (int(samples.heights[sample]), int(samples.widths[sample]))
+        try:
+            pixels, box = window_pixels(samples.view(sample), self.spec, shape, window, self.crop)
+        except Exception as exc:  # as _decode
+            failures.append(f"{samples.where(sample)}: {type(exc).__name__}: {exc}")
+            pixels, box = np.full((self.crop, self.crop, 3), FAILED_PIXEL, np.uint8), (0, 0, self.crop, self.crop)
+        h, w = pixels.shape[:2]
+        out[:h, :w] = pixels
+        return (*box, w, h)
+
+    def _write(self, batch, out: torch.Tensor, failures: list) -> np.ndarray | None:
+        """The batch's pixels into `out`: finished images ("render"), uint8 windows, or the
+        rrc windows uncut ("canvas", whose boxes it returns)."""
+        if self.mode == "canvas":
+            return np.array([self._canvas(sample, batch.windows[i, 0], out[i, 0].numpy(), failures)
+                             for i, sample in enumerate(batch.index)], np.float64).reshape(-1, 6)
+        if self.mode == "render":  # CPU device: finished here, in parallel across workers
+            if self._norm_arrays is None:
+                self._norm_arrays = cpu_norm_arrays(self.norm)
+            cmn = np.asarray(batch.cmn_mean, np.float32)
+            for i, sample in enumerate(batch.index):
+                render_one(out[i].numpy(), *self._pixels(sample, batch.windows[i], failures), cmn[i],
+                           *self._norm_arrays)
+        else:
+            for i, sample in enumerate(batch.index):
+                cut_windows(*self._pixels(sample, batch.windows[i], failures), self.crop, out[i].numpy())
 
     def _get(self, batch) -> WorkerBatch:
         b, k, c = len(batch), batch.windows.shape[1], self.crop
@@ -165,24 +237,31 @@ class ShardBatches(Dataset):
 
         if self.mode == "bytes":
             return done([torch.from_numpy(np.array(self._samples().view(i))) for i in batch.index])
-        # Allocated in shared memory in a worker, so that handing the batch to the main
-        # process does not copy it once more.
-        shared = get_worker_info() is not None
-        if self.mode == "render":  # CPU device: finished here, in parallel across workers
-            if self._norm_arrays is None:
-                self._norm_arrays = cpu_norm_arrays(self.norm)
-            out = torch.empty((b, k, 3, c, c), dtype=torch.float32)
-            out = out.share_memory_() if shared else out
-            cmn = np.asarray(batch.cmn_mean, np.float32)
-            for i, sample in enumerate(batch.index):
-                render_one(out[i].numpy(), *self._pixels(sample, batch.windows[i], failures), cmn[i],
-                           *self._norm_arrays)
-            return done(out)
-        crops = torch.empty((b, k, c, c, 3), dtype=torch.uint8)
-        crops = crops.share_memory_() if shared else crops
-        for i, sample in enumerate(batch.index):
-            cut_windows(*self._pixels(sample, batch.windows[i], failures), c, crops[i].numpy())
-        return done(crops)
+        # A fresh tensor per batch (TorchBackend.handoff "fresh", the benchmarks' baseline):
+        # in shared memory in a worker, so that handing it over does not copy it once more.
+        out = torch.empty(pixel_shape(self.mode, b, k, c), dtype=pixel_dtype(self.mode))
+        out = out.share_memory_() if get_worker_info() is not None else out
+        self._write(batch, out, failures)
+        return done(out)
+
+
+def pixel_shape(mode: str, batch_size: int, crops: int, crop: int, canvas: tuple[int, int] = (0, 0)) -> tuple:
+    """A batch's pixels: finished (B, K, 3, c, c) images ("render"), (B, K, c, c, 3) windows,
+    or (B, 1, H, W, 3) canvases as large as the split's largest image ("canvas")."""
+    if mode == "render":
+        return batch_size, crops, 3, crop, crop
+    if mode == "canvas":
+        return batch_size, 1, *canvas, 3
+    return batch_size, crops, crop, crop, 3
+
+
+def pixel_dtype(mode: str) -> torch.dtype:
+    return torch.float32 if mode == "render" else torch.uint8
+
+
+def flipped(crops: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """(B, c, c, 3) crops mirrored where flip (B,) is set, on the device: no host sync."""
+    return torch.where(flip.bool()[:, None, None, None], crops.flip(2), crops)
 
 
 class _FeedSampler(Sampler):
@@ -200,7 +279,13 @@ def _as_is(item):
 
 
 class TorchBackend(BatchStream):
-    """A DataLoader with persistent workers, fed one endless stream of batch plans."""
+    """A DataLoader with persistent workers, fed one endless stream of batch plans; the
+    pixels come back through a ring of batch slots (batch_slots.py)."""
+
+    # "slots": the ring; "fresh": a new shared-memory tensor per batch and, on CUDA, the
+    # DataLoader's pin-memory thread (the hand-off before the ring: benchmarks/handoff.py's
+    # baseline). Set on the class before a loader is made.
+    handoff = "slots"
 
     def __init__(self, source: BackendInput):
         super().__init__(source)
@@ -209,28 +294,66 @@ class TorchBackend(BatchStream):
         gpu = self.device.type == "cuda"
         self.decoder = pick_decoder(config.decoder, source.spec.encoding)
         mode = "bytes" if self.decoder == "torchvision" else "windows" if gpu else "render"
+        if mode == "windows" and config.recipe == "rrc" and self.handoff == "slots":
+            mode = "canvas"  # resized on the device
         self.mode = mode
         workers = config.threads
-        self.dataset = ShardBatches(source.samples, config.crop, mode, norm=source.norm, rrc=config.recipe == "rrc")
+        self._ring = self._make_ring(source, mode, workers) if mode != "bytes" and self.handoff == "slots" else None
+        self.dataset = ShardBatches(source.samples, config.crop, mode, norm=source.norm, rrc=config.recipe == "rrc",
+                                    slots=self._ring.slots if self._ring else None)
         self._sampler = _FeedSampler()
-        self._dl = DataLoader(self.dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
-                              collate_fn=_as_is, pin_memory=gpu, persistent_workers=workers > 0,
-                              prefetch_factor=config.prefetch if workers > 0 else None)
+        self._dl = self._data_loader()
         self._norm_tensors = norm_tensors(source.norm, self.device) if mode != "render" else None
         self._squeeze = config.train or config.crops == 1
         self._iterator = None
 
+    def _data_loader(self) -> DataLoader:
+        workers = self.input.config.threads
+        # The ring's slots are pinned once: the DataLoader's pin-memory thread would copy each.
+        return DataLoader(self.dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
+                          collate_fn=_as_is, pin_memory=self.device.type == "cuda" and self._ring is None,
+                          persistent_workers=workers > 0,
+                          prefetch_factor=self.input.config.prefetch if workers > 0 else None)
+
+    def rest(self) -> None:
+        """Between evaluation passes: end the workers (dropping what they fed ahead); the
+        next pass forks new ones, which find the ring where the last ones left it."""
+        self._next = None
+        self._iterator = None
+        self._dl = self._data_loader()  # the old one's iterator shuts its workers down when freed
+        if self._ring is not None:
+            self._ring.unpin()  # before the next pass forks new workers
+
+    def _make_ring(self, source: BackendInput, mode: str, workers: int) -> BatchSlots:
+        """One slot per batch the DataLoader may have in flight (workers x prefetch), one for
+        the batch the caller holds and one for the batch the stream holds between steps:
+        a slot's turn comes again only after its batch was handed over two steps ago."""
+        config = source.config
+        crops = 1 if source.eval_windows is None else len(source.eval_windows)
+        canvas = (int(source.samples.heights.max()), int(source.samples.widths.max())) if mode == "canvas" else (0, 0)
+        shape = pixel_shape(mode, config.batch_size, crops, config.crop, canvas)
+        return BatchSlots(workers * config.prefetch + 2, shape, pixel_dtype(mode), self.device)
+
     def _restart(self, feed) -> None:
         # With persistent workers, iter() resets them and drops what the previous stream
-        # had prefetched.
-        self._sampler.feed = feed
+        # had prefetched (waiting for the batches in flight: no worker still writes a slot).
+        self._sampler.feed = feed if self._ring is None else self._slotted(feed)
         with frozen_gc():  # forks the workers: see forking.py
             self._iterator = iter(self._dl)
+        if self._ring is not None:
+            self._ring.pin()  # after the fork: see batch_slots.py
+
+    def _slotted(self, feed):
+        """Each plan with the slot its pixels go into, taken as the DataLoader sends it out."""
+        for batch in feed:
+            yield (batch, *self._ring.take())
 
     def _produce(self):
         item = next(self._iterator)
         if item.failures:
             self.input.report_failures(item.failures)
+        if isinstance(item, SlotBatch):
+            return self._from_slot(item)
         device, labels = self.device, item.labels
         if self.mode == "render":
             images = item.pixels
@@ -247,6 +370,29 @@ class TorchBackend(BatchStream):
             else:
                 crops = item.pixels.to(device, non_blocking=True)
             images = render(crops, windows, item.cmn_mean.to(device, non_blocking=True), *self._norm_tensors)
+        if self._squeeze:
+            images = images[:, 0]  # (B, 3, c, c)
+        return item.which, images, labels
+
+    def _from_slot(self, item: SlotBatch):
+        """The batch a worker wrote into a slot: on the CPU the slot itself (finished images;
+        the ring replaces a slot the caller still holds when its turn comes), on CUDA copied
+        to the device without waiting and rendered there."""
+        pixels = self._ring.batch(item.slot, len(item.labels))
+        labels = torch.from_numpy(item.labels)
+        if self.mode == "render":
+            images = pixels
+        else:
+            device = self.device
+            crops = pixels.to(device, non_blocking=True)  # from pinned memory: returns at once
+            self._ring.copied(item.slot)  # the slot is written again once this copy completes
+            labels = labels.to(device, non_blocking=True)  # pageable: a staged copy, 8 bytes an image
+            windows = torch.from_numpy(item.windows).to(device, non_blocking=True)
+            if self.mode == "canvas":  # rrc: every window resized in one batched call, then flipped
+                boxes = torch.from_numpy(item.boxes).to(device, non_blocking=True)
+                crops = flipped(resized_canvases(crops[:, 0], boxes, self.input.config.crop), windows[:, 0, 4])[:, None]
+            images = render(crops, windows, torch.from_numpy(item.cmn_mean).to(device, non_blocking=True),
+                            *self._norm_tensors)
         if self._squeeze:
             images = images[:, 0]  # (B, 3, c, c)
         return item.which, images, labels
@@ -271,5 +417,8 @@ class TorchBackend(BatchStream):
 
     def close(self) -> None:
         super().close()
-        self._iterator = None
+        self._iterator = None  # its workers end with it
         self._dl = None
+        self.dataset.slots = None
+        if self._ring is not None:
+            self._ring.close()

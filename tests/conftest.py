@@ -31,6 +31,7 @@ FAST_TESTS = {
     "imagenet_prep.archives": "test_archives.py::test_a_truncated_train_tar_is_named_before_the_classes",
     "imagenet_prep.atomic": "test_build.py::test_deterministic_byte_identical",
     "imagenet_prep.augment": "test_augment.py::test_offsets_are_uniform_over_all_33_positions",
+    "imagenet_prep.batch_slots": "test_batch_slots.py::test_take_turns_and_replaces_a_slot_still_held",
     "imagenet_prep.batches": "test_loaders.py::test_train_drops_per_rank_remainders",
     "imagenet_prep.build": "test_build.py::test_deterministic_byte_identical",
     "imagenet_prep.build_folder": "test_shards.py::test_build_folder_names_every_file_a_build_and_its_stats_write",

@@ -13,12 +13,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-SECTIONS = ["machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "trainer", "resume", "eval",
-            "digits", "compile"]
+SECTIONS = ["machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "handoff", "trainer", "resume",
+            "eval", "digits", "compile"]
 GPU_ONLY = ("convs", "syncs", "digits")  # the CPU smoke skips these whole, saying why
 # A measured row carries one of these; a row that did not run says why (an error is a
 # failure, not a reason: on the CPU every row runs or is left out on purpose).
-NUMBERS = ("images_per_s", "images_per_s_wall", "eval_images_per_s", "exact", "ms")
+NUMBERS = ("images_per_s", "images_per_s_wall", "eval_images_per_s", "exact", "ms", "us_per_image")
 # The script's own 270 s budget is for a lent GPU machine; on a busy 2-core CI the smoke's
 # sections take 3-5 minutes, and past the budget the last ones would be skipped untested.
 SMOKE_BUDGET_S = 1500
@@ -67,8 +67,16 @@ def test_what_must_run_on_the_cpu_ran(smoke):
     assert lrn[("norm2+pool2", "bf16", "max_pool2d alone")]["ms"] > 0
     loader = {r["name"]: r for r in sections["loader"]["rows"]}
     assert loader["jpeg/pil"]["images_per_s"] > 0 and loader["raw/pil"]["images_per_s"] > 0
+    assert loader["jpeg/decode_one_core"]["images_per_s"] > 0
+    assert loader["jpeg/pil"]["target_images_per_s"] > 0 and "meets_target" in loader["raw/pil"]
+    handoff = {r["name"]: r for r in sections["handoff"]["rows"]}
+    assert handoff["fresh"]["us_per_image"] > 0 and handoff["slots"]["us_per_image"] > 0
+    assert sections["handoff"]["slots_over_fresh"] > 0
+    assert sections["handoff"]["rrc_device_vs_cpu"]["within"]
     trainer = sections["trainer"]["rows"][0]
     assert trainer["images_per_s_wall"] > 0 and 0 <= trainer["data_wait_fraction"] <= 1
+    raw = next(r for r in sections["trainer"]["rows"] if r["name"] == "bf16_channels_last_raw")
+    assert raw["shards"] == "raw" and 0 <= raw["data_wait_fraction"] <= 1 and raw["images_per_s_steady"] > 0
     assert {r["crops"] for r in sections["eval"]["rows"]} == {1, 10}
     compiled = sections["compile"]["rows"][0]  # dynamo's "eager" backend on the CPU: tracing, no code generation
     assert compiled["compile"] and "error" not in compiled and compiled["images_per_s"] > 0, compiled

@@ -635,3 +635,66 @@ def test_the_default_decoder_is_pil_in_workers_on_every_device():
     else:
         with pytest.raises(DataError, match="decoder='torchvision' needs torchvision"):
             pick_decoder("torchvision", "jpeg")
+
+
+# ---------------------------------------------------------------------------- workers sized for the machine
+@pytest.mark.parametrize("cores, ranks, train, torch_eval, dali_eval", [
+    (16, 1, 14, 14, 2), (16, 8, 1, 1, 1), (2, 1, 1, 1, 1), (64, 8, 6, 6, 2), (3, 1, 1, 1, 2),
+])
+def test_workers_leave_two_cores_and_evaluation_never_adds_to_training(monkeypatch, cores, ranks, train,
+                                                                        torch_eval, dali_eval):
+    from alexprep.imagenet_prep.loaders import LoaderConfig
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    share = cores // ranks
+
+    def threads(**kwargs) -> int:
+        return LoaderConfig(batch_size=8, device="cpu", **kwargs).threads
+
+    assert threads(train=True, backend="torch") == threads(train=True, backend="dali") == train
+    assert threads(train=False, backend="torch") == torch_eval  # its workers end after each pass
+    assert threads(train=False, backend="dali") == dali_eval
+    assert train + dali_eval <= max(share, 2)  # together never more than the share (or one each)
+    assert threads(train=True, backend="torch", workers=5) == 5  # given: as given
+
+
+def test_evaluation_workers_exist_only_during_a_pass(jpeg_out, closes):
+    loader = closes(eval_loader(jpeg_out, batch_size=4, device="cpu", split="train", backend="torch", workers=2))
+    first, workers = [], []
+    for x, y in loader:
+        workers = workers or list(loader._backend._iterator._workers)
+        first.append((x.clone(), y.clone()))
+    assert len(workers) == 2
+    for worker in workers:
+        worker.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)  # ended with the pass, not idling until close
+    second = run(loader)  # new workers, the same batches
+    assert len(second) == len(first)
+    for (x, y), (x0, y0) in zip(second, first):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+@pytest.mark.filterwarnings("ignore:recipe='rrc' on")  # a centre-crop build: its windows are what matters
+def test_rrc_canvases_resized_in_one_batched_call_are_pils_within_a_level(jpeg_out):
+    """CUDA's rrc path, run on the CPU: workers cut each window onto a canvas (DCT-scaled
+    where PIL's path is), one batched resize and flip; against the workers' PIL resize."""
+    from alexprep.imagenet_prep.resized_crop import resized_canvases
+    from alexprep.imagenet_prep.torch_backend import ShardBatches, flipped, pixel_shape
+
+    size = 64  # windows of 128+ pixels a side are decoded DCT-scaled
+    loader = train_loader(jpeg_out, batch_size=16, device="cpu", seed=2, backend="torch", workers=0, recipe="rrc",
+                          size=size)
+    try:
+        for batch in loader.plan(0)[:2]:
+            pil = ShardBatches(loader.samples, size, "windows", rrc=True)[batch].pixels[:, 0]
+            slot = torch.zeros(pixel_shape("canvas", len(batch), 1, size, (SIZE, SIZE)), dtype=torch.uint8)
+            cut = ShardBatches(loader.samples, size, "canvas", rrc=True, slots=[slot])[(batch, 0, None)]
+            assert cut.slot == 0 and cut.boxes.shape == (len(batch), 6)
+            crops = flipped(resized_canvases(slot[:, 0], torch.from_numpy(cut.boxes), size),
+                            torch.from_numpy(cut.windows[:, 0, 4]))
+            d = (crops.int() - pil.int()).abs()
+            assert d.max() <= 1 and d.float().mean() <= 0.05, (d.max(), d.float().mean())
+            assert (cut.boxes[:, 4] < batch.windows[:, 0, 2]).any()  # some were decoded DCT-scaled
+    finally:
+        loader.close()
