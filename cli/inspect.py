@@ -93,7 +93,7 @@ def predict_command(checkpoint, shards, output, count, split, seed, crops, devic
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @_device
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Loader workers [default: all cores].")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Loader workers [default: the evaluation share of the cores, devices.evaluation_workers].")
 @_dpi
 @user_errors
 def neighbors_command(checkpoint, shards, output, queries, k, query_split, split, seed, cache_dir, batch_size,
