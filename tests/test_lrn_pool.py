@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -23,32 +22,15 @@ pytest.importorskip("triton")
 from alexprep.model import lrn_pool_kernel  # noqa: E402,F401  (registers torch.ops.alexprep.*)
 from alexprep.model.alexnet import AlexNet, local_response_norm_max_pool  # noqa: E402
 
+from lrn_reference import ALPHA, BETA, K, N, reference  # noqa: E402,F401
+from lrn_reference import activations as cpu_activations  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The paper's constants (§3.3), as literals: a changed constant in the model must fail here.
-K, N, ALPHA, BETA = 2.0, 5, 1e-4, 0.75
 
 
-def reference(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, groups: int) -> torch.Tensor:
-    """max_pool2d(b, 3, 2) of b_c = a_c / (k + α Σ a_i²)^β, i over c's window clipped at
-    the group's edges: the formula channel by channel, in float64."""
-    x = x.double()
-    per_group, half = x.shape[1] // groups, size // 2
-    normed = []
-    for c in range(x.shape[1]):
-        first = c // per_group * per_group
-        lo, hi = max(first, c - half), min(first + per_group, c + half + 1)
-        normed.append(x[:, c] / (k + alpha * (x[:, lo:hi] ** 2).sum(dim=1)) ** beta)
-    return F.max_pool2d(torch.stack(normed, dim=1), 3, 2)
-
-
-def activations(shape, scale: float, seed: int, dtype=torch.float32, channels_last=False) -> torch.Tensor:
-    """ReLU'd Gaussian maps, as a convolution hands them over: many exact zeros, so
-    windows with tied maxima (0) are common."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * scale).relu_().to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.to(DEVICE)
+def activations(*args, **kwargs) -> torch.Tensor:
+    """lrn_reference's activations, on the device the kernels run on here."""
+    return cpu_activations(*args, **kwargs).to(DEVICE)
 
 
 def fused_and_reference(x, size, alpha, beta, k, groups, float_out=False):
