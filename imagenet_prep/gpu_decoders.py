@@ -78,9 +78,10 @@ class NvImageCodecDecoder:
             self._decoder = nv.Decoder(backends=[nv.Backend(getattr(nv.BackendKind, BACKENDS[b])) for b in backends])
         self._params = nv.DecodeParams(color_spec=nv.ColorSpec.RGB, allow_any_depth=False,
                                        apply_exif_orientation=False)  # as PIL and DALI: EXIF ignored
-        # ROI: DecodeSource(data, region) in nvImageCodec >= 0.6, CodeStream.get_sub_code_stream before.
-        self.crops_regions = hasattr(nv, "Region") and (hasattr(nv, "DecodeSource")
-                                                        or hasattr(nv.CodeStream, "get_sub_code_stream"))
+        # ROI: CodeStream.get_sub_code_stream(region=...) (0.4 and later; DecodeSource(stream,
+        # region) where a release has only that). Without either: whole images.
+        self.crops_regions = hasattr(nv, "Region") and (hasattr(nv.CodeStream, "get_sub_code_stream")
+                                                        or hasattr(nv, "DecodeSource"))
 
     def _source(self, data, region: Region):
         nv = self._nv
@@ -88,9 +89,9 @@ class NvImageCodecDecoder:
             return nv.CodeStream(data)
         x0, y0, x1, y1 = region
         roi = nv.Region(start=(y0, x0), end=(y1, x1))  # (row, column) order
-        if hasattr(nv, "DecodeSource"):
-            return nv.DecodeSource(nv.CodeStream(data), roi)
-        return nv.CodeStream(data).get_sub_code_stream(region=roi)
+        if hasattr(nv.CodeStream, "get_sub_code_stream"):
+            return nv.CodeStream(data).get_sub_code_stream(region=roi)
+        return nv.DecodeSource(nv.CodeStream(data), roi)
 
     def decode(self, encoded: Sequence, regions: Sequence[Region]) -> list[torch.Tensor | None]:
         sources, refused = [], set()
