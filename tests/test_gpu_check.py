@@ -13,8 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-SECTIONS = ["machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "handoff", "trainer", "resume",
-            "eval", "digits", "compile"]
+SECTIONS = ["machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "handoff", "gpu_decode",
+            "trainer", "resume", "eval", "digits", "compile"]
 GPU_ONLY = ("convs", "syncs", "digits")  # the CPU smoke skips these whole, saying why
 # A measured row carries one of these; a row that did not run says why (an error is a
 # failure, not a reason: on the CPU every row runs or is left out on purpose).
@@ -73,6 +73,9 @@ def test_what_must_run_on_the_cpu_ran(smoke):
     assert handoff["fresh"]["us_per_image"] > 0 and handoff["slots"]["us_per_image"] > 0
     assert sections["handoff"]["slots_over_fresh"] > 0
     assert sections["handoff"]["rrc_device_vs_cpu"]["within"]
+    decode = {r["name"]: r for r in sections["gpu_decode"]["rows"]}
+    assert decode["pil"]["images_per_s"] > 0 and decode["pil"]["step_ms_alone"] > 0 and "taken_ms" in decode["pil"]
+    assert decode["nvimgcodec/hw"]["skipped"] == decode["nvimgcodec/cuda"]["skipped"] == "needs CUDA"
     trainer = sections["trainer"]["rows"][0]
     assert trainer["images_per_s_wall"] > 0 and 0 <= trainer["data_wait_fraction"] <= 1
     raw = next(r for r in sections["trainer"]["rows"] if r["name"] == "bf16_channels_last_raw")
