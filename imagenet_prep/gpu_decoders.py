@@ -63,9 +63,14 @@ def have_nvimgcodec() -> bool:
 
 class NvImageCodecDecoder:
     """BatchDecoder over nvImageCodec: one `Decoder.decode` call per batch on the device's
-    current stream, each image's region only (ROI decoding) where the installed version has it."""
+    current stream, each image's region only (ROI decoding) where the installed version has it.
 
-    def __init__(self, device: torch.device, backends: Sequence[str] = ("hw", "cuda")):
+    roi=False decodes whole images; fancy_upsampling=False takes nvJPEG's default chroma
+    upsampling instead of libjpeg-turbo's (PIL's): gpu_check measures both against PIL, in
+    case the hardware decoder refuses one of them (refused images show as `fallbacks`)."""
+
+    def __init__(self, device: torch.device, backends: Sequence[str] = ("hw", "cuda"), roi: bool = True,
+                 fancy_upsampling: bool = True):
         if device.type != "cuda":
             raise DataError(f"decoder='nvimgcodec' decodes on a CUDA device, not {device}; use decoder='pil'")
         unknown = [b for b in backends if b not in BACKENDS]
@@ -74,14 +79,16 @@ class NvImageCodecDecoder:
         nv = self._nv = nvimgcodec_module()
         self.device = device
         self.backends = tuple(backends)
-        with torch.cuda.device(device):
-            self._decoder = nv.Decoder(backends=[nv.Backend(getattr(nv.BackendKind, BACKENDS[b])) for b in backends])
+        index = torch.cuda.current_device() if device.index is None else device.index
+        self._decoder = nv.Decoder(device_id=index, backends=[nv.Backend(getattr(nv.BackendKind, BACKENDS[b]))
+                                                              for b in backends],
+                                   options=":fancy_upsampling=1" if fancy_upsampling else "")
         self._params = nv.DecodeParams(color_spec=nv.ColorSpec.RGB, allow_any_depth=False,
                                        apply_exif_orientation=False)  # as PIL and DALI: EXIF ignored
         # ROI: CodeStream.get_sub_code_stream(region=...) (0.4 and later; DecodeSource(stream,
         # region) where a release has only that). Without either: whole images.
-        self.crops_regions = hasattr(nv, "Region") and (hasattr(nv.CodeStream, "get_sub_code_stream")
-                                                        or hasattr(nv, "DecodeSource"))
+        self.crops_regions = roi and hasattr(nv, "Region") and (hasattr(nv.CodeStream, "get_sub_code_stream")
+                                                                or hasattr(nv, "DecodeSource"))
 
     def _source(self, data, region: Region):
         nv = self._nv

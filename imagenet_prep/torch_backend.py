@@ -143,7 +143,7 @@ class SlotBatch(NamedTuple):
 class ShardBatches(Dataset):
     """dataset[batch] -> the batch's pixels in the form `mode` asks for; indexed by `Batch`
     plans, not ints. Modes: "render" (finished float32 images), "windows" (uint8 windows,
-    cut and flipped) or "bytes" (each image's encoded bytes, for torchvision)."""
+    cut and flipped) or "bytes" (each image's encoded bytes, for torchvision or nvImageCodec)."""
 
     def __init__(self, samples: SplitSamples, crop: int, mode: str, norm=None, rrc: bool = False, slots=None):
         self.slots = slots  # BatchSlots.slots: the tensors the workers write batches into
