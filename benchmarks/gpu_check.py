@@ -161,8 +161,12 @@ LOADER_JPEG_SHARE = 0.9
 # decoder, loader-only images/s on JPEG shards, and the same over PIL workers'.
 NVIMGCODEC_TARGET = 30_000
 NVIMGCODEC_OVER_PIL = 2.5
-# The gpu_decode section's contenders: (name, TorchConfig decoder, nvImageCodec backends).
-GPU_DECODERS = (("nvimgcodec/hw", "nvimgcodec", ("hw",)), ("nvimgcodec/cuda", "nvimgcodec", ("cuda",)),
+# The gpu_decode section's contenders: (name, decoder, NvImageCodecDecoder's arguments).
+# "hw-plain": whole images, nvJPEG's own chroma upsampling, in case the hardware decoder
+# refuses ROI or PIL's upsampling (its `fallbacks` would show it).
+GPU_DECODERS = (("nvimgcodec/hw", "nvimgcodec", dict(backends=("hw",))),
+                ("nvimgcodec/hw-plain", "nvimgcodec", dict(backends=("hw",), roi=False, fancy_upsampling=False)),
+                ("nvimgcodec/cuda", "nvimgcodec", dict(backends=("cuda",))),
                 ("pil", "pil", None), ("torchvision", "torchvision", None))
 # scikit-learn's sample photos: the only real photos on the lent GPU machine (no scikit-image).
 PHOTOS = ("china", "flower")
@@ -819,7 +823,7 @@ class Check:
             assert images.shape == (s.batch, 3, 224, 224) and images.device.type == device.type, images.shape
             row.update(images_per_s=round(timed * s.batch / elapsed, 1), timed_batches=timed,
                        first_batch_s=round(first, 3), **peak.to_json(),
-                       decode_failures=loader.decode_failure_count)
+                       decode_failures=loader.decode_failure_count, fallbacks=getattr(backend, "fallbacks", None))
         finally:
             loader.close()
         return row
@@ -891,7 +895,7 @@ class Check:
         from alexprep.imagenet_prep.gpu_decoders import have_nvimgcodec
 
         rows = []
-        for name, decoder, kinds in GPU_DECODERS:
+        for name, decoder, options in GPU_DECODERS:
             self.partial(rows)
             skip = None
             if decoder == "nvimgcodec":
@@ -903,7 +907,7 @@ class Check:
                 rows.append({"name": name, "skipped": skip or "out of this section's time"})
                 continue
             try:
-                with _nvimgcodec_backends(kinds):
+                with _nvimgcodec_options(options):
                     row = {"name": name, **self._loader_rate(self.jpeg, decoder, deadline)}
                     row.update(self._step_cost(decoder, deadline))
                     if decoder == "nvimgcodec":
@@ -920,8 +924,9 @@ class Check:
                          meets_target=r["images_per_s"] >= NVIMGCODEC_TARGET and (over or 0) >= NVIMGCODEC_OVER_PIL)
         return {"what": "train_loader(backend='torch', decoder=...) on JPEG shards: loader-only images/s after "
                         "warm-up; step_ms_alone / step_ms_while_decoding: an AlexNet fp32 training step on the "
-                        "loader's batches against the same step on a fixed batch (taken_ms: the difference, the "
-                        "decoder's cost to training incl. any wait for data); vs_pil_levels: one batch against "
+                        "loader's batches against the same step on a fixed batch, timed before and after (taken_ms: "
+                        "the difference, the decoder's cost to training incl. any wait for data; near 0 it is "
+                        "noise and may be negative); vs_pil_levels: one batch against "
                         "PIL workers', 0-255 levels (the test's tolerance: gpu_decoders tests)", "rows": rows}
 
     def _step_cost(self, decoder: str, deadline) -> dict:
@@ -950,13 +955,14 @@ class Check:
             return 1000 * (time.perf_counter() - t) / max(n, 1)
 
         labels = torch.zeros(s.batch, dtype=torch.int64, device=device)
-        alone = per_step(iter(lambda: (fixed, labels), None))
+        before = per_step(iter(lambda: (fixed, labels), None))
         loader = train_loader(self.jpeg, batch_size=s.batch, device=str(device), seed=1, backend="torch",
                               decoder=decoder)
         try:
             fed = per_step(x for _ in itertools.count() for x in loader)
         finally:
             loader.close()
+        alone = (before + per_step(iter(lambda: (fixed, labels), None))) / 2  # before and after: drift
         return {"step_ms_alone": round(alone, 2), "step_ms_while_decoding": round(fed, 2),
                 "taken_ms": round(fed - alone, 2)}
 
@@ -1315,16 +1321,16 @@ class Check:
 
 # ----------------------------------------------------------------------------- pieces
 @contextlib.contextmanager
-def _nvimgcodec_backends(kinds):
-    """decoder="nvimgcodec" with only these nvImageCodec backends (None: as it is)."""
+def _nvimgcodec_options(options: dict | None):
+    """decoder="nvimgcodec" opened with these NvImageCodecDecoder arguments (None: as it is)."""
     from alexprep.imagenet_prep import torch_backend
     from alexprep.imagenet_prep.gpu_decoders import NvImageCodecDecoder
 
-    if kinds is None:
+    if options is None:
         yield
         return
     opened = torch_backend.open_batch_decoder
-    torch_backend.open_batch_decoder = lambda device: NvImageCodecDecoder(device, backends=kinds)
+    torch_backend.open_batch_decoder = lambda device: NvImageCodecDecoder(device, **options)
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -121,3 +122,22 @@ def test_script_falls_back_to_the_shim_without_an_install(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("shim "), proc.stdout
     assert (REPO / "build" / "gpu-path" / "alexprep" / "model" / "alexnet.py").exists()
+
+
+def test_each_nvimgcodec_row_opens_its_own_decoder_and_puts_the_default_back():
+    """The gpu_decode section's nvImageCodec rows (skipped on the CPU) open the backend's
+    decoder with their arguments, and leave the backend's own opener in place after."""
+    from alexprep.imagenet_prep import torch_backend
+    from alexprep.imagenet_prep.errors import DataError
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", gpu_check)
+    spec.loader.exec_module(gpu_check)
+    default = torch_backend.open_batch_decoder
+    for name, decoder, options in gpu_check.GPU_DECODERS:
+        if decoder == "nvimgcodec":
+            with gpu_check._nvimgcodec_options({**options, "backends": ("tpu",)}):  # refused before any import
+                with pytest.raises(DataError, match=r"backends must be some of .* not \('tpu',\)"):
+                    torch_backend.open_batch_decoder(torch.device("cuda:0"))
+            assert torch_backend.open_batch_decoder is default, name
