@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -131,8 +132,8 @@ from alexprep.model.train import train  # noqa: E402
 
 MB = 2**20
 CLASSES = 10
-SECTIONS = ("machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "handoff", "trainer", "resume",
-            "eval", "digits", "compile")
+SECTIONS = ("machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "handoff", "gpu_decode",
+            "trainer", "resume", "eval", "digits", "compile")
 # The model section's contenders: ours (towers as grouped convolutions, as one device runs
 # them; the fused Triton LRN + pool where Triton imports), the same with the LRN + pool as
 # PyTorch operations, ours with the towers as two separate halves on the same device,
@@ -156,6 +157,17 @@ TRAINER_RUNS = {
 # shards, a share of (training workers x one core's decode-only rate).
 LOADER_RAW_TARGET = 30_000
 LOADER_JPEG_SHARE = 0.9
+# Issue 30's targets for the gpu_decode section (H200 + 16 cores): nvImageCodec's hardware
+# decoder, loader-only images/s on JPEG shards, and the same over PIL workers'.
+NVIMGCODEC_TARGET = 30_000
+NVIMGCODEC_OVER_PIL = 2.5
+# The gpu_decode section's contenders: (name, decoder, NvImageCodecDecoder's arguments).
+# "hw-plain": whole images, nvJPEG's own chroma upsampling, in case the hardware decoder
+# refuses ROI or PIL's upsampling (its `fallbacks` would show it).
+GPU_DECODERS = (("nvimgcodec/hw", "nvimgcodec", dict(backends=("hw",))),
+                ("nvimgcodec/hw-plain", "nvimgcodec", dict(backends=("hw",), roi=False, fancy_upsampling=False)),
+                ("nvimgcodec/cuda", "nvimgcodec", dict(backends=("cuda",))),
+                ("pil", "pil", None), ("torchvision", "torchvision", None))
 # scikit-learn's sample photos: the only real photos on the lent GPU machine (no scikit-image).
 PHOTOS = ("china", "flower")
 
@@ -811,7 +823,7 @@ class Check:
             assert images.shape == (s.batch, 3, 224, 224) and images.device.type == device.type, images.shape
             row.update(images_per_s=round(timed * s.batch / elapsed, 1), timed_batches=timed,
                        first_batch_s=round(first, 3), **peak.to_json(),
-                       decode_failures=loader.decode_failure_count)
+                       decode_failures=loader.decode_failure_count, fallbacks=getattr(backend, "fallbacks", None))
         finally:
             loader.close()
         return row
@@ -875,6 +887,98 @@ class Check:
                 target = round(LOADER_JPEG_SHARE * workers * one_core, 1)
                 r.update(target_images_per_s=target, meets_target=r["images_per_s"] >= target,
                          target_rule=f"{LOADER_JPEG_SHARE} x {workers} training workers x one core's decode-only rate")
+
+    # ------------------------------------------------------------------------- gpu_decode
+    def gpu_decode(self, deadline) -> dict:
+        """Issue 30: each decoder's loader-only images/s on the JPEG shards, what it takes
+        from a training step, and (nvImageCodec) how far its batches are from PIL's."""
+        from alexprep.imagenet_prep.gpu_decoders import have_nvimgcodec
+
+        rows = []
+        for name, decoder, options in GPU_DECODERS:
+            self.partial(rows)
+            skip = None
+            if decoder == "nvimgcodec":
+                skip = ("needs CUDA" if self.device.type != "cuda" else None) or \
+                    (None if have_nvimgcodec() else "nvImageCodec is not installed (GPU.md: bringing the wheels)")
+            elif decoder == "torchvision":
+                skip = have_torchvision()
+            if skip or time.monotonic() > deadline:
+                rows.append({"name": name, "skipped": skip or "out of this section's time"})
+                continue
+            try:
+                with _nvimgcodec_options(options):
+                    row = {"name": name, **self._loader_rate(self.jpeg, decoder, deadline)}
+                    row.update(self._step_cost(decoder, deadline))
+                    if decoder == "nvimgcodec":
+                        row["vs_pil_levels"] = self._vs_pil(decoder)
+                rows.append(row)
+            except Exception as exc:
+                rows.append({"name": name, "error": reason(exc), "traceback": traceback.format_exc()[-2000:]})
+            free_cuda()
+        pil = next((r.get("images_per_s") for r in rows if r["name"] == "pil"), None)
+        for r in rows:
+            if r["name"] == "nvimgcodec/hw" and r.get("images_per_s"):
+                over = round(r["images_per_s"] / pil, 3) if pil else None
+                r.update(target_images_per_s=NVIMGCODEC_TARGET, vs_pil=over, target_vs_pil=NVIMGCODEC_OVER_PIL,
+                         meets_target=r["images_per_s"] >= NVIMGCODEC_TARGET and (over or 0) >= NVIMGCODEC_OVER_PIL)
+        return {"what": "train_loader(backend='torch', decoder=...) on JPEG shards: loader-only images/s after "
+                        "warm-up; step_ms_alone / step_ms_while_decoding: an AlexNet fp32 training step on the "
+                        "loader's batches against the same step on a fixed batch, timed before and after (taken_ms: "
+                        "the difference, the decoder's cost to training incl. any wait for data; near 0 it is "
+                        "noise and may be negative); vs_pil_levels: one batch against "
+                        "PIL workers', 0-255 levels (the test's tolerance: gpu_decoders tests)", "rows": rows}
+
+    def _step_cost(self, decoder: str, deadline) -> dict:
+        """ms per fp32 training step on a fixed batch, and with each step's batch from the loader."""
+        s, device = self.sizes, self.device
+        model, _ = self._make_model("alexprep")
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        fixed = torch.randn(s.batch, 3, 224, 224, device=device)
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        def per_step(batches) -> float:
+            for x, y in itertools.islice(batches, 1):  # warm: cuDNN's search, the loader's workers
+                step(x, y)
+            sync(device)
+            t, n = time.perf_counter(), 0
+            for x, y in itertools.islice(batches, max(2, s.block_steps * s.model_blocks)):
+                step(x, y)
+                n += 1
+                if time.monotonic() > deadline:
+                    break
+            sync(device)
+            return 1000 * (time.perf_counter() - t) / max(n, 1)
+
+        labels = torch.zeros(s.batch, dtype=torch.int64, device=device)
+        before = per_step(iter(lambda: (fixed, labels), None))
+        loader = train_loader(self.jpeg, batch_size=s.batch, device=str(device), seed=1, backend="torch",
+                              decoder=decoder)
+        try:
+            fed = per_step(x for _ in itertools.count() for x in loader)
+        finally:
+            loader.close()
+        alone = (before + per_step(iter(lambda: (fixed, labels), None))) / 2  # before and after: drift
+        return {"step_ms_alone": round(alone, 2), "step_ms_while_decoding": round(fed, 2),
+                "taken_ms": round(fed - alone, 2)}
+
+    def _vs_pil(self, decoder: str) -> dict:
+        """One batch through `decoder` against PIL workers' (same draws): 0-255 levels."""
+        batches, fallbacks = [], []
+        for d in (decoder, "pil"):  # the paper's recipe: mean image subtracted, no division: levels
+            loader = train_loader(self.jpeg, batch_size=self.sizes.batch, device=str(self.device), seed=2,
+                                  backend="torch", decoder=d)
+            try:
+                batches.append(next(iter(loader))[0].float())
+                fallbacks.append(getattr(loader._backend, "fallbacks", None))
+            finally:
+                loader.close()
+        d = (batches[0] - batches[1]).abs()
+        return {"mean": round(d.mean().item(), 4), "max": round(d.max().item(), 2), "fallbacks": fallbacks[0]}
 
     # ------------------------------------------------------------------------- handoff
     @contextlib.contextmanager
@@ -1188,6 +1292,7 @@ class Check:
                 self.section(name, fn, cap)
         for name, fn, cap in (("syncs", self.syncs, a.cap_syncs), ("loader", self.loader, a.cap_loader),
                               ("handoff", self.handoff, a.cap_handoff),
+                              ("gpu_decode", self.gpu_decode, a.cap_gpu_decode),
                               ("trainer", self.trainer, a.cap_trainer), ("resume", self.resume, a.cap_resume),
                               ("eval", self.eval, a.cap_eval), ("digits", self.digits, a.cap_digits),
                               ("compile", self.compile, 600)):
@@ -1206,7 +1311,7 @@ class Check:
         """Whether --sections asks for `name` (the data section comes with any that needs it)."""
         asked = self.args.sections
         if name == "data":
-            needs_data = {"data", "syncs", "loader", "handoff", "trainer", "resume", "eval"}
+            needs_data = {"data", "syncs", "loader", "handoff", "gpu_decode", "trainer", "resume", "eval"}
             return asked is None or bool(set(asked) & needs_data)
         return asked is None or name in asked
 
@@ -1215,6 +1320,23 @@ class Check:
 
 
 # ----------------------------------------------------------------------------- pieces
+@contextlib.contextmanager
+def _nvimgcodec_options(options: dict | None):
+    """decoder="nvimgcodec" opened with these NvImageCodecDecoder arguments (None: as it is)."""
+    from alexprep.imagenet_prep import torch_backend
+    from alexprep.imagenet_prep.gpu_decoders import NvImageCodecDecoder
+
+    if options is None:
+        yield
+        return
+    opened = torch_backend.open_batch_decoder
+    torch_backend.open_batch_decoder = lambda device: NvImageCodecDecoder(device, **options)
+    try:
+        yield
+    finally:
+        torch_backend.open_batch_decoder = opened
+
+
 def compare_placements(one, split, x, y) -> dict:
     """Logits and every parameter's gradient of two placements of the same weights, fed
     the same batch, each against a float64 copy of the one-device model.
@@ -1501,6 +1623,10 @@ def summary(result: dict) -> dict:
         out[f"loader {r['name']}"] = r.get("images_per_s", r.get("skipped") or r.get("error"))
     for r in rows("handoff"):
         out[f"handoff {r['name']} us/image"] = r["us_per_image"]
+    for r in rows("gpu_decode"):
+        out[f"gpu_decode {r['name']}"] = r.get("images_per_s", r.get("skipped") or r.get("error"))
+        if "taken_ms" in r:
+            out[f"gpu_decode {r['name']} ms taken from a step"] = r["taken_ms"]
     for r in rows("trainer"):
         out[f"trainer {r['name']}"] = r.get("images_per_s_wall", r.get("skipped") or r.get("error"))
         if "data_wait_fraction" in r:
@@ -1544,7 +1670,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, (allowed, default, what) in lists.items():
         parser.add_argument(f"--{name.replace('_', '-')}", default=default, help=f"{what}, of {','.join(allowed)}")
     for name, cap in (("data", 60), ("lrn", 40), ("convs", 60), ("model", 60), ("syncs", 60), ("two-device", 40),
-                      ("loader", 45), ("handoff", 40), ("trainer", 75), ("resume", 90), ("eval", 30), ("digits", 90)):
+                      ("loader", 45), ("handoff", 40), ("gpu-decode", 90),
+                      ("trainer", 75), ("resume", 90), ("eval", 30), ("digits", 90)):
         parser.add_argument(f"--cap-{name}", type=float, default=cap, help=f"section cap, s (default {cap})")
     args = parser.parse_args(argv)
     for name, (allowed, _, _) in lists.items():  # "a,b" -> ["a", "b"], each one of `allowed`

@@ -4,7 +4,8 @@ CPU or the GPU.
 The per-image graph is written once (`image_graph`); the device is a parameter:
 - "cpu": `device_id=None`, DALI's CPU operators only (libjpeg-turbo decoding), so it runs
   on machines without a GPU;
-- "cuda:N": `device_id=N`, nvJPEG decoding (`device="mixed"`) and GPU operators.
+- "cuda:N": `device_id=N`, nvJPEG decoding (`device="mixed"`: the hardware JPEG decoder
+  where the GPU has one, `decoder_args`) and GPU operators.
 
 DALI has no Arrow reader, so `fn.external_source` feeds it: each batch is a list of numpy
 views of the memory-mapped shards' binary buffers (`no_copy=True`: DALI reads the page
@@ -36,6 +37,25 @@ from alexprep.imagenet_prep.transform import decode
 # benchmarks/loader_throughput.py, "dali-arrow-roi-decode"), so off by default. Not yet
 # measured on a GPU.
 ROI_DECODE = False
+# The share of each batch's JPEGs the GPU's hardware decoder takes ("mixed" decoders, on
+# A100/H100-class GPUs; the rest go to nvJPEG's hybrid CPU + CUDA path). DALI's documented
+# default, stated here because it moved between releases (0.65 in the legacy decoder, 0.9 in
+# the first nvImageCodec-based ones, 0.65 again since NVIDIA/DALI#6366) and the docs say the
+# best share depends on the pipeline's threads and is found by measuring: not measured here
+# (no GPU with DALI yet), so the default.
+HW_DECODER_LOAD = 0.65
+
+
+def decoder_args(gpu: bool, max_shape: tuple[int, int] | None) -> dict:
+    """The keyword arguments of every DALI image decoder here: "cpu" (libjpeg-turbo), or on
+    a GPU "mixed" with the hardware decoder's share and its buffers preallocated for the
+    split's largest image (DALI's preallocate_*_hint: no reallocation in the first batches)."""
+    if not gpu:
+        return {"device": "cpu"}
+    args = {"device": "mixed", "hw_decoder_load": HW_DECODER_LOAD}
+    if max_shape:
+        args.update(preallocate_height_hint=int(max_shape[0]), preallocate_width_hint=int(max_shape[1]))
+    return args
 
 
 def require_dali():
@@ -49,18 +69,19 @@ def require_dali():
 
 
 def image_graph(data, *, encoding: str, size: int, crop: int, gpu: bool, mean_image, windows, cmn_mean, std,
-                roi: bool):
+                roi: bool, max_shape: tuple[int, int] | None = None):
     """The per-image operators, shared by training and evaluation.
 
     data: encoded images (JPEG bytes, or raw HWC uint8). mean_image: (S, S, 3) float32 or
     None. windows: a list of (crop_pos_x, crop_pos_y, mirror), per-sample DataNodes or
     constants; more than one gives (K, 3, crop, crop) per sample. cmn_mean: per-sample
-    (3,) DataNode or a constant list; std: a list of 3.
+    (3,) DataNode or a constant list; std: a list of 3. max_shape: the split's largest
+    (height, width), for the GPU decoder's buffers (`decoder_args`).
     """
     from nvidia.dali import fn, types
 
     device = "gpu" if gpu else "cpu"
-    decoder_device = "mixed" if gpu else "cpu"  # nvJPEG: CPU parses headers, GPU decodes
+    decoding = decoder_args(gpu, max_shape)  # "mixed": the CPU parses headers, the GPU decodes
     mean = None
     if mean_image is not None:
         # A constant, so that it is copied to the device once, not fed with every batch.
@@ -70,8 +91,8 @@ def image_graph(data, *, encoding: str, size: int, crop: int, gpu: bool, mean_im
 
     if encoding == "jpeg" and roi and len(windows) == 1:
         pos_x, pos_y, mirror = windows[0]
-        image = fn.decoders.image_crop(data, device=decoder_device, output_type=types.RGB, crop=(crop, crop),
-                                       crop_pos_x=pos_x, crop_pos_y=pos_y)
+        image = fn.decoders.image_crop(data, output_type=types.RGB, crop=(crop, crop), crop_pos_x=pos_x,
+                                       crop_pos_y=pos_y, **decoding)
         if mean is not None:
             window = fn.crop(mean, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y)
             image = fn.cast(image, dtype=types.FLOAT) - window
@@ -80,7 +101,7 @@ def image_graph(data, *, encoding: str, size: int, crop: int, gpu: bool, mean_im
     if encoding == "raw":
         image = fn.reshape(data.gpu() if gpu else data, shape=[size, size, 3], layout="HWC")
     else:
-        image = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
+        image = fn.decoders.image(data, output_type=types.RGB, **decoding)
     if mean is not None:
         image = fn.cast(image, dtype=types.FLOAT) - mean
     outs = [fn.crop_mirror_normalize(image, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
@@ -89,7 +110,8 @@ def image_graph(data, *, encoding: str, size: int, crop: int, gpu: bool, mean_im
     return outs[0] if len(outs) == 1 else fn.stack(*outs, axis=0)
 
 
-def rrc_graph(data, *, encoding: str, size: int, gpu: bool, anchor, shape, mirror, cmn_mean, std):
+def rrc_graph(data, *, encoding: str, size: int, gpu: bool, anchor, shape, mirror, cmn_mean, std,
+              max_shape: tuple[int, int] | None = None):
     """recipe="rrc": window (anchor (x, y), shape (w, h), absolute pixels) of each image,
     resized to size x size, mirrored where drawn, normalised to (3, size, size) float."""
     from nvidia.dali import fn, types
@@ -98,8 +120,8 @@ def rrc_graph(data, *, encoding: str, size: int, gpu: bool, anchor, shape, mirro
     if encoding == "raw":  # HWC views of the shards
         image = fn.slice(data.gpu() if gpu else data, anchor, shape, **where)
     else:
-        image = fn.decoders.image_slice(data, anchor, shape, device="mixed" if gpu else "cpu",
-                                        output_type=types.RGB, **where)
+        image = fn.decoders.image_slice(data, anchor, shape, output_type=types.RGB, **where,
+                                        **decoder_args(gpu, max_shape))
     image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
     return fn.crop_mirror_normalize(image, mirror=mirror, mean=cmn_mean, std=std, dtype=types.FLOAT,
                                     output_layout="CHW")
@@ -154,7 +176,7 @@ class DaliBackend(BatchStream):
             cmn_mean = [float(v) for v in norm.base]
         return image_graph(data, encoding=source.spec.encoding, size=source.spec.size, crop=config.crop,
                            gpu=self.gpu, mean_image=norm.mean_image, windows=windows, cmn_mean=cmn_mean,
-                           std=[float(v) for v in norm.std], roi=ROI_DECODE)
+                           std=[float(v) for v in norm.std], roi=ROI_DECODE, max_shape=self._max_shape())
 
     def _rrc_graph(self):
         """recipe="rrc": every sample's window, flip and mean fed, in training and evaluation."""
@@ -167,7 +189,12 @@ class DaliBackend(BatchStream):
             layout=["HWC" if encoding == "raw" else "", "", "", "", ""])
         return rrc_graph(data, encoding=encoding, size=self.input.config.crop, gpu=self.gpu, anchor=anchor,
                          shape=shape, mirror=mirror, cmn_mean=cmn_mean,
-                         std=[float(v) for v in self.input.norm.std])
+                         std=[float(v) for v in self.input.norm.std], max_shape=self._max_shape())
+
+    def _max_shape(self) -> tuple[int, int]:
+        """The split's largest image (height, width): what the GPU decoder preallocates for."""
+        samples = self.input.samples
+        return int(samples.heights.max()), int(samples.widths.max())
 
     # -- feeding
     def _rrc_inputs(self, batch) -> tuple:

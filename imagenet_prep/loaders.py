@@ -114,7 +114,8 @@ class LoaderConfig:
     crop: int = augment.CROP  # 224: the paper's input (the images are the shards' size)
     workers: int | None = None  # DALI threads / DataLoader processes; None: sized by devices (`threads`)
     prefetch: int = 2  # batches prepared ahead (DALI's prefetch_queue_depth)
-    decoder: str = "auto"  # torch backend: "pil" (workers), "torchvision" (batched, nvJPEG on CUDA)
+    decoder: str = "auto"  # torch backend: "pil" (workers), "torchvision" (batched, nvJPEG on CUDA),
+    # "nvimgcodec" (batched, the GPU's hardware JPEG decoders; gpu_decoders.py)
     recipe: str = "paper"  # or "rrc": RandomResizedCrop of keep-aspect images to crop x crop
     scale: tuple = rrc.SCALE  # rrc: the window's area fraction range
     ratio: tuple = rrc.RATIO  # rrc: the window's width / height range

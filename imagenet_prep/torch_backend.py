@@ -15,6 +15,10 @@ the pixels are decoded and rendered depends on the device (`decoder`):
   the GPU. Not the default: on an H200 with 16 cores it decoded 3,900 images/s where 16
   PIL workers gave 11,900, and it takes GPU time from training (benchmarks/GPU.md). It
   pays where a host has few cores per GPU.
+- CUDA with `decoder="nvimgcodec"`: as "torchvision", but the batch is decoded by
+  nvImageCodec (gpu_decoders.py) with the GPU's hardware JPEG decoders, only each sample's
+  windows (ROI decoding); an image it refuses is decoded by PIL in the main process, one
+  sample, not the batch. Not "auto"'s choice until gpu_check has measured it faster.
 
 With recipe="rrc" each window is resized to the output size where it is decoded
 (resized_crop.py: PIL in the workers on the CPU, or torch on the device after
@@ -43,6 +47,7 @@ from alexprep.imagenet_prep.batch_slots import BatchSlots
 from alexprep.imagenet_prep.batches import BackendInput, BatchStream
 from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.forking import frozen_gc
+from alexprep.imagenet_prep.gpu_decoders import MEASURED_FASTER, BatchDecoder, NvImageCodecDecoder, have_nvimgcodec
 from alexprep.imagenet_prep.render import (
     cpu_norm_arrays, cut_windows, cut_windows_batched, norm_tensors, render, render_one,
 )
@@ -50,7 +55,7 @@ from alexprep.imagenet_prep.resized_crop import resized_canvases, resized_window
 from alexprep.imagenet_prep.samples import SplitSamples
 from alexprep.imagenet_prep.transform import decode
 
-DECODERS = ("auto", "pil", "torchvision")
+DECODERS = ("auto", "pil", "torchvision", "nvimgcodec")
 FAILED_PIXEL = 128  # what an image that does not decode is fed as: mid-grey
 
 
@@ -79,15 +84,34 @@ def decode_jpeg_batch(encoded: list[torch.Tensor], device: torch.device) -> list
     return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
-def pick_decoder(decoder: str, encoding: str) -> str:
-    """"pil" or "torchvision": PIL in the workers unless torchvision's batched nvJPEG
-    decoding is asked for by name (see the module's docstring for why)."""
-    if encoding == "raw" or decoder == "auto":
-        return "pil"  # raw: nothing to decode, the workers cut the windows from the raw bytes
+def pick_decoder(decoder: str, encoding: str, device_type: str = "cpu") -> str:
+    """"pil", "torchvision" or "nvimgcodec": PIL in the workers unless a batched decoder is
+    asked for by name, or "auto" on CUDA finds nvImageCodec installed and measured faster
+    (`gpu_decoders.MEASURED_FASTER`; see the module's docstring for why)."""
+    if encoding == "raw":
+        return "pil"  # nothing to decode, the workers cut the windows from the raw bytes
+    if decoder == "auto":
+        fast = device_type == "cuda" and MEASURED_FASTER and have_nvimgcodec()
+        return "nvimgcodec" if fast else "pil"
     if decoder == "torchvision" and not have_torchvision():
         raise DataError("decoder='torchvision' needs torchvision (pip install 'alexprep[torchvision]'); "
                         "or use decoder='pil'")
     return decoder
+
+
+def open_batch_decoder(device: torch.device) -> BatchDecoder:
+    """decoder="nvimgcodec"'s BatchDecoder (a one-line DataError where it cannot run)."""
+    return NvImageCodecDecoder(device)
+
+
+def window_regions(windows: np.ndarray, crop: int, rrc: bool) -> list[tuple[int, int, int, int]]:
+    """Each sample's (x0, y0, x1, y1): the part of its image its windows cover, from (B, K, 3)
+    paper windows (x, y, flip) of crop x crop, or (B, 1, 5) rrc windows (x, y, w, h, flip)."""
+    if rrc:
+        x, y, w, h = (windows[:, 0, i] for i in range(4))
+        return list(zip(x.tolist(), y.tolist(), (x + w).tolist(), (y + h).tolist()))
+    x, y = windows[..., 0], windows[..., 1]
+    return list(zip(x.min(1).tolist(), y.min(1).tolist(), (x.max(1) + crop).tolist(), (y.max(1) + crop).tolist()))
 
 
 class WorkerBatch(NamedTuple):
@@ -119,7 +143,7 @@ class SlotBatch(NamedTuple):
 class ShardBatches(Dataset):
     """dataset[batch] -> the batch's pixels in the form `mode` asks for; indexed by `Batch`
     plans, not ints. Modes: "render" (finished float32 images), "windows" (uint8 windows,
-    cut and flipped) or "bytes" (each image's encoded bytes, for torchvision)."""
+    cut and flipped) or "bytes" (each image's encoded bytes, for torchvision or nvImageCodec)."""
 
     def __init__(self, samples: SplitSamples, crop: int, mode: str, norm=None, rrc: bool = False, slots=None):
         self.slots = slots  # BatchSlots.slots: the tensors the workers write batches into
@@ -292,8 +316,9 @@ class TorchBackend(BatchStream):
         config = source.config
         self.device = source.device
         gpu = self.device.type == "cuda"
-        self.decoder = pick_decoder(config.decoder, source.spec.encoding)
-        mode = "bytes" if self.decoder == "torchvision" else "windows" if gpu else "render"
+        self.decoder = pick_decoder(config.decoder, source.spec.encoding, self.device.type)
+        self._batch_decoder = open_batch_decoder(self.device) if self.decoder == "nvimgcodec" else None
+        mode = "bytes" if self.decoder in ("torchvision", "nvimgcodec") else "windows" if gpu else "render"
         if mode == "windows" and config.recipe == "rrc" and self.handoff == "slots":
             mode = "canvas"  # resized on the device
         self.mode = mode
@@ -306,6 +331,7 @@ class TorchBackend(BatchStream):
         self._norm_tensors = norm_tensors(source.norm, self.device) if mode != "render" else None
         self._squeeze = config.train or config.crops == 1
         self._iterator = None
+        self.fallbacks = 0  # images the batch decoder refused and PIL decoded (or failed: counted as ever)
 
     def _data_loader(self) -> DataLoader:
         workers = self.input.config.threads
@@ -361,11 +387,12 @@ class TorchBackend(BatchStream):
             labels = labels.to(device, non_blocking=True)
             windows = item.windows.to(device, non_blocking=True)
             if self.mode == "bytes":
-                decoded = self._decode_batch(item.pixels, item.index)
+                decoded, cut = self._decode_windows(item)  # cut: the windows within the decoded parts
                 if self.dataset.rrc:  # the host's copy of the windows: reading the device's is a sync
-                    crops = resized_windows_batched(decoded, item.windows[:, 0], self.input.config.crop)
-                else:  # all size x size: one gather
-                    crops = cut_windows_batched(torch.stack(decoded).permute(0, 2, 3, 1), windows,
+                    crops = resized_windows_batched(decoded, cut[:, 0], self.input.config.crop)
+                else:  # all the same size (whole images, or the same windows' span): one gather
+                    cut = windows if cut is item.windows else cut.to(device, non_blocking=True)
+                    crops = cut_windows_batched(torch.stack(decoded).permute(0, 2, 3, 1), cut,
                                                 self.input.config.crop)
             else:
                 crops = item.pixels.to(device, non_blocking=True)
@@ -396,6 +423,41 @@ class TorchBackend(BatchStream):
         if self._squeeze:
             images = images[:, 0]  # (B, 3, c, c)
         return item.which, images, labels
+
+    def _decode_windows(self, item: WorkerBatch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(3, h, w) uint8 images on the device and the batch's windows within them (host):
+        whole images from torchvision, or from the BatchDecoder each sample's region where it
+        crops them (the windows shifted to its origin)."""
+        if self._batch_decoder is None:
+            return self._decode_batch(item.pixels, item.index), item.windows
+        crop, rrc = self.input.config.crop, self.dataset.rrc
+        regions = window_regions(item.windows.numpy(), crop, rrc)
+        encoded = [x.numpy() for x in item.pixels]
+        decoded = self._batch_decoder.decode(encoded, regions)
+        crops = self._batch_decoder.crops_regions
+        for i in (i for i, image in enumerate(decoded) if image is None):
+            decoded[i] = self._fallback(encoded[i], int(item.index[i]), regions[i] if crops else None)
+        if not crops:
+            return [x.permute(2, 0, 1) for x in decoded], item.windows
+        origin = torch.tensor([(x0, y0) for x0, y0, _, _ in regions], dtype=torch.int64)
+        cut = item.windows.clone()
+        cut[..., :2] -= origin[:, None, :]
+        return [x.permute(2, 0, 1) for x in decoded], cut
+
+    def _fallback(self, data: np.ndarray, sample: int, region) -> torch.Tensor:
+        """An image the batch decoder refused, decoded by PIL here (its region, or whole):
+        or, where PIL cannot either, mid-grey and counted as a decode failure."""
+        self.fallbacks += 1
+        samples = self.input.samples
+        try:
+            image = decode(data.tobytes(), self.input.spec)
+        except Exception as exc:  # as ShardBatches._decode
+            self.input.report_failures([f"{samples.where(sample)}: {type(exc).__name__}: {exc}"])
+            image = np.full((int(samples.heights[sample]), int(samples.widths[sample]), 3), FAILED_PIXEL, np.uint8)
+        if region is not None:
+            x0, y0, x1, y1 = region
+            image = image[y0:y1, x0:x1]
+        return torch.from_numpy(image.copy()).to(self.device)  # PIL's arrays are read-only
 
     def _decode_batch(self, encoded: list[torch.Tensor], index: np.ndarray) -> list[torch.Tensor]:
         """(3, H, W) uint8 images on the device: the batch's JPEGs in one torchvision call."""

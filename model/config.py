@@ -50,8 +50,9 @@ class TrainConfig:
                         "samples of each 4 shards together (reads stay within a few shards: for a split larger than "
                         "RAM or --cache-limit).", choices=("random", "quasi"))
     backend: str = option("auto", "The loaders' backend (auto: DALI where installed).", choices=BACKENDS)
-    decoder: str = option("auto", "Torch backend: decode in CPU workers (pil) or in batches with torchvision "
-                          "(nvJPEG on CUDA).", choices=("auto", "pil", "torchvision"))
+    decoder: str = option("auto", "Torch backend: decode in CPU workers (pil), or in batches on the GPU with "
+                          "torchvision (nvJPEG) or nvimgcodec (hardware JPEG decoders; pip install "
+                          "'alexprep[nvimgcodec]'). auto: pil.", choices=("auto", "pil", "torchvision", "nvimgcodec"))
     # One device (grouped towers) or two (one tower each); "auto". The CLI's --device and
     # --devices; may change on resume (other GPUs, another machine).
     devices: tuple[str, ...] = option(("cpu",), cli=None, label="--device/--devices", resumable=True)

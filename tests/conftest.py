@@ -39,6 +39,7 @@ FAST_TESTS = {
     "imagenet_prep.dali_backend": "test_loaders.py::test_channel_normalisation_and_no_lighting[dali]",
     "imagenet_prep.devices": "test_distributed.py::test_device_lists_under_torchrun",
     "imagenet_prep.errors": "test_layout.py::test_val_wnid_not_in_class_list_is_named",
+    "imagenet_prep.gpu_decoders": "test_gpu_decoders.py::test_nvimgcodec_is_asked_for_by_name_and_refused_in_one_line",
     "imagenet_prep.forking": "test_loaders.py::test_torch_workers_give_the_same_batches",
     "imagenet_prep.fingerprint": "test_replay.py::test_fingerprints_are_the_builds_and_the_plans",
     "imagenet_prep.layout": "test_layout.py::test_imagefolder_labels_are_sorted_wnid_positions",

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-SECTIONS = ["machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "handoff", "trainer", "resume",
-            "eval", "digits", "compile"]
+SECTIONS = ["machine", "data", "lrn", "convs", "model", "two_device", "syncs", "loader", "handoff", "gpu_decode",
+            "trainer", "resume", "eval", "digits", "compile"]
 GPU_ONLY = ("convs", "syncs", "digits")  # the CPU smoke skips these whole, saying why
 # A measured row carries one of these; a row that did not run says why (an error is a
 # failure, not a reason: on the CPU every row runs or is left out on purpose).
@@ -73,6 +74,9 @@ def test_what_must_run_on_the_cpu_ran(smoke):
     assert handoff["fresh"]["us_per_image"] > 0 and handoff["slots"]["us_per_image"] > 0
     assert sections["handoff"]["slots_over_fresh"] > 0
     assert sections["handoff"]["rrc_device_vs_cpu"]["within"]
+    decode = {r["name"]: r for r in sections["gpu_decode"]["rows"]}
+    assert decode["pil"]["images_per_s"] > 0 and decode["pil"]["step_ms_alone"] > 0 and "taken_ms" in decode["pil"]
+    assert decode["nvimgcodec/hw"]["skipped"] == decode["nvimgcodec/cuda"]["skipped"] == "needs CUDA"
     trainer = sections["trainer"]["rows"][0]
     assert trainer["images_per_s_wall"] > 0 and 0 <= trainer["data_wait_fraction"] <= 1
     raw = next(r for r in sections["trainer"]["rows"] if r["name"] == "bf16_channels_last_raw")
@@ -118,3 +122,22 @@ def test_script_falls_back_to_the_shim_without_an_install(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("shim "), proc.stdout
     assert (REPO / "build" / "gpu-path" / "alexprep" / "model" / "alexnet.py").exists()
+
+
+def test_each_nvimgcodec_row_opens_its_own_decoder_and_puts_the_default_back():
+    """The gpu_decode section's nvImageCodec rows (skipped on the CPU) open the backend's
+    decoder with their arguments, and leave the backend's own opener in place after."""
+    from alexprep.imagenet_prep import torch_backend
+    from alexprep.imagenet_prep.errors import DataError
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", gpu_check)
+    spec.loader.exec_module(gpu_check)
+    default = torch_backend.open_batch_decoder
+    for name, decoder, options in gpu_check.GPU_DECODERS:
+        if decoder == "nvimgcodec":
+            with gpu_check._nvimgcodec_options({**options, "backends": ("tpu",)}):  # refused before any import
+                with pytest.raises(DataError, match=r"backends must be some of .* not \('tpu',\)"):
+                    torch_backend.open_batch_decoder(torch.device("cuda:0"))
+            assert torch_backend.open_batch_decoder is default, name

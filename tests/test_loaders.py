@@ -614,6 +614,46 @@ def test_a_backend_reads_only_its_input(jpeg_out, tmp_path, closes):
         assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
+def test_dali_gpu_decoders_take_the_documented_hardware_settings():
+    """On a GPU every DALI decoder is "mixed" with the hardware decoder's documented share
+    (0.65: DALI's default, stated) and its buffers preallocated for the split's largest image."""
+    from alexprep.imagenet_prep.dali_backend import HW_DECODER_LOAD, decoder_args
+
+    assert decoder_args(False, (256, 256)) == {"device": "cpu"}
+    assert HW_DECODER_LOAD == 0.65 and decoder_args(True, (256, 300)) == {
+        "device": "mixed", "hw_decoder_load": 0.65, "preallocate_height_hint": 256, "preallocate_width_hint": 300}
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("recipe", ["paper", "rrc"])
+@pytest.mark.filterwarnings("ignore:recipe='rrc' on")
+def test_dali_pipeline_decodes_with_those_settings_and_dali_accepts_them(jpeg_out, monkeypatch, closes, recipe):
+    """The pipeline asks decoder_args for the split's largest image; and DALI's "mixed"
+    decoders accept the arguments (names are checked when the graph is made: no GPU needed,
+    as an unknown name shows)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    from alexprep.imagenet_prep import dali_backend
+
+    asked = []
+    real = dali_backend.decoder_args
+    monkeypatch.setattr(dali_backend, "decoder_args", lambda gpu, shape: asked.append((gpu, shape)) or real(gpu, shape))
+    closes(train_loader(jpeg_out, batch_size=4, device="cpu", seed=0, backend="dali", workers=1, recipe=recipe))
+    assert asked == [(False, (256, 256))]
+    for extra, ok in (({}, True), ({"no_such_argument": 1}, False)):
+        for op, inputs, kw in (("image", 1, {}), ("image_crop", 1, {"crop": (8, 8)}), ("image_slice", 3, {})):
+            pipe = Pipeline(batch_size=2, num_threads=1, device_id=0)
+            try:
+                with pipe:
+                    data = [fn.external_source(name=f"in{i}") for i in range(inputs)]
+                    getattr(fn.decoders, op)(*data, output_type=types.RGB, **kw, **real(True, (256, 300)), **extra)
+            except KeyError as exc:
+                assert not ok and "no_such_argument" in str(exc)
+            else:
+                assert ok, op
+
+
 @pytest.mark.dali
 def test_dali_names_the_image_that_does_not_decode(jpeg_out, tmp_path, closes):
     damaged, shard = _damage_first_image(jpeg_out, tmp_path)
