@@ -166,21 +166,6 @@ def test_fused_refuses_what_it_cannot_run_in_one_line():
         local_response_norm_max_pool(torch.ones(1, 4, 7, 7, device=DEVICE), groups=3, fused=True)
 
 
-def test_pytorch_path_gradient_with_a_gradient_laid_out_unlike_the_input():
-    """The eager path's backward given an NCHW gradient for a channels_last input (what a
-    compiled graph around it may hand over): the same gradient as the reference. The pooled
-    gradient and indices are brought to one layout before max_pool2d_with_indices_backward
-    (a suspect of the H200's illegal memory access, benchmarks/GPU.md)."""
-    x = activations((2, 8, 13, 13), 3.0, seed=17, channels_last=True).cpu().requires_grad_()
-    out = local_response_norm_max_pool(x, alpha=0.3, groups=2, fused=False, chunk=1)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    out.contiguous().backward(upstream.float())  # contiguous(): its gradient arrives NCHW
-    xr = x.detach().double().requires_grad_()
-    reference(xr, N, 0.3, BETA, K, 2).backward(upstream)
-    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-6)
-
-
 COMPILE_FOR_HOPPER = r"""
 import json, triton
 from triton.backends.compiler import GPUTarget

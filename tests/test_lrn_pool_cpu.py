@@ -156,11 +156,15 @@ def test_an_input_in_neither_layout_is_read_as_a_copy():
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-5)
 
 
-@needs_kernel
-def test_the_gradient_laid_out_unlike_the_input():
-    """An NCHW gradient for a channels_last input (what a graph around it may hand over)."""
+@pytest.mark.parametrize("path", [pytest.param(dict(), id="kernel", marks=needs_kernel),
+                                  pytest.param(dict(fused=False, chunk=1), id="pytorch-path")])
+def test_the_gradient_laid_out_unlike_the_input(path):
+    """An NCHW gradient for a channels_last input (what a compiled graph around it may hand
+    over): the reference's gradient, by the kernel and by the PyTorch path, which brings the
+    pooled gradient and indices to one layout before max_pool2d_with_indices_backward (a
+    suspect of the H200's illegal memory access, benchmarks/GPU.md)."""
     x = activations((2, 8, 13, 13), 3.0, seed=17, channels_last=True).requires_grad_()
-    out = local_response_norm_max_pool(x, alpha=0.3, groups=2)
+    out = local_response_norm_max_pool(x, alpha=0.3, groups=2, **path)
     assert out.is_contiguous(memory_format=torch.channels_last)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     out.contiguous().backward(upstream.float())  # contiguous(): its gradient arrives NCHW
