@@ -57,12 +57,18 @@ RECIPE_DEFAULTS = {"paper": ("mean-image", 0.1), "rrc": ("channel", 0.0)}
 MAX_FAILURES_LISTED = 100  # decode failures kept with their shard and row (all are counted)
 
 
-def pick_backend(backend: str) -> str:
-    """"dali" or "torch" for "auto": DALI where it imports. The one place "auto" is
-    resolved (LoaderConfig calls it: the loaders take "auto", and so do TrainConfig,
+def pick_backend(backend: str, decoder: str = "auto") -> str:
+    """"dali" or "torch" for "auto": DALI where it imports, unless a decoder is named (a
+    torch-backend choice, which DALI would otherwise ignore in silence). The one place "auto"
+    is resolved (LoaderConfig calls it: the loaders take "auto", and so do TrainConfig,
     evaluation and the feature extraction, which pass it on)."""
+    if backend == "dali" and decoder != "auto":
+        raise DataError(f"decoder={decoder!r} chooses the torch backend's decoding; DALI decodes its own way: "
+                        f"drop the decoder or use backend='torch'")
     if backend != "auto":
         return backend
+    if decoder != "auto":
+        return "torch"
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
@@ -129,7 +135,7 @@ class LoaderConfig:
             raise DataError(f"recipe must be one of {RECIPES}, not {self.recipe!r}")
         normalize, lighting_std = RECIPE_DEFAULTS[self.recipe]
         scale, ratio = rrc.check_params(self.scale, self.ratio)
-        resolved = dict(scale=scale, ratio=ratio, backend=pick_backend(self.backend),
+        resolved = dict(scale=scale, ratio=ratio, backend=pick_backend(self.backend, self.decoder),
                         resize=rrc.default_resize(self.crop) if self.resize is None else self.resize,
                         normalize=normalize if self.normalize is None else self.normalize,
                         lighting_std=lighting_std if self.lighting_std is None else self.lighting_std)

@@ -738,3 +738,12 @@ def test_rrc_canvases_resized_in_one_batched_call_are_pils_within_a_level(jpeg_o
             assert (cut.boxes[:, 4] < batch.windows[:, 0, 2]).any()  # some were decoded DCT-scaled
     finally:
         loader.close()
+
+
+def test_a_named_decoder_picks_the_torch_backend_and_dali_refuses_one(raw_out, closes):
+    # DALI decodes its own way: with backend="auto" a named decoder used to be ignored in
+    # silence wherever DALI imports; now it chooses the torch backend, and DALI refuses it.
+    loader = closes(train_loader(raw_out, batch_size=4, device="cpu", seed=0, decoder="pil", workers=0))
+    assert loader.config.backend == "torch"
+    with pytest.raises(DataError, match="decoder='pil' chooses the torch backend's decoding"):
+        train_loader(raw_out, batch_size=4, device="cpu", seed=0, decoder="pil", backend="dali", workers=0)

@@ -270,11 +270,11 @@ def test_a_run_started_on_two_ranks_and_resumed_on_one_is_replayed_exactly(stats
     runs = MetricsLog(run_dir / "metrics.jsonl").rows("run")
     assert [(r["epoch"], r["batch"], r["world_size"]) for r in runs] == [(0, 0, 2), (0, 1, 1)]
     for rank in (0, 1):
-        (images,) = torch.load(run_dir / f"seen-start-{rank}.pt")
+        (images,) = torch.load(run_dir / f"seen-start-{rank}.pt", weights_only=True)
         assert images.shape[0] == 8
         assert torch.equal(run_tensors(open_run(run_dir, 0, 0, rank=rank), 0, 0).images, images)
         assert torch.equal(run_tensors(open_run(run_dir, 0, 0), 0, 0).images[rank::2], images)
-    (images,) = torch.load(run_dir / "seen-resume-0.pt")
+    (images,) = torch.load(run_dir / "seen-resume-0.pt", weights_only=True)
     assert torch.equal(run_tensors(open_run(run_dir, 0, 1), 0, 1).images, images)
     with pytest.raises(Exception, match="--rank 1: that part of the run had 1 rank"):
         open_run(run_dir, 0, 1, rank=1)
