@@ -5,8 +5,9 @@ benchmarks' baseline. A DataLoader over the shards, whose sampler hands each wor
 whole `Batch` plan (sample indices and the host's draws, exactly what DALI is fed). Where
 the pixels are decoded and rendered depends on the device (`decoder`):
 
-- CPU: workers decode with PIL (pillow-simd where installed) and render each image in
-  numpy (`render.render_one`), so the work runs in parallel, one thread per worker.
+- CPU: workers decode with PIL (pillow-simd where installed) and render each image
+  (`render.render_into`: C++, or numpy where it cannot be built), so the work runs in
+  parallel, one thread per worker.
 - CUDA (`decoder="pil"`, the default): workers decode with PIL and cut the uint8
   windows; the GPU renders them after a pinned, non-blocking copy.
 - CUDA with `decoder="torchvision"`: workers only copy each image's bytes; the main
@@ -49,7 +50,7 @@ from alexprep.imagenet_prep.errors import DataError
 from alexprep.imagenet_prep.forking import frozen_gc
 from alexprep.imagenet_prep.gpu_decoders import MEASURED_FASTER, BatchDecoder, NvImageCodecDecoder, have_nvimgcodec
 from alexprep.imagenet_prep.render import (
-    cpu_norm_arrays, cut_windows, cut_windows_batched, norm_tensors, render, render_one,
+    cpu_norm_arrays, cut_windows, cut_windows_batched, kernel, norm_tensors, render, render_into,
 )
 from alexprep.imagenet_prep.resized_crop import resized_canvases, resized_window, resized_windows_batched, window_pixels
 from alexprep.imagenet_prep.samples import SplitSamples
@@ -188,7 +189,7 @@ class ShardBatches(Dataset):
             return np.full((self.crop, self.crop, 3), FAILED_PIXEL, np.uint8)
 
     def _pixels(self, sample: int, windows: np.ndarray, failures: list) -> tuple[np.ndarray, np.ndarray]:
-        """(image, windows) for render_one / cut_windows: the decoded image and its paper
+        """(image, windows) for render_into / cut_windows: the decoded image and its paper
         windows, or the rrc window already resized and its flip as a (0, 0, flip) window."""
         if not self.rrc:
             return self._decode(sample, failures), windows
@@ -242,9 +243,11 @@ class ShardBatches(Dataset):
             if self._norm_arrays is None:
                 self._norm_arrays = cpu_norm_arrays(self.norm)
             cmn = np.asarray(batch.cmn_mean, np.float32)
+            pixels = out.numpy()
             for i, sample in enumerate(batch.index):
-                render_one(out[i].numpy(), *self._pixels(sample, batch.windows[i], failures), cmn[i],
-                           *self._norm_arrays)
+                image, windows = self._pixels(sample, batch.windows[i], failures)
+                render_into(pixels[i:i + 1], image[None], np.asarray(windows[None], np.int64), cmn[i:i + 1],
+                            *self._norm_arrays)
         else:
             for i, sample in enumerate(batch.index):
                 cut_windows(*self._pixels(sample, batch.windows[i], failures), self.crop, out[i].numpy())
@@ -322,6 +325,8 @@ class TorchBackend(BatchStream):
         if mode == "windows" and config.recipe == "rrc" and self.handoff == "slots":
             mode = "canvas"  # resized on the device
         self.mode = mode
+        if mode == "render":
+            kernel()  # compiled or loaded here, before the workers fork, not in each of them
         workers = config.threads
         self._ring = self._make_ring(source, mode, workers) if mode != "bytes" and self.handoff == "slots" else None
         self.dataset = ShardBatches(source.samples, config.crop, mode, norm=source.norm, rrc=config.recipe == "rrc",

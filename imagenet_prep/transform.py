@@ -195,7 +195,8 @@ def decode(data: bytes, spec: ImageSpec, shape: tuple[int, int] | None = None) -
             shape = (spec.size, spec.size)
         return np.frombuffer(data, dtype=np.uint8).reshape(shape[0], shape[1], 3)
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        # convert() copies even an RGB image: only what is not RGB is converted.
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
 
 
 def pil_flavour() -> dict:

@@ -12,79 +12,31 @@ Why: PyTorch's own operations take about ten passes over conv1's maps forward an
 backward; this is one pass each way with the normalised plane in the L1 cache, on torch's
 own threads (`at::parallel_for`), faster than max_pool2d alone (docs/design.md, "Model").
 
-The source (lrn_pool_cpu.cpp) is compiled at first use with the C++ compiler and ninja
-that `torch.utils.cpp_extension` finds, into torch's extension cache (~/.cache/
-torch_extensions, or $TORCH_EXTENSIONS_DIR), once per machine type: 15-40 s. Where it
-cannot be built (no compiler, no ninja) `kernel()` warns once and returns None, and
-model/alexnet.py runs its PyTorch path. `ALEXPREP_CPU_KERNEL=0` turns the kernel off.
+The source (lrn_pool_cpu.cpp) is compiled at first use (imagenet_prep/native.py: once per
+machine type, 15-40 s). Where it cannot be built `kernel()` warns once and returns None,
+and model/alexnet.py runs its PyTorch path. `ALEXPREP_CPU_KERNEL=0` turns it off.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from alexprep.imagenet_prep import native
+
 SOURCE = Path(__file__).with_name("lrn_pool_cpu.cpp")
-# -march=native: the machine's vector width (AVX-512 where it has it). -fno-math-errno lets
-# sqrt vectorise (D >= k > 0: errno never set). No -ffast-math: it would change NaN and
-# tie handling and the order of sums. -fopenmp: at::parallel_for is a header template whose
-# `#pragma omp parallel` is compiled here; without it the kernel runs on one thread. The
-# libgomp.so.1 it needs is the one torch has already loaded (same soname), so torch's
-# threads and set_num_threads are the kernel's.
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 POOL, STRIDE = 3, 2
 
-log = logging.getLogger(__name__)
-
-# torch.ops.alexprep_cpu once loaded, False where it could not be built, None until asked.
-_OPS = None
-
-
-def _machine_tag() -> str:
-    """A short hash of what the compiled code depends on: the CPU's instruction sets
-    (-march=native code must not be loaded on another CPU that shares the cache
-    directory), torch's version and the source."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:  # not Linux
-        flags = platform.processor()
-    text = "|".join((flags, platform.machine(), torch.__version__, " ".join(CFLAGS + LDFLAGS), SOURCE.read_text()))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
 
 def kernel():
-    """torch.ops.alexprep_cpu (compiled and loaded on the first call), or None where it
-    cannot be built (one warning) or ALEXPREP_CPU_KERNEL=0."""
-    global _OPS
-    if _OPS is None:
-        if os.environ.get("ALEXPREP_CPU_KERNEL", "1") == "0":
-            return None
-        try:
-            from torch.utils import cpp_extension
-
-            log.info("compiling the CPU normalisation + pooling kernel (once per machine, 15-40 s)")
-            cpp_extension.load(name=f"alexprep_lrn_pool_{_machine_tag()}", sources=[str(SOURCE)],
-                               extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
-            _OPS = torch.ops.alexprep_cpu
-        except Exception as exc:  # no compiler, no ninja, a compiler error: the PyTorch path
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            warnings.warn(f"alexprep: the fused CPU normalisation kernel could not be built ({reason}); "
-                          "using the slower PyTorch path", RuntimeWarning, stacklevel=2)
-            _OPS = False
-    return _OPS or None
+    """torch.ops.alexprep_cpu (compiled and loaded on the first call: imagenet_prep/native.py),
+    or None where it cannot be built (one warning) or ALEXPREP_CPU_KERNEL=0."""
+    built = native.load("alexprep_lrn_pool", SOURCE, what="the fused CPU normalisation kernel",
+                        instead="the slower PyTorch path", python_module=False)
+    return torch.ops.alexprep_cpu if built else None
 
 
 def _channels_last(x: Tensor) -> bool:

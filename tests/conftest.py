@@ -57,6 +57,7 @@ FAST_TESTS = {
     "imagenet_prep.run_plan": "test_replay.py::test_any_batch_of_an_imagenet_sized_plan_in_under_2_s",
     "imagenet_prep.sample_data": "test_cli.py::test_build_then_verify",
     "imagenet_prep.samples": "test_fast_paths.py::test_views_are_the_per_sample_views",
+    "imagenet_prep.native": "test_render.py::test_the_kernel_takes_read_only_inputs_and_refuses_windows_outside_the_image",
     "imagenet_prep.shard_cache": "test_remote.py::test_a_cached_shard_is_reused_and_a_changed_one_fetched_again",
     "imagenet_prep.shards": "test_shards.py::test_plain_pyarrow_reads_a_shard",
     "imagenet_prep.stats": "test_stats.py::test_merging_in_any_order_gives_the_same_bits",
