@@ -34,10 +34,12 @@ def storage_users(tensor: torch.Tensor) -> int:
 class BatchSlots:
     """`count` shared-memory tensors of `shape`, handed out in turn (`take`)."""
 
-    def __init__(self, count: int, shape: tuple, dtype: torch.dtype, device: torch.device):
+    def __init__(self, count: int, shape: tuple, dtype: torch.dtype, device: torch.device, shared: bool = True):
+        """shared=False: plain memory, for a ring this process alone writes (DALI's host
+        rendering)."""
         if count < 1:
             raise ValueError(f"a ring needs at least one slot, not {count}")
-        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.shape, self.dtype, self.device, self.shared = tuple(shape), dtype, device, shared
         self.pinned = False  # CUDA: page-locked (pin, after the workers fork)
         self.slots = [self._make() for _ in range(count)]
         self.moved = [False] * count  # replaced since the workers forked: the plan carries it
@@ -47,7 +49,8 @@ class BatchSlots:
         self._owned = storage_users(self.slots[0])  # the ring's own references to a slot's memory
 
     def _make(self) -> torch.Tensor:
-        slot = torch.empty(self.shape, dtype=self.dtype).share_memory_()
+        slot = torch.empty(self.shape, dtype=self.dtype)
+        slot = slot.share_memory_() if self.shared else slot
         if self.pinned:
             self._register(slot)
         return slot

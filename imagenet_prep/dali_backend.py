@@ -13,6 +13,12 @@ cache directly), plus the per-sample crop positions, flips and lighting drawn on
 (augment.py), so that DALI's own random operators play no part. How the crop positions
 are made exact is in augment.crop_position.
 
+On the CPU DALI decodes (and under rrc cuts and resizes) and the host renders the batch
+(`render.render_into`, C++ on torch's threads: the crop, flip, mean image, lighting and
+1/std in one pass into a ring of output batches made once): DALI's CPU arithmetic,
+cast and crop_mirror_normalize operators took longer than its decoder (benchmarks/README.md,
+"Where the time goes"). Where the renderer cannot be built, DALI's operators do it all.
+
 recipe="rrc" (`rrc_graph`): each window (x, y, w, h) is fed in absolute pixels and decoded
 alone (`decoders.image_slice`: libjpeg-turbo's partial decoding; `fn.slice` for raw
 shards, fed as HWC views), then resized with DALI's antialiased linear filter
@@ -22,13 +28,16 @@ couple of levels (docs/design.md, "Loaders").
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 
 import numpy as np
 import torch
 
-from alexprep.imagenet_prep import augment
+from alexprep.imagenet_prep import augment, render
+from alexprep.imagenet_prep.batch_slots import BatchSlots
 from alexprep.imagenet_prep.batches import BackendInput, BatchStream
 from alexprep.imagenet_prep.errors import DataError
+from alexprep.imagenet_prep.resized_crop import resize_window
 from alexprep.imagenet_prep.transform import decode
 
 # Decode only the crop window in training (DALI's decoders.image_crop: libjpeg-turbo's
@@ -44,6 +53,10 @@ ROI_DECODE = False
 # best share depends on the pipeline's threads and is found by measuring: not measured here
 # (no GPU with DALI yet), so the default.
 HW_DECODER_LOAD = 0.65
+# On the CPU, render on the host (render.render_into) rather than with DALI's operators,
+# where the C++ renderer builds. Read when a pipeline is built; the benchmarks turn it off
+# to compare.
+HOST_RENDER = True
 
 
 def decoder_args(gpu: bool, max_shape: tuple[int, int] | None) -> dict:
@@ -95,7 +108,7 @@ def image_graph(data, *, encoding: str, size: int, crop: int, gpu: bool, mean_im
                                        crop_pos_y=pos_y, **decoding)
         if mean is not None:
             window = fn.crop(mean, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y)
-            image = fn.cast(image, dtype=types.FLOAT) - window
+            image = image - window
         return fn.crop_mirror_normalize(image, mirror=mirror, **cmn)
 
     if encoding == "raw":
@@ -103,7 +116,7 @@ def image_graph(data, *, encoding: str, size: int, crop: int, gpu: bool, mean_im
     else:
         image = fn.decoders.image(data, output_type=types.RGB, **decoding)
     if mean is not None:
-        image = fn.cast(image, dtype=types.FLOAT) - mean
+        image = image - mean  # uint8 - float32 is float32(x) - mean: no cast operator (a pass less)
     outs = [fn.crop_mirror_normalize(image, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
                                      **cmn)
             for pos_x, pos_y, mirror in windows]
@@ -127,6 +140,29 @@ def rrc_graph(data, *, encoding: str, size: int, gpu: bool, anchor, shape, mirro
                                     output_layout="CHW")
 
 
+def decoded_graph(data, *, encoding: str, size: int, max_shape: tuple[int, int] | None = None):
+    """The host-rendering paper graph: each image decoded (or a raw one reshaped) to
+    (size, size, 3) uint8, the rest done by render.render_into."""
+    from nvidia.dali import fn, types
+
+    if encoding == "raw":
+        return fn.reshape(data, shape=[size, size, 3], layout="HWC")
+    return fn.decoders.image(data, output_type=types.RGB, **decoder_args(False, max_shape))
+
+
+def window_graph(data, *, encoding: str, anchor, shape, max_shape: tuple[int, int] | None = None):
+    """The host-rendering rrc graph: each window alone, decoded (libjpeg-turbo's partial
+    decoding) or cut from a raw image; the host resizes it (resized_crop.resize_window, PIL:
+    DALI's CPU resize took longer than decoding) and renders it."""
+    from nvidia.dali import fn, types
+
+    where = dict(axis_names="WH", normalized_anchor=False, normalized_shape=False)
+    if encoding == "raw":
+        return fn.slice(data, anchor, shape, **where)
+    return fn.decoders.image_slice(data, anchor, shape, output_type=types.RGB, **where,
+                                   **decoder_args(False, max_shape))
+
+
 class DaliBackend(BatchStream):
     """One DALI pipeline, built once, fed one endless stream of batch plans."""
 
@@ -147,6 +183,17 @@ class DaliBackend(BatchStream):
                              device_id=source.device.index if self.gpu else None,
                              prefetch_queue_depth=config.prefetch, seed=0)
         self._rrc = config.recipe == "rrc"
+        # The host renders (module docstring): into a ring of batches, 3 deep (the caller's,
+        # the one before it, the next); a batch the caller still holds is left to it.
+        self._host = not self.gpu and HOST_RENDER and render.kernel() is not None
+        if self._host:
+            crops = 1 if config.train or self._rrc else len(source.eval_windows)
+            self._ring = BatchSlots(3, (config.batch_size, crops, 3, config.crop, config.crop), torch.float32,
+                                    source.device, shared=False)
+            self._norm_arrays = render.cpu_norm_arrays(source.norm)
+            if self._rrc:  # the resized windows, before rendering; resized on the loader's threads
+                self._resized = np.empty((config.batch_size, config.crop, config.crop, 3), np.uint8)
+                self._resizers = concurrent.futures.ThreadPoolExecutor(max(1, config.threads))
         with self.pipe:
             self.pipe.set_outputs(self._rrc_graph() if self._rrc else self._paper_graph())
         self.pipe.build()
@@ -162,6 +209,11 @@ class DaliBackend(BatchStream):
 
         source, config = self.input, self.input.config
         norm, positions = source.norm, source.positions
+        if self._host:
+            (data,) = fn.external_source(source=self._source, num_outputs=1, batch=True, batch_info=True,
+                                         no_copy=True, dtype=[types.UINT8])
+            return decoded_graph(data, encoding=source.spec.encoding, size=source.spec.size,
+                                 max_shape=self._max_shape())
         if config.train:
             data, pos_x, pos_y, mirror, cmn_mean = fn.external_source(
                 source=self._source, num_outputs=5, batch=True, batch_info=True, no_copy=True,
@@ -183,6 +235,11 @@ class DaliBackend(BatchStream):
         from nvidia.dali import fn, types
 
         encoding = self.input.spec.encoding
+        if self._host:
+            data, anchor, shape = fn.external_source(
+                source=self._source, num_outputs=3, batch=True, batch_info=True, no_copy=True,
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT], layout=["HWC" if encoding == "raw" else "", "", ""])
+            return window_graph(data, encoding=encoding, anchor=anchor, shape=shape, max_shape=self._max_shape())
         data, anchor, shape, mirror, cmn_mean = fn.external_source(
             source=self._source, num_outputs=5, batch=True, batch_info=True, no_copy=True,
             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT],
@@ -206,9 +263,11 @@ class DaliBackend(BatchStream):
             sizes = zip(samples.heights[batch.index].tolist(), samples.widths[batch.index].tolist())
             views = [v.reshape(h, w, 3) for v, (h, w) in zip(views, sizes)]
         w = batch.windows[:, 0, :]
-        return ([tensor(v) for v in views], np.ascontiguousarray(w[:, 0:2], np.float32),
-                np.ascontiguousarray(w[:, 2:4], np.float32), w[:, 4].astype(np.int32),
-                np.ascontiguousarray(batch.cmn_mean, np.float32))
+        inputs = ([tensor(v) for v in views], np.ascontiguousarray(w[:, 0:2], np.float32),
+                  np.ascontiguousarray(w[:, 2:4], np.float32))
+        if self._host:
+            return inputs
+        return inputs + (w[:, 4].astype(np.int32), np.ascontiguousarray(batch.cmn_mean, np.float32))
 
     def _source(self, info):
         if self._feed is None:
@@ -224,7 +283,7 @@ class DaliBackend(BatchStream):
             self._inflight.append((batch, inputs))
             return inputs
         inputs = ([tensor(v) for v in self.input.samples.views(batch.index)],)
-        if self.input.config.train:
+        if self.input.config.train and not self._host:
             w = batch.windows[:, 0, :]
             positions = self.input.positions
             inputs += (augment.crop_position(w[:, 0], positions), augment.crop_position(w[:, 1], positions),
@@ -259,7 +318,28 @@ class DaliBackend(BatchStream):
         labels = torch.from_numpy(np.ascontiguousarray(batch.labels))
         if self.gpu:
             labels = labels.to(self.input.device, non_blocking=True)
-        return (batch.epoch, batch.number), self._to_torch(out), labels
+        images = self._rendered(out, batch) if self._host else self._to_torch(out)
+        return (batch.epoch, batch.number), images, labels
+
+    def _rendered(self, out, batch) -> torch.Tensor:
+        """The host's rendering of DALI's uint8 (B, H, W, 3) output into the ring's next batch."""
+        n = len(batch.labels)
+        pixels = self._resize(out, n) if self._rrc else self._dense(out)
+        number, _ = self._ring.take()
+        images = self._ring.batch(number, n)
+        config, source = self.input.config, self.input
+        if self._rrc:  # the windows are cut and resized: only each one's flip is left
+            windows = np.zeros((n, 1, 3), np.int64)
+            windows[:, 0, 2] = batch.windows[:, 0, 4]
+            cmn = batch.cmn_mean
+        elif config.train:
+            windows, cmn = batch.windows, batch.cmn_mean
+        else:  # evaluation's fixed windows and no lighting, for every image
+            windows = np.broadcast_to(source.eval_windows, (n, *source.eval_windows.shape))
+            cmn = np.broadcast_to(source.norm.base, (n, 3))
+        render.render_into(images.numpy(), pixels, np.ascontiguousarray(windows, np.int64),
+                           np.ascontiguousarray(cmn, np.float32), *self._norm_arrays)
+        return images if images.shape[1] > 1 else images[:, 0]
 
     def _decode_error(self, exc: Exception) -> Exception:
         """A DataError naming the samples of the failed batch that do not decode (DALI does
@@ -279,6 +359,22 @@ class DaliBackend(BatchStream):
         return DataError(f"{len(bad)} image(s) do not decode: {'; '.join(bad[:5])}. The shards changed after "
                          f"their build: run `alexprep verify {self.input.root}`, rebuild them, or use "
                          f"backend='torch', which feeds such images as grey and counts them")
+
+    def _dense(self, tensor_list) -> np.ndarray:
+        """DALI's uint8 (B, H, W, 3) output as numpy, shared where DALI lends its buffer."""
+        dense = tensor_list.as_tensor()
+        return torch.from_dlpack(dense).numpy() if self._shares_buffers else np.asarray(dense)
+
+    def _resize(self, tensor_list, n: int) -> np.ndarray:
+        """rrc: each decoded window resized to (crop, crop, 3) (PIL releases the GIL while it
+        resizes: the loader's threads share the batch)."""
+        size, out = self.input.config.crop, self._resized
+
+        def one(i: int) -> None:
+            out[i] = resize_window(np.asarray(tensor_list[i]), size)
+
+        list(self._resizers.map(one, range(n)))
+        return out[:n]
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         dense = tensor_list.as_tensor()
@@ -301,3 +397,7 @@ class DaliBackend(BatchStream):
         self._feed = None
         self._inflight.clear()
         self.pipe = None
+        if self._host:
+            self._ring.close()
+            if self._rrc:
+                self._resizers.shutdown()

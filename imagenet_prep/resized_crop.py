@@ -61,7 +61,14 @@ def resized_window(data, spec: ImageSpec, shape: tuple[int, int], window, size: 
     """(size, size, 3) uint8: window (x, y, w, h) of one stored image (shard bytes and its
     (height, width)), resized; not flipped."""
     pixels, box = window_pixels(data, spec, shape, window, size)
-    return np.asarray(Image.fromarray(pixels).resize((size, size), FILTER, box=box))
+    return resize_window(pixels, size, box)
+
+
+def resize_window(pixels: np.ndarray, size: int, box: tuple | None = None) -> np.ndarray:
+    """(size, size, 3) uint8: `box` of (h, w, 3) uint8 pixels (all of them by default) resized
+    with PIL's antialiased bilinear filter."""
+    image = Image.fromarray(pixels)
+    return np.asarray(image.resize((size, size), FILTER, box=box or (0, 0, image.width, image.height)))
 
 
 def pil_bilinear_weights(start: torch.Tensor, stop: torch.Tensor, extent: torch.Tensor, size: int,

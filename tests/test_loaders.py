@@ -181,7 +181,15 @@ def test_channel_normalisation_and_no_lighting(backend, raw_out, closes):
 
 
 @pytest.mark.dali
-def test_backends_agree_exactly_on_raw_shards(raw_out, jpeg_out, closes):
+@pytest.mark.parametrize("host_render", [True, False], ids=["dali-decodes-host-renders", "dali-operators"])
+def test_backends_agree_exactly_on_raw_shards(host_render, raw_out, jpeg_out, monkeypatch, closes):
+    """DALI on the CPU, rendering on the host (where the C++ renderer builds) or with its own
+    operators, gives the torch backend's tensors to the bit on raw shards."""
+    from alexprep.imagenet_prep import dali_backend, render
+
+    if host_render and render.kernel() is None:
+        pytest.skip("the C++ renderer could not be built here")
+    monkeypatch.setattr(dali_backend, "HOST_RENDER", host_render)
     for out, exact in ((raw_out, True), (jpeg_out, False)):
         for make in (lambda b: closes(train_loader(out, batch_size=8, device="cpu", seed=9, backend=b, workers=0)),
                      lambda b: closes(eval_loader(out, batch_size=5, device="cpu", crops=10, backend=b, workers=0)),

@@ -359,12 +359,20 @@ def test_draws_do_not_depend_on_batch_size_ranks_or_resume(raw_keep, closes):
 
 # ---------------------------------------------------------------------------- backends
 @pytest.mark.dali
+@pytest.mark.parametrize("host_render", [True, False], ids=["dali-decodes-host-renders", "dali-operators"])
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
-def test_dali_agrees_with_the_torch_backend(encoding, raw_keep, jpeg_keep, closes):
-    """The same windows, flips and means; DALI's antialiased linear resize against PIL's
-    bilinear: 0.14 levels apart on average, 1 at the 99th percentile, 5 at most (over 192
-    windows of the test photos); asserted: mean <= 0.3, max <= 6. Where nothing is
-    resampled (eval, shorter side 256) they are identical."""
+def test_dali_agrees_with_the_torch_backend(encoding, host_render, raw_keep, jpeg_keep, monkeypatch, closes):
+    """The same windows, flips and means. DALI's operators: its antialiased linear resize
+    against PIL's bilinear, 0.14 levels apart on average, 1 at the 99th percentile, 5 at most
+    (over 192 windows of the test photos); asserted: mean <= 0.3, max <= 6. DALI decoding
+    each window and the host resizing it with PIL and rendering it: the torch backend's
+    tensors to the bit (no window here is large enough for its DCT-scaled decoding). Where
+    nothing is resampled (eval, shorter side 256) they are identical."""
+    from alexprep.imagenet_prep import dali_backend, render
+
+    if host_render and render.kernel() is None:
+        pytest.skip("the C++ renderer could not be built here")
+    monkeypatch.setattr(dali_backend, "HOST_RENDER", host_render)
     out = raw_keep if encoding == "raw" else jpeg_keep
     stats = DatasetStats.load(out / "stats.npz")
     for make in (lambda b: closes(train_loader(out, batch_size=9, device="cpu", seed=2, backend=b, workers=1,
@@ -375,6 +383,8 @@ def test_dali_agrees_with_the_torch_backend(encoding, raw_keep, jpeg_keep, close
         d = np.concatenate([levels(a, b, stats).ravel() for (a, _), (b, _) in zip(dali, ours)])
         assert all(torch.equal(la, lb) for (_, la), (_, lb) in zip(dali, ours))
         assert d.max() <= 6 and d.mean() <= 0.3, (d.max(), d.mean())
+        if host_render:
+            assert all(torch.equal(a, b) for (a, _), (b, _) in zip(dali, ours))
     assert d.max() <= 1e-3  # the eval loader's: no resampling anywhere
 
 
