@@ -807,6 +807,9 @@ def main(argv=None) -> dict:
         parser.error(str(exc))
     started = time.perf_counter()
     only = set(args.only.split(",")) if args.only else None
+    if only and only - set(CONTENDERS[args.recipe]):  # before minutes of building
+        parser.error(f"--only: no contender {', '.join(sorted(only - set(CONTENDERS[args.recipe])))} in the "
+                     f"{args.recipe} recipe (known: {', '.join(CONTENDERS[args.recipe])})")
     wanted = (lambda name: True) if only is None else only.__contains__
     work = args.work or Path(tempfile.mkdtemp(prefix="alexprep-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -822,7 +825,7 @@ def main(argv=None) -> dict:
         server, remote = ffcv(data, work, args.device, cfg.batch, cfg.workers, notes, wanted)
         runners.update(remote)
         if not runners:
-            parser.error(f"--only {args.only}: no such contender here (known: {', '.join(CONTENDERS[args.recipe])})")
+            parser.error(f"--only {args.only}: none of them can run here ({json.dumps(notes)})")
         epochs, busy = time_rounds(runners, cfg)
         results = summarize(epochs, CONTENDERS[args.recipe])
     finally:

@@ -37,7 +37,8 @@ def test_the_first_epoch_is_dropped_and_ratios_pair_epochs_of_the_same_round():
 
 
 @pytest.mark.parametrize("argv, why", [(["--images", "300", "--batch-size", "64"], "at least 384 images"),
-                                       (["--images", "1024", "--epochs", "1"], "--epochs 1")])
+                                       (["--images", "1024", "--epochs", "1"], "--epochs 1"),
+                                       (["--only", "rrc-dali"], "no contender rrc-dali in the paper recipe")])
 def test_a_run_that_cannot_time_an_epoch_is_refused_before_any_work(argv, why, capsys):
     with pytest.raises(SystemExit) as exit_:
         lt.main(["--quick", "--workers", "2", *argv])
