@@ -3,20 +3,20 @@
     benchmarks/.ffcv-venv/bin/python benchmarks/ffcv_side.py version
     ... ffcv_side.py write-files LIST.json OUT.beton --workers 1      # prep: source JPEGs -> .beton
     ... ffcv_side.py write-array PIXELS.npy LABELS.npy OUT.beton --mode jpg|raw
-    ... ffcv_side.py serve --mean MEAN.npy --lighting L.npy --batch 64 --workers 2 NAME=X.beton ...
-    ... ffcv_side.py serve --recipe rrc --mean MEAN.npy --std STD.npy --batch 64 --workers 2 NAME=X.beton
+    ... ffcv_side.py serve --mean MEAN.npy --std STD.npy --mean-image M.npy --lighting L.npy \
+            --batch 64 --workers 2 ffcv-jpeg=own:J.beton ffcv-paperop-jpeg=paperop:J.beton ...
 
 Needs only numpy, PIL, torch and ffcv (made by `make ffcv-env`, never in .venv): FFCV
 pins its own numba and builds against system OpenCV and libturbojpeg. Everything prints
 one JSON line per answer on stdout.
 
-`serve` builds one `ffcv.loader.Loader` per .beton (OrderOption.RANDOM, FFCV's JPEG
-decoder `SimpleRGBImageDecoder`, then `PaperAugment` below, then ToTensor), warms each up,
-then answers `run NAME BATCHES SKIP` lines from stdin (SKIP untimed batches, then BATCHES
-timed ones) so that the calling benchmark can alternate FFCV with its in-process
-contenders under the same idle-machine rule. `--recipe rrc`: FFCV's own
-`RandomResizedCropRGBImageDecoder((size, size))` (torchvision's scale and ratio; OpenCV's
-INTER_AREA resize) instead, then `FlipNormalize` below.
+`serve` builds one `ffcv.loader.Loader` per NAME=PIPELINE:PATH (OrderOption.RANDOM,
+drop_last, os_cache), the image pipeline one of PIPELINES below: FFCV's own classes as its
+users write them ("own", "rrc-own"), or FFCV's decoders followed by an Operation of ours
+doing the paper's or the rrc recipe's work ("paperop", "rrc-op"). It then answers
+`epoch NAME SKIP` lines from stdin: one whole epoch (`iter(loader)`), its first SKIP
+batches untimed, the rest timed, so that the calling benchmark alternates FFCV's epochs
+with its in-process contenders' under the same protocol and idle-machine rule.
 """
 from __future__ import annotations
 
@@ -178,63 +178,112 @@ def flip_normalize_class():
     return FlipNormalize
 
 
-def loader(path: str, *, batch: int, workers: int, augment, decoder=None):
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+# What each pipeline runs, for the benchmark's notes. ToTorchImage returns a permuted view:
+# NCHW-shaped, channels_last in memory (NHWC), not the contiguous NCHW our loaders give.
+PIPELINES = {
+    "own": "FFCV's own pipeline, its classes only: RandomResizedCropRGBImageDecoder((224, 224), "
+           "scale=((224/256)^2,)*2, ratio=(1, 1)) (a fixed 224-of-256 window at a random position; the whole "
+           "JPEG decoded, then the window copied by OpenCV's resize at 1:1), RandomHorizontalFlip(), "
+           "NormalizeImage(channel mean, channel std, float32), ToTensor(), ToTorchImage() (an NCHW-shaped "
+           "channels_last view, not contiguous NCHW as ours); no mean image, no PCA lighting: less work per "
+           "image than the paper's recipe our loaders do",
+    "paperop": "SimpleRGBImageDecoder() then PaperAugment (an Operation of ours, numba: one of 33x33 crop "
+               "offsets, flip 0.5, minus the mean image's window, PCA lighting 0.1, float32 contiguous CHW), "
+               "ToTensor(): the same work per image as our loaders",
+    "rrc-own": "FFCV's own rrc pipeline, its classes only: RandomResizedCropRGBImageDecoder((224, 224)) with its "
+               "defaults (torchvision's scale and ratio; whole JPEG decoded, OpenCV INTER_AREA resize), "
+               "RandomHorizontalFlip(), NormalizeImage(channel mean, channel std, float32), ToTensor(), "
+               "ToTorchImage() (an NCHW-shaped channels_last view, not contiguous NCHW as ours)",
+    "rrc-op": "RandomResizedCropRGBImageDecoder((224, 224)) with its defaults, then FlipNormalize (an Operation "
+              "of ours, numba: flip 0.5, channel mean and std, float32 contiguous CHW), ToTensor()",
+}
+
+
+def fixed_window_scale(crop: int, side: int) -> tuple[float, float]:
+    """RandomResizedCrop's area scale that, with ratio (1, 1), makes its window exactly crop x
+    crop of a side x side image: FFCV's way to write the paper's random 224-of-256 crop
+    ((224/256)^2 = 0.765625 is exact in binary, so sqrt(area * scale) is 224.0)."""
+    s = (crop / side) ** 2
+    return (s, s)
+
+
+def image_pipeline(kind: str, args) -> list:
+    """The image field's decoder and transforms for pipeline `kind` (see PIPELINES)."""
+    import numpy as np
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    size = (args.size, args.size)
+    if kind == "paperop":
+        augment = paper_augment_class()(np.load(args.mean_image), np.load(args.lighting), crop=args.size)
+        return [SimpleRGBImageDecoder(), augment, ToTensor()]
+    mean, std = np.load(args.mean).astype(np.float64), np.load(args.std).astype(np.float64)
+    if kind == "rrc-op":
+        return [RandomResizedCropRGBImageDecoder(size), flip_normalize_class()(mean, std), ToTensor()]
+    if kind == "own":
+        decoder = RandomResizedCropRGBImageDecoder(size, scale=fixed_window_scale(args.size, args.side), ratio=(1, 1))
+    elif kind == "rrc-own":
+        decoder = RandomResizedCropRGBImageDecoder(size)
+    else:
+        raise ValueError(f"unknown pipeline {kind!r} (known: {', '.join(PIPELINES)})")
+    return [decoder, RandomHorizontalFlip(), NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+
+
+def loader(path: str, image_pipeline: list, *, batch: int, workers: int):
+    from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
 
     return Loader(path, batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, drop_last=True,
-                  os_cache=True, pipelines={"image": [decoder or SimpleRGBImageDecoder(), augment, ToTensor()],
-                                            "label": [IntDecoder(), ToTensor()]})
+                  os_cache=True, pipelines={"image": image_pipeline, "label": [IntDecoder(), ToTensor()]})
 
 
-def pipeline_parts(args) -> tuple:
-    """(decoder, augment) of a .beton's pipeline: the paper's (SimpleRGBImageDecoder,
-    PaperAugment) or RandomResizedCrop's (FFCV's RRC decoder, FlipNormalize)."""
-    import numpy as np
+def time_epoch(ld, skip: int) -> dict:
+    """One whole epoch of `ld`: the first `skip` batches (start-up, the queue filling)
+    untimed, the rest timed; the same rule as loader_throughput.time_epoch."""
+    t0 = time.perf_counter()
+    batches = iter(ld)
+    for _ in range(skip):
+        next(batches)
+    t1 = time.perf_counter()
+    images = count = 0
+    x = None
+    for x, _ in batches:
+        images += x.shape[0]
+        count += 1
+    out = {"seconds": time.perf_counter() - t1, "images": images, "batches": count, "untimed_s": t1 - t0}
+    if x is not None:  # what the trainer is handed
+        out["shape"], out["dtype"] = list(x.shape), str(x.dtype)
+        out["contiguous"] = x.is_contiguous()
+    return out
 
-    if args.recipe == "rrc":
-        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
 
-        return (RandomResizedCropRGBImageDecoder((args.size, args.size)),
-                flip_normalize_class()(np.load(args.mean), np.load(args.std)))
-    return None, paper_augment_class()(np.load(args.mean), np.load(args.lighting))
-
-
-def serve(betons: dict, args) -> None:
-    batch, workers = args.batch, args.workers
-    streams = {}
-    for name, path in betons.items():
-        decoder, augment = pipeline_parts(args)
-        ld = loader(path, batch=batch, workers=workers, augment=augment, decoder=decoder)
-
-        def forever(ld=ld):
-            while True:
-                yield from ld
-
-        streams[name] = forever()
-    shapes = {}
-    for name, stream in streams.items():  # warm-up: numba compiles, threads start, page cache
-        t = time.perf_counter()
-        for _ in range(4):
-            x, y = next(stream)
-        shapes[name] = {"images": list(x.shape), "dtype": str(x.dtype), "labels": list(y.shape),
-                        "warmup_s": time.perf_counter() - t}
-    say({"ready": shapes})
+def serve(specs: dict, args) -> None:
+    """specs: NAME -> (pipeline kind, .beton path)."""
+    loaders = {name: loader(path, image_pipeline(kind, args), batch=args.batch, workers=args.workers)
+               for name, (kind, path) in specs.items()}
+    say({"ready": {name: {"pipeline": kind, "batches_per_epoch": len(loaders[name])}
+                   for name, (kind, _) in specs.items()}})
     for line in sys.stdin:
         words = line.split()
         if not words or words[0] == "quit":
             break
-        name, batches, skip = words[1], int(words[2]), int(words[3])
-        stream = streams[name]
-        for _ in range(skip):
-            next(stream)
-        t = time.perf_counter()
-        images = 0
-        for _ in range(batches):
-            x, _ = next(stream)
-            images += x.shape[0]
-        say({"seconds": time.perf_counter() - t, "images": images})
+        name, skip = words[1], int(words[2])
+        say(time_epoch(loaders[name], skip))
+
+
+def parse_specs(items: list[str]) -> dict:
+    """["NAME=KIND:PATH", ...] -> {NAME: (KIND, PATH)}."""
+    specs = {}
+    for item in items:
+        name, _, rest = item.partition("=")
+        kind, _, path = rest.partition(":")
+        if not name or kind not in PIPELINES or not path:
+            raise SystemExit(f"ffcv_side.py serve: {item!r} is not NAME=KIND:PATH with KIND one of "
+                             f"{', '.join(PIPELINES)}")
+        specs[name] = (kind, path)
+    return specs
 
 
 def main(argv: list[str]) -> None:
@@ -256,14 +305,15 @@ def main(argv: list[str]) -> None:
         p.add_argument("--max-resolution", type=int, default=None)
         p.add_argument("--quality", type=int, default=95)
     sv = sub.add_parser("serve")
-    sv.add_argument("--recipe", choices=["paper", "rrc"], default="paper")
-    sv.add_argument("--mean", required=True, help="paper: the mean image (S, S, 3); rrc: the channel mean (3,)")
-    sv.add_argument("--lighting", help="paper: eigvecs * sqrt(eigvals), (3, 3)")
-    sv.add_argument("--std", help="rrc: the channel std (3,)")
-    sv.add_argument("--size", type=int, default=224, help="rrc: the output size")
+    sv.add_argument("--mean", help="own, rrc-own, rrc-op: the channel mean (3,), 0-255")
+    sv.add_argument("--std", help="own, rrc-own, rrc-op: the channel std (3,), 0-255")
+    sv.add_argument("--mean-image", help="paperop: the mean image (S, S, 3)")
+    sv.add_argument("--lighting", help="paperop: eigvecs * sqrt(eigvals), (3, 3)")
+    sv.add_argument("--size", type=int, default=224, help="the output size")
+    sv.add_argument("--side", type=int, default=256, help="own: the stored images' side")
     sv.add_argument("--batch", type=int, required=True)
     sv.add_argument("--workers", type=int, required=True)
-    sv.add_argument("betons", nargs="+", help="NAME=PATH")
+    sv.add_argument("betons", nargs="+", help="NAME=KIND:PATH, KIND one of PIPELINES")
     args = parser.parse_args(argv)
     if args.cmd == "version":
         from importlib.metadata import version
@@ -283,7 +333,7 @@ def main(argv: list[str]) -> None:
         say(write(data, args.out, workers=args.workers, mode=args.mode, max_resolution=args.max_resolution,
                   quality=args.quality))
     else:
-        serve(dict(b.split("=", 1) for b in args.betons), args)
+        serve(parse_specs(args.betons), args)
 
 
 if __name__ == "__main__":
