@@ -7,9 +7,10 @@ the same images (the paper recipe, batch 64, one thread each).
 
 What is timed (every cell a difference or a sum of CPU times measured in this run):
 - torch backend, in this process, one thread, what a DataLoader worker runs: decode
-  (`transform.decode`, PIL, on the shard's bytes), the render step `ShardBatches._write`
-  calls per image (`render_step`; timed with flip off/on, mean image None/given, 1/std
-  none/given, and its final base - lighting subtraction alone), the worker's whole
+  (`transform.decode`, PIL, on the shard's bytes) and the render step `ShardBatches._write`
+  calls per image (`render_step`), image by image; the render step split by timing it
+  again with flip off/on, mean image None/given, 1/std none/given, and its final
+  base - lighting subtraction alone; the worker's whole
   `ShardBatches.__getitem__((Batch, slot, None))`; "Python per sample" is that minus
   decode and render. Hand-off: benchmarks/handoff.py's measurement (a real one-worker
   loader whose workers only fill the slot: main + worker CPU per image, less the fill).
@@ -45,7 +46,6 @@ from benchmarks.common import FFCV_SIDE, add_output_args, ffcv_python, finish, m
 
 HERE = Path(__file__).resolve().parent
 FFCV_BREAKDOWN = HERE / "ffcv_breakdown.py"
-LOADERS = ("torch", "dali", "ffcv")
 # The table's rows, in order: (key, label)
 ROWS = (("decode", "decode"), ("crop", "crop"), ("flip_normalize", "flip + normalise"),
         ("lighting_mean", "lighting / mean image"), ("handoff", "hand-off to the trainer"),
@@ -61,31 +61,35 @@ def cpu_us(run, images: int, clock=time.thread_time) -> float:
 
 
 # ---------------------------------------------------------------------------- torch backend
+# The seam: the name in torch_backend that `ShardBatches._write` calls per image in "render"
+# mode, as `step(out, image, windows, cmn_mean, mean_chw, inv_std)`. The one line to change
+# when the worker's render changes (`check_render_step` refuses to time a stale one).
+RENDER_STEP = "render_one"
+
+
 def render_step():
-    """What `ShardBatches._write` calls per image in "render" mode, with the signature
-    `render_one(out, image, windows, cmn_mean, mean_chw, inv_std)`: the seam to change when
-    the worker's render changes (`check_render_step` refuses to time a stale one)."""
+    """The worker's render step (`RENDER_STEP` in torch_backend)."""
     from alexprep.imagenet_prep import torch_backend
 
-    return torch_backend.render_one
+    return getattr(torch_backend, RENDER_STEP)
 
 
 @contextlib.contextmanager
 def counting_render():
-    """Count the calls `ShardBatches._write` makes to `render_step()`."""
+    """Count the calls `ShardBatches._write` makes to the render step."""
     from alexprep.imagenet_prep import torch_backend
 
-    calls, real = [], torch_backend.render_one
+    calls, real = [], render_step()
 
     def counted(*args):
         calls.append(1)
         return real(*args)
 
-    torch_backend.render_one = counted
+    setattr(torch_backend, RENDER_STEP, counted)
     try:
         yield calls
     finally:
-        torch_backend.render_one = real
+        setattr(torch_backend, RENDER_STEP, real)
 
 
 def check_render_step(dataset, batch, out) -> None:
@@ -94,8 +98,8 @@ def check_render_step(dataset, batch, out) -> None:
     with counting_render() as calls:
         dataset._write(batch, out, [])
     if len(calls) != len(batch):
-        sys.exit(f"loader_breakdown: ShardBatches._write called render_one {len(calls)} times for a batch of "
-                 f"{len(batch)}: it renders another way now; update render_step() and the torch parts")
+        sys.exit(f"loader_breakdown: ShardBatches._write called {RENDER_STEP} {len(calls)} times for a batch of "
+                 f"{len(batch)}: it renders another way now; update RENDER_STEP and TorchParts")
 
 
 class TorchParts:
@@ -117,7 +121,27 @@ class TorchParts:
     def close(self) -> None:
         self.loader.close()
 
+    def in_place(self) -> tuple[float, float]:
+        """Decode and the whole render step, image by image as the worker runs them (the
+        image still in cache when it is rendered, and freed after: keeping them all would
+        add a page fault per 4 KiB of each new image): µs per image of each."""
+        from alexprep.imagenet_prep.transform import decode
+
+        samples, spec, step, clock = self.dataset._samples(), self.dataset.spec, render_step(), time.thread_time
+        decoding = rendering = 0.0
+        for b in self.plans:
+            cmn = np.asarray(b.cmn_mean, np.float32)
+            for i, sample in enumerate(b.index):
+                t0 = clock()
+                image = decode(samples.view(sample), spec)
+                t1 = clock()
+                step(self.out[i], image, b.windows[i], cmn[i], self.mean_chw, self.inv_std)
+                rendering += clock() - t1
+                decoding += t1 - t0
+        return 1e6 * decoding / self.images, 1e6 * rendering / self.images
+
     def decoded(self) -> list[list[np.ndarray]]:
+        """The epoch's images, decoded (untimed), for the render step's variants."""
         from alexprep.imagenet_prep.transform import decode
 
         samples, spec = self.dataset._samples(), self.dataset.spec
@@ -143,6 +167,18 @@ class TorchParts:
                     step(self.out[i], image, windows[i], cmn[i], mean_chw, inv_std)
         return cpu_us(run, self.images)
 
+    def plans_us(self, epochs: int = 4) -> float:
+        """The main process's batch plans (order, draws, lighting): µs per image, part of
+        the hand-off's measurement, timed alone for the JSON."""
+        self._epoch = getattr(self, "_epoch", 0) + epochs  # new epochs: their orders are drawn too
+
+        def run():
+            for e in range(self._epoch, self._epoch + epochs):
+                plan = self.loader.plan(e)
+                for k in range(len(plan)):
+                    plan[k]
+        return cpu_us(run, epochs * self.images)
+
     def shift_pass(self) -> float:
         """render_one's last pass alone, base - lighting shift subtracted in place: µs per image."""
         o = self.out[0, 0]
@@ -154,17 +190,21 @@ class TorchParts:
         return cpu_us(run, self.images)
 
     def repeat(self) -> dict:
-        t0 = time.thread_time()
+        """The parts, µs per image. The render step's split comes from variants timed over
+        images decoded earlier (out of cache): differences, each against the one before;
+        crop is the in-place render less the others."""
+        decode, render = self.in_place()
         decoded = self.decoded()
-        decode = 1e6 * (time.thread_time() - t0) / self.images
         a = self.render(decoded, flip=False, mean=False, std=False)
         b = self.render(decoded, flip=True, mean=False, std=False)
         c = self.render(decoded, flip=True, mean=True, std=False)
         d = self.render(decoded, flip=True, mean=True, std=True)
         shift = self.shift_pass()
         whole = self.whole()
-        return {"decode": decode, "crop_cast": a - shift, "flip": b - a, "mean_image": c - b, "inv_std": d - c,
-                "base_lighting": shift, "render": d, "whole": whole, "python": whole - decode - d}
+        split = {"flip": b - a, "mean_image": c - b, "inv_std": d - c, "base_lighting": shift}
+        return {"decode": decode, "crop_cast": render - sum(split.values()), **split, "render": render,
+                "render_out_of_cache": d, "whole": whole, "python": whole - decode - render,
+                "plans_in_handoff": self.plans_us()}
 
 
 def torch_handoff(build: Path, batch: int, batches: int) -> float:
@@ -377,17 +417,18 @@ class FfcvParts:
 FUSED = "fused in crop"  # a cell whose work another row's operator does in the same pass
 
 
-def rows_of(torch_: dict, torch_raw: float, handoff: float, dali: dict, dali_raw: float, ffcv: dict | None) -> dict:
+def rows_of(torch_: dict, dali: dict | None, ffcv: dict | None) -> dict:
     """One repeat's table: row -> loader -> µs per image (or FUSED / None: not done)."""
-    rows = {
-        "torch": {"decode": torch_["decode"], "crop": torch_["crop_cast"],
-                  "flip_normalize": torch_["flip"] + torch_["inv_std"],
-                  "lighting_mean": torch_["mean_image"] + torch_["base_lighting"], "handoff": handoff,
-                  "python": torch_["python"], "total": torch_["whole"] + handoff, "total_raw": torch_raw + handoff},
-        "dali": {"decode": dali["decode"], "crop": dali["crop_mirror_normalize"], "flip_normalize": FUSED,
-                 "lighting_mean": dali["cast_mean_image"], "handoff": dali["handoff"], "python": dali["python"],
-                 "total": dali["whole"], "total_raw": dali_raw},
-    }
+    handoff = torch_["handoff"]
+    rows = {"torch": {"decode": torch_["decode"], "crop": torch_["crop_cast"],
+                      "flip_normalize": torch_["flip"] + torch_["inv_std"],
+                      "lighting_mean": torch_["mean_image"] + torch_["base_lighting"], "handoff": handoff,
+                      "python": torch_["python"], "total": torch_["whole"] + handoff,
+                      "total_raw": torch_["raw_whole"] + handoff}}
+    if dali is not None:
+        rows["dali"] = {"decode": dali["decode"], "crop": dali["crop_mirror_normalize"], "flip_normalize": FUSED,
+                        "lighting_mean": dali["cast_mean_image"], "handoff": dali["handoff"],
+                        "python": dali["python"], "total": dali["whole"], "total_raw": dali["raw_whole"]}
     if ffcv is not None:
         rows["ffcv"] = {"decode": ffcv["decode"], "crop": ffcv["crop_resize"],
                         "flip_normalize": ffcv["flip"] + ffcv["normalize"], "lighting_mean": None,
@@ -414,45 +455,64 @@ def summarise(parts: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------- the run
+def open_contenders(builds: dict, work: Path, batch: int, epochs: int) -> tuple[dict, dict]:
+    """Each loader's parts, built and warmed up (None where one cannot run here), and why
+    those that cannot run do not."""
+    from alexprep.imagenet_prep.errors import DataError
+
+    opened = {"torch": (TorchParts(builds["jpeg"], batch), TorchParts(builds["raw"], batch))}
+    batches, skipped = len(opened["torch"][0].plans), {}
+    try:
+        opened["dali"] = (DaliParts(builds["jpeg"], batch, batches),
+                          DaliParts(builds["raw"], batch, batches, stages=False))
+    except DataError as exc:  # DALI does not import here
+        skipped["dali"] = str(exc)
+    python, versions = ffcv_python()
+    if python is None:
+        skipped["ffcv"] = versions["skipped"]
+    else:
+        opened["ffcv"] = (FfcvParts(python, write_betons(builds["jpeg"], work, python), work, batch, epochs),)
+    return opened, {"skipped": skipped, "ffcv_versions": versions}
+
+
+def one_repeat(opened: dict, build: Path, batch: int, epochs: int) -> dict:
+    """Every part of every loader, one loader after another: {loader: {part: µs per image}}."""
+    jpeg, raw = opened["torch"]
+    parts = {"torch": {**jpeg.repeat(), "raw_whole": raw.whole(),
+                       "handoff": torch_handoff(build, batch, batches=80)}}
+    if "dali" in opened:
+        jpeg, raw = opened["dali"]
+        d = jpeg.repeat(epochs)
+        parts["dali"] = {**{k: v for k, v in d.items() if k != "stages"},
+                         **{f"stage_{k}": v for k, v in d["stages"].items()}, "raw_whole": raw.whole(epochs)}
+    if "ffcv" in opened:
+        f = opened["ffcv"][0].repeat()
+        parts["ffcv"] = {**{k: v for k, v in f.items() if k != "cpu"},
+                         **{f"loader_{k}": v for k, v in f["cpu"].items()}}
+    return parts
+
+
 def run(work: Path, images: int, batch: int, repeats: int, epochs: int) -> dict:
     import torch
 
     torch.set_num_threads(1)  # one core: a DataLoader worker's setting
     builds = prepared_build(work, images, encodings=("jpeg", "raw"), shard_size=batch)["builds"]
-    python, ffcv_versions = ffcv_python()
-    torch_jpeg, torch_raw = TorchParts(builds["jpeg"], batch), TorchParts(builds["raw"], batch)
-    batches = len(torch_jpeg.plans)
-    dali_jpeg, dali_raw = DaliParts(builds["jpeg"], batch, batches), DaliParts(builds["raw"], batch, batches, stages=False)
-    ffcv = None
-    if python is not None:
-        ffcv = FfcvParts(python, write_betons(builds["jpeg"], work, python), work, batch, epochs)
-    per_repeat, parts = [], {"torch": [], "dali": [], "ffcv": []}
+    opened, why = open_contenders(builds, work, batch, epochs)
     try:
-        for _ in range(repeats):  # the loaders alternate within every repeat
-            t = torch_jpeg.repeat()
-            t_raw = torch_raw.whole()
-            handoff = torch_handoff(builds["jpeg"], batch, batches=40)
-            d = dali_jpeg.repeat(epochs)
-            d_raw = dali_raw.whole(epochs)
-            f = ffcv.repeat() if ffcv else None
-            per_repeat.append(rows_of(t, t_raw, handoff, d, d_raw, f))
-            parts["torch"].append({**t, "raw_whole": t_raw, "handoff": handoff})
-            parts["dali"].append({**{k: v for k, v in d.items() if k != "stages"},
-                                  **{f"stage_{k}": v for k, v in d["stages"].items()}, "raw_whole": d_raw})
-            if f:
-                parts["ffcv"].append({**{k: v for k, v in f.items() if k != "cpu"},
-                                      **{f"loader_{k}": v for k, v in f["cpu"].items()}})
+        # the loaders alternate within every repeat
+        repeat_parts = [one_repeat(opened, builds["jpeg"], batch, epochs) for _ in range(repeats)]
     finally:
-        for p in (torch_jpeg, torch_raw, dali_jpeg, dali_raw, ffcv):
-            if p is not None:
-                p.close()
+        for p in (p for pair in opened.values() for p in pair):
+            p.close()
+    per_repeat = [rows_of(p["torch"], p.get("dali"), p.get("ffcv")) for p in repeat_parts]
     return {
-        "images": images, "batch": batch, "repeats": repeats, "ffcv_epochs_per_repeat": epochs,
+        "images": images, "batch": batch, "repeats": repeats, "epochs_per_repeat": epochs,
         "recipe": "paper", "threads": 1, "unit": "CPU µs of one core per image",
         "rows": medians(per_repeat), "per_repeat": per_repeat,
-        "parts": {k: summarise(v) for k, v in parts.items() if v},
-        "dali_operators": dali_jpeg.operators, "render_step": render_step().__name__,
-        "ffcv": ffcv_versions if python is None else {**ffcv_versions, "warmup": ffcv.ready},
+        "parts": {k: summarise([p[k] for p in repeat_parts]) for k in opened},
+        "dali_operators": opened["dali"][0].operators if "dali" in opened else [],
+        "render_step": RENDER_STEP, **why,
+        "ffcv_warmup": opened["ffcv"][0].ready if "ffcv" in opened else None,
     }
 
 

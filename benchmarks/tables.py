@@ -276,7 +276,7 @@ def loader_ratios() -> str:
     return table(("ratio (per repeat: median, min–max)", "measured", "target"), rows)
 
 
-BREAKDOWN_LOADERS = (("torch", "torch backend"), ("dali", "DALI from Arrow (CPU)"), ("ffcv", "FFCV 1.0.2"))
+BREAKDOWN_LOADERS = (("torch", "torch backend"), ("dali", "DALI from Arrow (CPU)"), ("ffcv", "FFCV"))
 BREAKDOWN_ROWS = (("decode", "decode"), ("crop", "crop"), ("flip_normalize", "flip + normalise"),
                   ("lighting_mean", "lighting / mean image"), ("handoff", "hand-off to the trainer"),
                   ("python", "Python per sample"), ("total", "**total**"),
@@ -289,15 +289,19 @@ def loader_breakdown() -> str:
 
     def cell(v) -> str:
         if isinstance(v, dict):
-            return f"{v['median']:,.0f}"
+            return f"{round(v['median']):,}"  # round: no "-0"
         return "— (FFCV has neither)" if v is None else f"{v} (`CropMirrorNormalize`)"
 
-    loaders = [(k, label) for k, label in BREAKDOWN_LOADERS if k in d["rows"]["total"]]
+    version = d.get("ffcv_versions", {}).get("ffcv")
+    names = {**dict(BREAKDOWN_LOADERS), **({"ffcv": f"FFCV {version}"} if version else {})}
+    loaders = [(k, names[k]) for k, _ in BREAKDOWN_LOADERS if k in d["rows"]["total"]]
     rows = [(label, *(cell(d["rows"][row][k]) for k, _ in loaders)) for row, label in BREAKDOWN_ROWS]
     made = table(("µs of one core per image (median)", *(label for _, label in loaders)), rows)
-    ops = ", ".join(dict.fromkeys(d["dali_operators"]))
+    ops = ", ".join(dict.fromkeys(d["dali_operators"])) or "nothing (not run)"
+    skipped = "".join(f" Not run: {k} ({why})." for k, why in d.get("skipped", {}).items())
     return (f"{made}\n\nMedians of {d['repeats']} alternated repeats, {d['images']} images, batch {d['batch']}, "
-            f"one thread each; the torch worker renders with `{d['render_step']}`; the DALI graph holds {ops}.")
+            f"one thread each; the torch worker renders with `{d['render_step']}`; the DALI graph holds {ops}."
+            f"{skipped}")
 
 
 RRC = (("rrc-dali", "alexprep, DALI backend (CPU): `decoders.image_slice` + `fn.resize`"),
