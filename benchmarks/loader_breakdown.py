@@ -42,7 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import FFCV_SIDE, add_output_args, ffcv_python, finish, machine, prepared_build, summary
+from benchmarks.common import (
+    FFCV_SIDE, add_output_args, bar_chart, ffcv_python, finish, machine, prepared_build, summary,
+)
 
 HERE = Path(__file__).resolve().parent
 FFCV_BREAKDOWN = HERE / "ffcv_breakdown.py"
@@ -516,6 +518,22 @@ def run(work: Path, images: int, batch: int, repeats: int, epochs: int) -> dict:
     }
 
 
+def plot(payload: dict, path: Path) -> None:
+    """The table as grouped bars, one group per row, one bar per loader (a fused or
+    absent step as 0), whiskers from min to max over the repeats."""
+    rows, cats = payload["rows"], [label for _, label in ROWS]
+    loaders = list(rows["total"])
+
+    def cell(row: str, loader: str, key: str) -> float:
+        v = rows[row][loader]
+        return v[key] if isinstance(v, dict) else 0.0
+
+    series = {k: [cell(r, k, "median") for r, _ in ROWS] for k in loaders}
+    spread = {k: [(cell(r, k, "min"), cell(r, k, "max")) for r, _ in ROWS] for k in loaders}
+    bar_chart(path, cats, series, spread=spread, horizontal=True, value_axis="CPU µs of one core per image",
+              title=f"Where the time goes, per image (paper recipe, batch {payload['batch']}, one thread)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="256 images, 5 repeats (~3 min on 2 cores)")
@@ -536,7 +554,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         payload = {"machine": machine(), **run(args.work or Path(tmp), images, args.batch, repeats, epochs)}
     payload["wall_s"] = time.perf_counter() - started
-    finish("loader_breakdown", payload, args)
+    finish("loader_breakdown", payload, args, plot=plot)
     for row, label in ROWS:
         cells = payload["rows"][row]
         print(f"{label:32s}" + "".join(f"{k} {v['median']:8.1f}  " if isinstance(v, dict) else f"{k} {v!s:>8}  "
