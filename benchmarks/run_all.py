@@ -20,8 +20,8 @@ from pathlib import Path
 
 from benchmarks.common import HERE, OUT, PUBLISHED, publish
 
-BENCHMARKS = ["prep_throughput", "loader_throughput", "train_throughput", "train_step", "relu_vs_tanh",
-              "remote_throughput"]
+BENCHMARKS = ["prep_throughput", "loader_throughput", "loader_breakdown", "train_throughput", "train_step",
+              "relu_vs_tanh", "remote_throughput"]
 
 
 def main() -> None:

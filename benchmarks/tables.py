@@ -313,6 +313,34 @@ def loader_ratios() -> str:
     return table(("ratio (per epoch: median, min–max)", "measured", "target"), made)
 
 
+BREAKDOWN_LOADERS = (("torch", "torch backend"), ("dali", "DALI from Arrow (CPU)"), ("ffcv", "FFCV"))
+BREAKDOWN_ROWS = (("decode", "decode"), ("crop", "crop"), ("flip_normalize", "flip + normalise"),
+                  ("lighting_mean", "lighting / mean image"), ("handoff", "hand-off to the trainer"),
+                  ("python", "Python per sample"), ("total", "**total**"),
+                  ("total_raw", "total, raw shards (no decode)"))
+
+
+def loader_breakdown() -> str:
+    """benchmarks/README.md: where each loader's time goes, µs of one core per image (medians)."""
+    d = load("loader_breakdown")
+
+    def cell(v) -> str:
+        if isinstance(v, dict):
+            return f"{round(v['median']):,}"  # round: no "-0"
+        return "— (FFCV has neither)" if v is None else f"{v} (`CropMirrorNormalize`)"
+
+    version = d.get("ffcv_versions", {}).get("ffcv")
+    names = {**dict(BREAKDOWN_LOADERS), **({"ffcv": f"FFCV {version}"} if version else {})}
+    loaders = [(k, names[k]) for k, _ in BREAKDOWN_LOADERS if k in d["rows"]["total"]]
+    rows = [(label, *(cell(d["rows"][row][k]) for k, _ in loaders)) for row, label in BREAKDOWN_ROWS]
+    made = table(("µs of one core per image (median)", *(label for _, label in loaders)), rows)
+    ops = ", ".join(dict.fromkeys(d["dali_operators"])) or "nothing (not run)"
+    skipped = "".join(f" Not run: {k} ({why})." for k, why in d.get("skipped", {}).items())
+    return (f"{made}\n\nMedians of {d['repeats']} alternated repeats, {d['images']} images, batch {d['batch']}, "
+            f"one thread each; the torch worker renders with `{d['render_step']}`; the DALI graph holds {ops}."
+            f"{skipped}")
+
+
 RRC = (("rrc-dali", "alexprep, DALI backend (CPU): `decoders.image_slice` + `fn.resize`"),
        ("rrc-torch", "alexprep, torch backend: PIL crop + bilinear resize in DataLoader workers"),
        ("rrc-ffcv-jpeg", "FFCV 1.0.2, its own pipeline: `RandomResizedCropRGBImageDecoder((224, 224))` with its "
@@ -428,6 +456,7 @@ def bench_minutes() -> str:
 BLOCKS = {f.__name__: f for f in (headline, shard_mb, shards, images, scale, scale_largest_build, prep_per_image,
                                   prep_whole, prep_ratios, loader, loader_ratios, rrc, model, end_to_end, remote,
                                   remote_epoch_ratio, relu_vs_tanh, rrc_resolution, bench_minutes)}
+BLOCKS["loader_breakdown"] = loader_breakdown  # on a line of its own: the loader tables are being rewritten
 
 
 # ---------------------------------------------------------------------------- rewriting
