@@ -10,12 +10,15 @@ the 256x256 image, a flip with p = 0.5, the mean image's window subtracted, PCA 
 added; batches of float32 contiguous NCHW tensors (on the GPU with --device cuda).
 Contenders (CONTENDERS says exactly what each runs; it goes into each result's "note"):
 
-- dali-arrow: `train_loader(backend="dali")` over our JPEG Arrow shards;
-  dali-arrow-roi-decode: the same decoding only the crop window (why it is not the default);
+- dali-arrow: `train_loader(backend="dali")` over our JPEG Arrow shards (on the CPU DALI
+  decodes and the host renders in one C++ pass); dali-arrow-operators (CPU): the same
+  rendered by DALI's operators, the path before issue 29; dali-arrow-roi-decode (GPU): the
+  same decoding only the crop window (why it is not the default);
   dali-arrow-raw: over `--encoding raw` shards (no decoding at all; 4x the disk);
 - dali-files: DALI's `readers.file` over the same 256x256 JPEGs (the shards' very bytes)
   as files, the same operators;
 - torch-twin: `train_loader(backend="torch")`, PIL decoding in DataLoader workers;
+  torch-twin-numpy (CPU): the same rendering in numpy, the path before issue 29;
 - imagefolder-original: what users write today, a torchvision-style ImageFolder in a
   DataLoader over the original JPEGs (decode, resize shorter side to 256, centre crop,
   random crop, flip, mean image, lighting), per-sample numpy in the workers;
@@ -39,7 +42,9 @@ recipe on a keep-aspect build of the same corpus (shorter side 256, longer at mo
 a flip with p = 0.5, channel mean and std, float32 NCHW, no lighting. Contenders:
 
 - rrc-dali, rrc-torch: `train_loader(recipe="rrc")` over the JPEG keep-aspect shards,
-  backend "dali" (CPU) and "torch" (PIL in DataLoader workers);
+  backend "dali" (CPU: DALI decodes each window, the host resizes it with PIL and renders
+  it) and "torch" (PIL in DataLoader workers); rrc-dali-operators: DALI's `fn.resize` and
+  crop_mirror_normalize instead, the path before issue 29;
 - rrc-imagefolder-pil: the stored images as JPEG files in class folders, an ImageFolder
   in a DataLoader whose transform is torchvision's RandomResizedCrop + RandomHorizontalFlip
   + ToTensor + Normalize written with PIL, numpy and `random` (`PilRandomResizedCrop`:
@@ -71,6 +76,7 @@ and .png into --out (benchmarks/out/; --publish: also benchmarks/results/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import json
@@ -268,18 +274,48 @@ def user_loader(dataset, batch: int, workers: int, device: str):
     return lambda: to_device(iter(dl), "cuda:0" if device == "cuda" else "cpu")
 
 
+@contextlib.contextmanager
+def switched(module, name: str, value):
+    """module.name = value for the block (a switch read when a loader is built)."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+
+
+def with_numpy_render(loader) -> None:
+    """Start the torch loader's workers now, with the C++ renderer off in them
+    (ALEXPREP_CPU_KERNEL=0 is read where they render): numpy renders, as before issue 29.
+    The batch taken here belongs to an epoch the benchmark restarts."""
+    before = os.environ.get("ALEXPREP_CPU_KERNEL")
+    os.environ["ALEXPREP_CPU_KERNEL"] = "0"
+    try:
+        next(iter(loader))
+    finally:
+        if before is None:
+            del os.environ["ALEXPREP_CPU_KERNEL"]
+        else:
+            os.environ["ALEXPREP_CPU_KERNEL"] = before
+
+
 def rrc_contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -> dict:
     """--recipe rrc: ours (DALI and torch backends), and the ImageFolder loop."""
     from alexprep.imagenet_prep import loaders
 
     made = {}
     build = data["builds"]["jpeg"]
-    for name, backend in (("rrc-dali", "dali"), ("rrc-torch", "torch")):
+    runs = [("rrc-dali", "dali", True), ("rrc-dali-operators", "dali", False), ("rrc-torch", "torch", True)]
+    for name, backend, host_render in runs[:1] + runs[1:2] * (device == "cpu") + runs[2:]:
         if backend == "dali" and importlib.util.find_spec("nvidia.dali") is None:
             notes["dali"] = "nvidia.dali does not import here: rrc-dali skipped"
             continue
-        loader = loaders.train_loader(build, batch_size=batch, device="cuda:0" if device == "cuda" else "cpu",
-                                      seed=0, backend=backend, workers=workers, recipe="rrc")
+        from alexprep.imagenet_prep import dali_backend
+
+        with switched(dali_backend, "HOST_RENDER", host_render):  # read when the pipeline is built
+            loader = loaders.train_loader(build, batch_size=batch, device="cuda:0" if device == "cuda" else "cpu",
+                                          seed=0, backend=backend, workers=workers, recipe="rrc")
         made[name] = loader.__iter__
     made["rrc-imagefolder-pil"] = user_loader(ImageFolder(data["files"], PilRandomResizedCrop(data["stats"])),
                                               batch, workers, device)
@@ -297,20 +333,26 @@ def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -
         loader = loaders.train_loader(build, batch_size=batch, device=torch_device, seed=0, backend=backend,
                                       workers=workers, **kw)
         made[name] = loader.__iter__
+        return loader
 
     if have_dali:
         from alexprep.imagenet_prep import dali_backend
 
         ours("dali-arrow", data["builds"]["jpeg"], "dali")
-        default = dali_backend.ROI_DECODE
-        dali_backend.ROI_DECODE = not default  # read when the pipeline is built
-        ours("dali-arrow-full-decode" if default else "dali-arrow-roi-decode", data["builds"]["jpeg"], "dali")
-        dali_backend.ROI_DECODE = default
+        if device == "cpu":  # the same, rendered by DALI's operators (before issue 29): read at build
+            with switched(dali_backend, "HOST_RENDER", False):
+                ours("dali-arrow-operators", data["builds"]["jpeg"], "dali")
+        else:
+            with switched(dali_backend, "ROI_DECODE", not dali_backend.ROI_DECODE):
+                ours("dali-arrow-full-decode" if not dali_backend.ROI_DECODE else "dali-arrow-roi-decode",
+                     data["builds"]["jpeg"], "dali")
         ours("dali-arrow-raw", data["builds"]["raw"], "dali")
         made["dali-files"] = dali_files(data, torch_device, batch, workers, data["images"] // batch)
     else:
         notes["dali"] = "nvidia.dali does not import here: DALI contenders skipped"
     ours("torch-twin", data["builds"]["jpeg"], "torch")
+    if device == "cpu":
+        with_numpy_render(ours("torch-twin-numpy", data["builds"]["jpeg"], "torch"))
     for name, folder in (("imagefolder-original", data["src"]), ("imagefolder-256", data["files"])):
         made[name] = user_loader(ImageFolder(folder, UserAugment(data["stats"], resize=True)), batch, workers, device)
 
@@ -547,11 +589,15 @@ CONTENDERS = {
     "paper": {
         "dali-arrow": "train_loader(backend='dali') over our JPEG q95 Arrow shards: the paper's recipe (33x33 crop "
                       "offsets, flip, mean image, PCA lighting), float32 contiguous NCHW",
-        "dali-arrow-roi-decode": "dali-arrow decoding only the crop window (dali_backend.ROI_DECODE flipped)",
-        "dali-arrow-full-decode": "dali-arrow decoding whole images (dali_backend.ROI_DECODE flipped)",
+        "dali-arrow-operators": "dali-arrow rendered by DALI's operators (dali_backend.HOST_RENDER off: subtraction, "
+                                "crop_mirror_normalize) instead of the host's C++ pass: the CPU path before issue 29",
+        "dali-arrow-roi-decode": "dali-arrow decoding only the crop window (dali_backend.ROI_DECODE flipped; GPU)",
+        "dali-arrow-full-decode": "dali-arrow decoding whole images (dali_backend.ROI_DECODE flipped; GPU)",
         "dali-arrow-raw": "train_loader(backend='dali') over --encoding raw shards (no decoding)",
         "dali-files": "DALI readers.file over the same 256x256 JPEGs as files, our operators (image_graph)",
         "torch-twin": "train_loader(backend='torch'): PIL decoding in DataLoader workers, the paper's recipe",
+        "torch-twin-numpy": "torch-twin rendering in numpy in its workers (ALEXPREP_CPU_KERNEL=0 there) instead of "
+                            "the C++ pass: the CPU path before issue 29",
         "imagefolder-original": "ImageFolder + DataLoader over the original JPEGs: decode, Resize(256), "
                                 "CenterCrop(256), the paper's recipe in per-sample numpy (UserAugment)",
         "imagefolder-256": "the same ImageFolder loop over the 256x256 JPEGs as files",
@@ -562,7 +608,10 @@ CONTENDERS = {
         "ffcv-paperop-raw": _FFCV + "raw .beton; " + ffcv_side.PIPELINES["paperop"],
     },
     "rrc": {
-        "rrc-dali": "train_loader(recipe='rrc', backend='dali') over keep-aspect JPEG q95 shards",
+        "rrc-dali": "train_loader(recipe='rrc', backend='dali') over keep-aspect JPEG q95 shards: on the CPU DALI "
+                    "decodes each window, the host resizes it (PIL) and renders it",
+        "rrc-dali-operators": "rrc-dali with DALI's fn.resize and crop_mirror_normalize (dali_backend.HOST_RENDER "
+                              "off): the CPU path before issue 29",
         "rrc-torch": "train_loader(recipe='rrc', backend='torch'): PIL crop and bilinear resize in DataLoader workers",
         "rrc-imagefolder-pil": "ImageFolder + DataLoader, torchvision's RandomResizedCrop + flip + ToTensor + "
                                "Normalize written in PIL/numpy (PilRandomResizedCrop)",
@@ -734,7 +783,9 @@ PAIRS = [("dali-arrow", "ffcv-jpeg"), ("torch-twin", "ffcv-jpeg"), ("dali-arrow-
          ("dali-arrow", "ffcv-paperop-jpeg"), ("dali-arrow-raw", "ffcv-paperop-raw"), ("torch-twin", "ffcv-paperop-jpeg"),
          ("dali-arrow", "dali-files"), ("dali-arrow", "imagefolder-original"), ("dali-arrow", "imagefolder-256"),
          ("rrc-dali", "rrc-ffcv-jpeg"), ("rrc-torch", "rrc-ffcv-jpeg"), ("rrc-dali", "rrc-ffcv-op-jpeg"),
-         ("rrc-torch", "rrc-ffcv-op-jpeg"), ("rrc-dali", "rrc-imagefolder-pil"), ("rrc-torch", "rrc-imagefolder-pil")]
+         ("rrc-torch", "rrc-ffcv-op-jpeg"), ("rrc-dali", "rrc-imagefolder-pil"), ("rrc-torch", "rrc-imagefolder-pil"),
+         ("dali-arrow", "dali-arrow-operators"), ("torch-twin", "torch-twin-numpy"),
+         ("rrc-dali", "rrc-dali-operators")]
 # The issue's targets (issue 29) and the older ones: ratio key -> at least.
 TARGETS = {"paper": {"dali_arrow_over_ffcv_jpeg": 1.0, "torch_twin_over_ffcv_jpeg": 0.85,
                      "dali_arrow_over_ffcv_paperop_jpeg": 1.0, "dali_arrow_raw_over_ffcv_paperop_raw": 1.0,

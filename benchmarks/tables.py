@@ -258,7 +258,9 @@ _FFCV_OWN = ("its own pipeline: `RandomResizedCropRGBImageDecoder` at a fixed 22
              "channels_last)")
 LOADERS = (("dali-arrow", "alexprep, DALI from Arrow shards (JPEG), the paper's recipe"),
            ("dali-arrow-raw", "alexprep, DALI from Arrow shards (raw), the paper's recipe"),
+           ("dali-arrow-operators", "the same, rendered by DALI's operators (before issue 29)"),
            ("torch-twin", "alexprep, torch backend: PIL in DataLoader workers, the paper's recipe"),
+           ("torch-twin-numpy", "the same, rendering in numpy (before issue 29)"),
            ("ffcv-jpeg", f"FFCV 1.0.2, {_FFCV_OWN}; JPEG q95 `.beton` of the same 256×256 pixels"),
            ("ffcv-raw", "FFCV, its own pipeline, raw `.beton`"),
            ("ffcv-paperop-jpeg", "FFCV `SimpleRGBImageDecoder` + our numba `PaperAugment` (the paper's recipe), "
@@ -304,9 +306,12 @@ def loader_ratios() -> str:
             ("same work per image: torch backend / FFCV with our numba operation, JPEG",
              "torch_twin_over_ffcv_paperop_jpeg", 2, False),
             ("DALI from Arrow / ImageFolder, original JPEGs", "dali_arrow_over_imagefolder_original", 1, True),
-            ("DALI from Arrow / ImageFolder, 256×256 JPEGs", "dali_arrow_over_imagefolder_256", 1, False)]
-    made = [(label, f"**{spread(pr[key], digits)}**" if bold else spread(pr[key], digits), _target(d, key))
-            for label, key, digits, bold in rows]
+            ("DALI from Arrow / ImageFolder, 256×256 JPEGs", "dali_arrow_over_imagefolder_256", 1, False),
+            ("DALI from Arrow: host rendering in C++ / DALI's operators (issue 29)", "dali_arrow_over_dali_arrow_operators",
+             2, False),
+            ("torch backend: C++ rendering / numpy (issue 29)", "torch_twin_over_torch_twin_numpy", 2, False)]
+    made = [(label, "not run here" if key not in pr else f"**{spread(pr[key], digits)}**" if bold
+             else spread(pr[key], digits), _target(d, key)) for label, key, digits, bold in rows]
     files = pr["dali_arrow_over_dali_files"]
     made.append(("DALI from Arrow / DALI `readers.file`", f"{spread(files)} per epoch, "
                  f"{times(files['of_medians'])} of the medians", _target(d, "dali_arrow_over_dali_files")))
@@ -341,7 +346,9 @@ def loader_breakdown() -> str:
             f"{skipped}")
 
 
-RRC = (("rrc-dali", "alexprep, DALI backend (CPU): `decoders.image_slice` + `fn.resize`"),
+RRC = (("rrc-dali", "alexprep, DALI backend (CPU): `decoders.image_slice`, then PIL's resize and the C++ "
+        "rendering on the host"),
+       ("rrc-dali-operators", "the same with DALI's `fn.resize` + `crop_mirror_normalize` (before issue 29)"),
        ("rrc-torch", "alexprep, torch backend: PIL crop + bilinear resize in DataLoader workers"),
        ("rrc-ffcv-jpeg", "FFCV 1.0.2, its own pipeline: `RandomResizedCropRGBImageDecoder((224, 224))` with its "
         "defaults, `RandomHorizontalFlip`, `NormalizeImage`, `ToTensor`, `ToTorchImage` (channels_last); JPEG q95 "
@@ -362,9 +369,12 @@ def rrc() -> str:
             ("contiguous NCHW as ours: DALI backend / FFCV with our operation", "rrc_dali_over_rrc_ffcv_op_jpeg", 2),
             ("contiguous NCHW as ours: torch backend / FFCV with our operation", "rrc_torch_over_rrc_ffcv_op_jpeg", 2),
             ("DALI backend / ImageFolder loop", "rrc_dali_over_rrc_imagefolder_pil", 1),
-            ("torch backend / ImageFolder loop", "rrc_torch_over_rrc_imagefolder_pil", 1)]
+            ("torch backend / ImageFolder loop", "rrc_torch_over_rrc_imagefolder_pil", 1),
+            ("DALI backend: host resize and rendering / DALI's operators (issue 29)", "rrc_dali_over_rrc_dali_operators",
+             2)]
     ratios = table(("ratio (per epoch: median, min–max)", "measured", "target"),
-                   [(label, spread(pr[key], digits), _target(d, key)) for label, key, digits in rows])
+                   [(label, spread(pr[key], digits) if key in pr else "not run here", _target(d, key))
+                    for label, key, digits in rows])
     return _protocol(d) + "\n\n" + speeds + "\n\n" + ratios
 
 
