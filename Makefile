@@ -37,7 +37,7 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/alexprep demo
 
-# Every benchmark in --quick mode (more than 14 minutes on 2 cores: benchmarks/README.md).
+# Every benchmark in --quick mode (more than half an hour on 2 cores: benchmarks/README.md).
 # Results go to the git-ignored benchmarks/out/; `make bench-publish` copies them into the
 # tracked benchmarks/results/ and remakes the documents' tables from them
 # (benchmarks/tables.py). FFCV's contenders need `make ffcv-env` (tried here; where it

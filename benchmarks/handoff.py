@@ -53,10 +53,10 @@ def handoff(kind: str, *, no_pixel_work: bool = False):
 
 
 def endless(loader):
-    """The loader's batches epoch after epoch."""
+    """The loader's batches epoch after epoch (a finished epoch moves the loader to the next:
+    its stream runs on, as in training; a set_epoch here skipped one and restarted it)."""
     while True:
         yield from loader
-        loader.set_epoch(loader.epoch + 1)
 
 
 def cpu_seconds(pids: list[int]) -> float:

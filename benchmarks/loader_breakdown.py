@@ -8,18 +8,24 @@ the same images (the paper recipe, batch 64, one thread each).
 What is timed (every cell a difference or a sum of CPU times measured in this run):
 - torch backend, in this process, one thread, what a DataLoader worker runs: decode
   (`transform.decode`, PIL, on the shard's bytes) and the render step `ShardBatches._write`
-  calls per image (`render_step`), image by image; the render step split by timing it
-  again with flip off/on, mean image None/given, 1/std none/given, and its final
-  base - lighting subtraction alone; the worker's whole
-  `ShardBatches.__getitem__((Batch, slot, None))`; "Python per sample" is that minus
-  decode and render. Hand-off: benchmarks/handoff.py's measurement (a real one-worker
-  loader whose workers only fill the slot: main + worker CPU per image, less the fill).
-- DALI from Arrow, `num_threads=1`: pipelines built with `dali_backend`'s own operators,
-  one more each time (external source -> decoders.image -> cast - mean image -> the whole
-  `image_graph`), fed the backend's own `_source` inputs; each operator's increment.
-  Hand-off: `DaliBackend._to_torch`; "Python per sample" is the real loader's whole CPU
-  per image less the operators and the hand-off (the `_source` feed, timed alone, and
-  DALI's executor).
+  calls per image (`render_step`: render.render_into, one C++ pass), image by image; the
+  render step split by timing it again with flip off/on, mean image None/given, 1/std
+  none/given (the cast and the lighting shift are in the same pass: the crop row); the
+  worker's whole `ShardBatches.__getitem__((Batch, slot, None))`; "Python per sample" is
+  that minus decode and render. Hand-off: benchmarks/handoff.py's measurement (a real
+  one-worker loader whose workers only fill the slot: main + worker CPU per image, less
+  the fill).
+- DALI from Arrow on the CPU as it runs now, `num_threads=1`: DALI decodes (a pipeline of
+  the external source alone, then with `decoders.image`: the increment), the host renders
+  (`render.render_into` over the decoded batches, split as the torch backend's); hand-off:
+  DALI's batch as numpy and the ring's next output; "Python per sample" is the real
+  loader's whole CPU per image less those.
+- DALI's operators (dali_backend.HOST_RENDER off, the CPU path before issue 29): pipelines
+  built with `dali_backend`'s own operators, one more each time (external source ->
+  decoders.image -> image - mean image -> the whole `image_graph`), fed the backend's own
+  `_source` inputs; each operator's increment. Hand-off: `DaliBackend._to_torch`; "Python
+  per sample" is the real loader's whole CPU per image less the operators and the hand-off
+  (the `_source` feed, timed alone, and DALI's executor).
 - FFCV 1.0.2, in its venv (ffcv_breakdown.py), one thread, on a JPEG q95 .beton of the
   same pixels: one Loader per added stage; decode split from crop + resize by
   `libffcv.imdecode` alone.
@@ -64,9 +70,16 @@ def cpu_us(run, images: int, clock=time.thread_time) -> float:
 
 # ---------------------------------------------------------------------------- torch backend
 # The seam: the name in torch_backend that `ShardBatches._write` calls per image in "render"
-# mode, as `step(out, image, windows, cmn_mean, mean_chw, inv_std)`. The one line to change
-# when the worker's render changes (`check_render_step` refuses to time a stale one).
-RENDER_STEP = "render_one"
+# mode, as `step(out (1, K, 3, c, c), image (1, S, S, 3), windows (1, K, 3), cmn_mean (1, 3),
+# mean_chw, inv_std)` (render.render_into: one C++ pass, numpy where it cannot be built).
+# The one line to change when the worker's render changes (`check_render_step` refuses to
+# time a stale one).
+RENDER_STEP = "render_into"
+
+
+def render_image(step, out, image, windows, cmn, mean_chw, inv_std) -> None:
+    """The render step on one image, as `ShardBatches._write` calls it."""
+    step(out[None], image[None], np.asarray(windows[None], np.int64), cmn[None], mean_chw, inv_std)
 
 
 def render_step():
@@ -137,7 +150,7 @@ class TorchParts:
                 t0 = clock()
                 image = decode(samples.view(sample), spec)
                 t1 = clock()
-                step(self.out[i], image, b.windows[i], cmn[i], self.mean_chw, self.inv_std)
+                render_image(step, self.out[i], image, b.windows[i], cmn[i], self.mean_chw, self.inv_std)
                 rendering += clock() - t1
                 decoding += t1 - t0
         return 1e6 * decoding / self.images, 1e6 * rendering / self.images
@@ -166,7 +179,7 @@ class TorchParts:
                 windows = b.windows if flip else b.windows * np.array([1, 1, 0])
                 cmn = np.asarray(b.cmn_mean, np.float32)
                 for i, image in enumerate(images):
-                    step(self.out[i], image, windows[i], cmn[i], mean_chw, inv_std)
+                    render_image(step, self.out[i], image, windows[i], cmn[i], mean_chw, inv_std)
         return cpu_us(run, self.images)
 
     def plans_us(self, epochs: int = 4) -> float:
@@ -181,32 +194,26 @@ class TorchParts:
                     plan[k]
         return cpu_us(run, epochs * self.images)
 
-    def shift_pass(self) -> float:
-        """render_one's last pass alone, base - lighting shift subtracted in place: µs per image."""
-        o = self.out[0, 0]
-
-        def run():
-            for b in self.plans:
-                for shift in np.asarray(b.cmn_mean, np.float32):
-                    o.__isub__(shift[:, None, None])
-        return cpu_us(run, self.images)
-
     def repeat(self) -> dict:
         """The parts, µs per image. The render step's split comes from variants timed over
         images decoded earlier (out of cache): differences, each against the one before;
-        crop is the in-place render less the others."""
+        crop (with the cast and the lighting shift, in the same pass) is the in-place render
+        less the others."""
         decode, render = self.in_place()
-        decoded = self.decoded()
-        a = self.render(decoded, flip=False, mean=False, std=False)
-        b = self.render(decoded, flip=True, mean=False, std=False)
-        c = self.render(decoded, flip=True, mean=True, std=False)
-        d = self.render(decoded, flip=True, mean=True, std=True)
-        shift = self.shift_pass()
+        split, _ = render_split(self.render, self.decoded())
         whole = self.whole()
-        split = {"flip": b - a, "mean_image": c - b, "inv_std": d - c, "base_lighting": shift}
         return {"decode": decode, "crop_cast": render - sum(split.values()), **split, "render": render,
-                "render_out_of_cache": d, "whole": whole, "python": whole - decode - render,
-                "plans_in_handoff": self.plans_us()}
+                "whole": whole, "python": whole - decode - render, "plans_in_handoff": self.plans_us()}
+
+
+def render_split(render, decoded) -> tuple[dict, float]:
+    """The render step timed with flip, the mean image and 1/std added one at a time:
+    ({"flip", "mean_image", "inv_std"}: µs per image of each, the whole variant's µs)."""
+    a = render(decoded, flip=False, mean=False, std=False)
+    b = render(decoded, flip=True, mean=False, std=False)
+    c = render(decoded, flip=True, mean=True, std=False)
+    d = render(decoded, flip=True, mean=True, std=True)
+    return {"flip": b - a, "mean_image": c - b, "inv_std": d - c}, d
 
 
 def torch_handoff(build: Path, batch: int, batches: int) -> float:
@@ -233,14 +240,15 @@ DALI_STAGES = ("source", "decode", "mean_image", "full")
 def dali_stage_graph(stage: str, inputs, backend):
     """The paper graph up to `stage`, from dali_backend's own pieces: "full" is
     `image_graph` exactly as `DaliBackend._paper_graph` calls it; the others stop after
-    the external source, after `fn.decoders.image`, or after `fn.cast(...) - mean image`."""
+    the external source, after `fn.decoders.image`, or after `image - mean image`."""
     from nvidia.dali import fn, types
 
     from alexprep.imagenet_prep import dali_backend
 
-    data, pos_x, pos_y, mirror, cmn_mean = inputs
+    data = inputs[0]
     source, config = backend.input, backend.input.config
     if stage == "full":
+        _, pos_x, pos_y, mirror, cmn_mean = inputs
         return dali_backend.image_graph(
             data, encoding=source.spec.encoding, size=source.spec.size, crop=config.crop, gpu=False,
             mean_image=source.norm.mean_image, windows=[(pos_x, pos_y, mirror)], cmn_mean=cmn_mean,
@@ -252,7 +260,7 @@ def dali_stage_graph(stage: str, inputs, backend):
         return image
     mean = source.norm.mean_image
     constant = fn.constant(fdata=mean.ravel().tolist(), shape=list(mean.shape), layout="HWC", dtype=types.FLOAT)
-    return fn.cast(image, dtype=types.FLOAT) - constant
+    return image - constant  # as image_graph subtracts it (uint8 - float32: no cast operator)
 
 
 def operator_names(pipe) -> list[str]:
@@ -262,19 +270,30 @@ def operator_names(pipe) -> list[str]:
 
 class DaliParts:
     """The DALI backend on the CPU: the real loader (one thread) and one pipeline per stage,
-    all fed the backend's own `_source` inputs for an epoch's plans."""
+    all fed the backend's own `_source` inputs for an epoch's plans. host=True: as it runs
+    now, DALI decoding and the host rendering (`render.render_into`); False: DALI's
+    operators rendering (dali_backend.HOST_RENDER off, the path before issue 29)."""
 
-    def __init__(self, build: Path, batch: int, batches: int, stages: bool = True):
+    def __init__(self, build: Path, batch: int, batches: int, stages: bool = True, host: bool = True):
         """stages=False: the real loader alone (`whole`), as for raw shards."""
+        from alexprep.imagenet_prep import dali_backend
         from alexprep.imagenet_prep.loaders import train_loader
 
-        self.loader = train_loader(build, batch_size=batch, device="cpu", seed=0, backend="dali", workers=1)
+        before, dali_backend.HOST_RENDER = dali_backend.HOST_RENDER, host  # read when the pipeline is built
+        try:
+            self.loader = train_loader(build, batch_size=batch, device="cpu", seed=0, backend="dali", workers=1)
+        finally:
+            dali_backend.HOST_RENDER = before
         self.backend = self.loader._backend
+        self.host = self.backend._host
+        if host and not self.host:
+            raise RuntimeError("the C++ renderer could not be built here: DALI renders with its operators")
         self.batch, self.batches = batch, max(8, batches)  # runs timed per stage: >= 512 images at batch 64
         self.plans = [self.loader.plan(0)[k] for k in range(len(self.loader))]
         self.inputs = self._fed(self.plans)
-        self.pipes = {stage: self._pipeline(stage) for stage in DALI_STAGES} if stages else {}
-        self.operators = operator_names(self.pipes["full"]) if stages else []
+        names = DALI_STAGES[:2] if self.host else DALI_STAGES
+        self.pipes = {stage: self._pipeline(stage) for stage in names} if stages else {}
+        self.operators = operator_names(self.pipes[names[-1]]) if stages else []
         for _ in self.loader:  # warm-up: an epoch through the real loader
             pass
 
@@ -303,9 +322,10 @@ class DaliParts:
                         seed=0)
         with pipe, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the stages before "full" leave the windows unused
-            pipe.set_outputs(dali_stage_graph(stage, fn.external_source(
-                source=source, num_outputs=5, batch=True, batch_info=True, no_copy=True,
-                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT]), self.backend))
+            dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT][:len(inputs[0])]
+            fed = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
+                                     no_copy=True, dtype=dtypes)
+            pipe.set_outputs(dali_stage_graph(stage, fed, self.backend))
             pipe.build()
         return pipe
 
@@ -326,14 +346,45 @@ class DaliParts:
         return cpu_us(run, self.batches * self.batch, time.process_time)
 
     def handoff(self) -> float:
-        """`DaliBackend._to_torch` on the full pipeline's outputs: µs per image, in this thread."""
-        pipe, spent = self.pipes["full"], 0.0
+        """µs per image, in this thread: `DaliBackend._to_torch` on the full pipeline's
+        outputs; host=True: DALI's decoded batch as numpy (`_dense`) and the ring's next
+        output batch (what `_rendered` does besides rendering)."""
+        pipe, spent = self.pipes["decode" if self.host else "full"], 0.0
         for _ in range(self.batches):
             (out,) = pipe.run()
             t = time.thread_time()
-            self.backend._to_torch(out)
+            if self.host:
+                self.backend._dense(out)
+                number, _ = self.backend._ring.take()
+                self.backend._ring.batch(number, self.batch)
+            else:
+                self.backend._to_torch(out)
             spent += time.thread_time() - t
         return 1e6 * spent / (self.batches * self.batch)
+
+    def decoded(self) -> list[np.ndarray]:
+        """Each plan's batch decoded by the decode pipeline (untimed; copies: DALI reuses its buffers)."""
+        pipe, out = self.pipes["decode"], []
+        for _ in self.plans:
+            (batch,) = pipe.run()
+            out.append(self.backend._dense(batch).copy())
+        return out
+
+    def render(self, decoded, *, flip: bool, mean: bool, std: bool) -> float:
+        """The host's render (`render.render_into`) over decoded batches, this thread: µs per image."""
+        from alexprep.imagenet_prep.render import render_into
+
+        mean_chw, inv_std = self.backend._norm_arrays
+        mean_chw, inv_std = (mean_chw if mean else None), (inv_std if std else None)
+        out = self.backend._ring.slots[0].numpy()
+        plans = self.plans[:len(decoded)]
+
+        def run():
+            for b, images in zip(plans, decoded):
+                windows = np.ascontiguousarray(b.windows if flip else b.windows * np.array([1, 1, 0]), np.int64)
+                render_into(out[:len(images)], images, windows, np.ascontiguousarray(b.cmn_mean, np.float32),
+                            mean_chw, inv_std)
+        return cpu_us(run, sum(len(b) for b in plans))
 
     def feed(self) -> float:
         """`DaliBackend._source` alone: µs per image, in this thread."""
@@ -348,12 +399,26 @@ class DaliParts:
         return cpu_us(run, epochs * len(self.loader) * self.batch, time.process_time)
 
     def repeat(self, epochs: int) -> dict:
+        if self.host:
+            return self.repeat_host(epochs)
         t = {stage: self.stage(stage) for stage in DALI_STAGES}
         handoff, feed, whole = self.handoff(), self.feed(), self.whole(epochs)
         parts = {"decode": t["decode"] - t["source"], "cast_mean_image": t["mean_image"] - t["decode"],
                  "crop_mirror_normalize": t["full"] - t["mean_image"], "handoff": handoff}
         return {"stages": t, **parts, "feed": feed, "executor_floor": t["source"], "whole": whole,
                 "python": whole - sum(parts.values())}
+
+
+    def repeat_host(self, epochs: int) -> dict:
+        """DALI decoding, the host rendering: the decoder's increment, the render split as the
+        torch backend's, the hand-off, and the rest of the real loader."""
+        t = {stage: self.stage(stage) for stage in self.pipes}
+        split, render = render_split(self.render, self.decoded())
+        handoff, feed, whole = self.handoff(), self.feed(), self.whole(epochs)
+        decode = t["decode"] - t["source"]
+        return {"stages": t, "decode": decode, "crop_cast": render - sum(split.values()), **split, "render": render,
+                "handoff": handoff, "feed": feed, "executor_floor": t["source"], "whole": whole,
+                "python": whole - decode - render - handoff}
 
 
 # ---------------------------------------------------------------------------- FFCV
@@ -419,18 +484,26 @@ class FfcvParts:
 FUSED = "fused in crop"  # a cell whose work another row's operator does in the same pass
 
 
-def rows_of(torch_: dict, dali: dict | None, ffcv: dict | None) -> dict:
+def host_rendered(parts: dict) -> dict:
+    """The rows of a loader rendering in one pass (render.render_into): crop with the cast
+    and the lighting shift, flip + 1/std, the mean image."""
+    return {"decode": parts["decode"], "crop": parts["crop_cast"], "flip_normalize": parts["flip"] + parts["inv_std"],
+            "lighting_mean": parts["mean_image"]}
+
+
+def rows_of(torch_: dict, dali: dict | None, dali_operators: dict | None, ffcv: dict | None) -> dict:
     """One repeat's table: row -> loader -> µs per image (or FUSED / None: not done)."""
     handoff = torch_["handoff"]
-    rows = {"torch": {"decode": torch_["decode"], "crop": torch_["crop_cast"],
-                      "flip_normalize": torch_["flip"] + torch_["inv_std"],
-                      "lighting_mean": torch_["mean_image"] + torch_["base_lighting"], "handoff": handoff,
-                      "python": torch_["python"], "total": torch_["whole"] + handoff,
-                      "total_raw": torch_["raw_whole"] + handoff}}
+    rows = {"torch": {**host_rendered(torch_), "handoff": handoff, "python": torch_["python"],
+                      "total": torch_["whole"] + handoff, "total_raw": torch_["raw_whole"] + handoff}}
     if dali is not None:
-        rows["dali"] = {"decode": dali["decode"], "crop": dali["crop_mirror_normalize"], "flip_normalize": FUSED,
-                        "lighting_mean": dali["cast_mean_image"], "handoff": dali["handoff"],
-                        "python": dali["python"], "total": dali["whole"], "total_raw": dali["raw_whole"]}
+        rows["dali"] = {**host_rendered(dali), "handoff": dali["handoff"], "python": dali["python"],
+                        "total": dali["whole"], "total_raw": dali["raw_whole"]}
+    if dali_operators is not None:
+        d = dali_operators
+        rows["dali_operators"] = {"decode": d["decode"], "crop": d["crop_mirror_normalize"], "flip_normalize": FUSED,
+                                  "lighting_mean": d["cast_mean_image"], "handoff": d["handoff"],
+                                  "python": d["python"], "total": d["whole"], "total_raw": d["raw_whole"]}
     if ffcv is not None:
         rows["ffcv"] = {"decode": ffcv["decode"], "crop": ffcv["crop_resize"],
                         "flip_normalize": ffcv["flip"] + ffcv["normalize"], "lighting_mean": None,
@@ -464,11 +537,12 @@ def open_contenders(builds: dict, work: Path, batch: int, epochs: int) -> tuple[
 
     opened = {"torch": (TorchParts(builds["jpeg"], batch), TorchParts(builds["raw"], batch))}
     batches, skipped = len(opened["torch"][0].plans), {}
-    try:
-        opened["dali"] = (DaliParts(builds["jpeg"], batch, batches),
-                          DaliParts(builds["raw"], batch, batches, stages=False))
-    except DataError as exc:  # DALI does not import here
-        skipped["dali"] = str(exc)
+    for name, host in (("dali", True), ("dali_operators", False)):
+        try:
+            opened[name] = (DaliParts(builds["jpeg"], batch, batches, host=host),
+                            DaliParts(builds["raw"], batch, batches, stages=False, host=host))
+        except (DataError, RuntimeError) as exc:  # DALI does not import here, or no C++ renderer
+            skipped[name] = str(exc)
     python, versions = ffcv_python()
     if python is None:
         skipped["ffcv"] = versions["skipped"]
@@ -482,11 +556,12 @@ def one_repeat(opened: dict, build: Path, batch: int, epochs: int) -> dict:
     jpeg, raw = opened["torch"]
     parts = {"torch": {**jpeg.repeat(), "raw_whole": raw.whole(),
                        "handoff": torch_handoff(build, batch, batches=80)}}
-    if "dali" in opened:
-        jpeg, raw = opened["dali"]
-        d = jpeg.repeat(epochs)
-        parts["dali"] = {**{k: v for k, v in d.items() if k != "stages"},
-                         **{f"stage_{k}": v for k, v in d["stages"].items()}, "raw_whole": raw.whole(epochs)}
+    for name in ("dali", "dali_operators"):
+        if name in opened:
+            jpeg, raw = opened[name]
+            d = jpeg.repeat(epochs)
+            parts[name] = {**{k: v for k, v in d.items() if k != "stages"},
+                           **{f"stage_{k}": v for k, v in d["stages"].items()}, "raw_whole": raw.whole(epochs)}
     if "ffcv" in opened:
         f = opened["ffcv"][0].repeat()
         parts["ffcv"] = {**{k: v for k, v in f.items() if k != "cpu"},
@@ -506,13 +581,14 @@ def run(work: Path, images: int, batch: int, repeats: int, epochs: int) -> dict:
     finally:
         for p in (p for pair in opened.values() for p in pair):
             p.close()
-    per_repeat = [rows_of(p["torch"], p.get("dali"), p.get("ffcv")) for p in repeat_parts]
+    per_repeat = [rows_of(p["torch"], p.get("dali"), p.get("dali_operators"), p.get("ffcv")) for p in repeat_parts]
     return {
         "images": images, "batch": batch, "repeats": repeats, "epochs_per_repeat": epochs,
         "recipe": "paper", "threads": 1, "unit": "CPU µs of one core per image",
         "rows": medians(per_repeat), "per_repeat": per_repeat,
         "parts": {k: summarise([p[k] for p in repeat_parts]) for k in opened},
-        "dali_operators": opened["dali"][0].operators if "dali" in opened else [],
+        "dali_operators": opened["dali_operators"][0].operators if "dali_operators" in opened else [],
+        "dali_host_operators": opened["dali"][0].operators if "dali" in opened else [],
         "render_step": RENDER_STEP, **why,
         "ffcv_warmup": opened["ffcv"][0].ready if "ffcv" in opened else None,
     }

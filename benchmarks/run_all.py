@@ -7,7 +7,8 @@ Each benchmark runs in its own process (so one's imports and threads do not dist
 next), writes <name>.json and .png into --out (default benchmarks/out/, git-ignored), and
 says in its JSON when a contender could not run here (no GPU, no DALI) instead of faking
 it. --publish (or --publish-only, after a run) copies them into the tracked
-benchmarks/results/. `--quick` keeps the whole run under ~10 minutes on 2 cores.
+benchmarks/results/. `--quick` takes more than half an hour on 2 cores (benchmarks/README.md says how
+long each took); the RandomResizedCrop comparison is `loader_throughput --quick --recipe rrc`.
 """
 from __future__ import annotations
 
