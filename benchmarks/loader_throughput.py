@@ -16,7 +16,7 @@ Contenders (CONTENDERS says exactly what each runs; it goes into each result's "
   same decoding only the crop window (why it is not the default);
   dali-arrow-raw: over `--encoding raw` shards (no decoding at all; 4x the disk);
 - dali-files: DALI's `readers.file` over the same 256x256 JPEGs (the shards' very bytes)
-  as files, the same operators;
+  as files, rendered as dali-arrow renders (on the CPU: DALI decodes, the host renders);
 - torch-twin: `train_loader(backend="torch")`, PIL decoding in DataLoader workers;
   torch-twin-numpy (CPU): the same rendering in numpy, the path before issue 29;
 - imagefolder-original: what users write today, a torchvision-style ImageFolder in a
@@ -371,27 +371,33 @@ def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -
 
 
 def dali_files(data: dict, torch_device: str, batch: int, workers: int, per_epoch: int):
-    """DALI's file reader over the 256x256 JPEGs, the same operators as our pipeline
-    (`dali_backend.image_graph`), the draws fed per iteration from augment.draw; an epoch
-    is `per_epoch` batches of its one endless stream (the reader's own epochs are not
-    exposed by `pipe.run()`)."""
+    """DALI's file reader over the 256x256 JPEGs, rendered as our DALI backend renders (on
+    the CPU: DALI decodes, the host renders with `render.render_into` into a ring of three
+    batches; on the GPU, or without the C++ renderer: `dali_backend.image_graph`), the
+    draws from augment.draw; an epoch is `per_epoch` batches of its one endless stream (the
+    reader's own epochs are not exposed by `pipe.run()`)."""
     import torch
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    from alexprep.imagenet_prep import augment, dali_backend
+    from alexprep.imagenet_prep import augment, dali_backend, render
+    from alexprep.imagenet_prep.batch_slots import BatchSlots
 
     stats = data["stats"]
     mean = np.asarray(stats.mean_image, np.float32)
     gpu = torch_device.startswith("cuda")
+    host = not gpu and dali_backend.HOST_RENDER and render.kernel() is not None
     counter = {"i": 0}
 
-    def draws():
+    def drawn():
         index = np.arange(counter["i"] * batch, (counter["i"] + 1) * batch)
         counter["i"] += 1
         d = augment.draw(0, 0, index)
-        cmn = -augment.lighting_shift(d.alpha, stats.eigvals, stats.eigvecs)
+        return d, -augment.lighting_shift(d.alpha, stats.eigvals, stats.eigvecs).astype(np.float32)
+
+    def draws():
+        d, cmn = drawn()
         return (augment.crop_position(d.offset_x, 33), augment.crop_position(d.offset_y, 33),
                 d.flip.astype(np.int32), cmn)
 
@@ -399,24 +405,41 @@ def dali_files(data: dict, torch_device: str, batch: int, workers: int, per_epoc
     with pipe:
         jpegs, labels = fn.readers.file(file_root=str(data["files"]), random_shuffle=True, initial_fill=1024,
                                         name="reader")
-        pos_x, pos_y, mirror, cmn = fn.external_source(source=draws, num_outputs=4, batch=True,
-                                                       dtype=[types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
-        images = dali_backend.image_graph(jpegs, encoding="jpeg", size=256, crop=224, gpu=gpu, mean_image=mean,
-                                      windows=[(pos_x, pos_y, mirror)], cmn_mean=cmn, std=[1.0, 1.0, 1.0],
-                                      roi=dali_backend.ROI_DECODE)
+        if host:
+            images = dali_backend.decoded_graph(jpegs, encoding="jpeg", size=256)
+        else:
+            pos_x, pos_y, mirror, cmn = fn.external_source(source=draws, num_outputs=4, batch=True,
+                                                           dtype=[types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
+            images = dali_backend.image_graph(jpegs, encoding="jpeg", size=256, crop=224, gpu=gpu, mean_image=mean,
+                                              windows=[(pos_x, pos_y, mirror)], cmn_mean=cmn, std=[1.0, 1.0, 1.0],
+                                              roi=dali_backend.ROI_DECODE)
         pipe.set_outputs(images, labels)
     pipe.build()
+    ring = BatchSlots(3, (batch, 1, 3, 224, 224), torch.float32, torch.device("cpu"), shared=False) if host else None
+    mean_chw = np.ascontiguousarray(mean.transpose(2, 0, 1))
+
+    def rendered(out) -> torch.Tensor:
+        d, cmn = drawn()
+        windows = np.stack([d.offset_x, d.offset_y, d.flip.astype(np.int64)], axis=-1)[:, None, :]
+        number, _ = ring.take()
+        x = ring.batch(number, batch)
+        pixels = torch.from_dlpack(out.as_tensor()).numpy() if pipe.exec_dynamic else np.asarray(out.as_tensor())
+        render.render_into(x.numpy(), pixels, np.ascontiguousarray(windows, np.int64), cmn, mean_chw, None)
+        return x[:, 0]
 
     def batches():
         for _ in range(per_epoch):
             out, lab = pipe.run()
-            dense = out.as_tensor()
-            if pipe.exec_dynamic:  # zero-copy, as our DALI backend does
-                with torch.device(torch_device):
-                    x = torch.from_dlpack(dense)
+            if host:
+                x = rendered(out)
             else:
-                x = torch.empty(dense.shape(), dtype=torch.float32, device=torch_device)
-                feed_ndarray(dense, x, cuda_stream=torch.cuda.current_stream() if gpu else None)
+                dense = out.as_tensor()
+                if pipe.exec_dynamic:  # zero-copy, as our DALI backend does
+                    with torch.device(torch_device):
+                        x = torch.from_dlpack(dense)
+                else:
+                    x = torch.empty(dense.shape(), dtype=torch.float32, device=torch_device)
+                    feed_ndarray(dense, x, cuda_stream=torch.cuda.current_stream() if gpu else None)
             y = torch.from_numpy(lab.as_array().reshape(-1).astype(np.int64)).to(torch_device)
             yield x, y
 
@@ -594,7 +617,8 @@ CONTENDERS = {
         "dali-arrow-roi-decode": "dali-arrow decoding only the crop window (dali_backend.ROI_DECODE flipped; GPU)",
         "dali-arrow-full-decode": "dali-arrow decoding whole images (dali_backend.ROI_DECODE flipped; GPU)",
         "dali-arrow-raw": "train_loader(backend='dali') over --encoding raw shards (no decoding)",
-        "dali-files": "DALI readers.file over the same 256x256 JPEGs as files, our operators (image_graph)",
+        "dali-files": "DALI readers.file over the same 256x256 JPEGs as files, rendered as dali-arrow is (on the CPU "
+                      "DALI decodes and the host renders: render.render_into)",
         "torch-twin": "train_loader(backend='torch'): PIL decoding in DataLoader workers, the paper's recipe",
         "torch-twin-numpy": "torch-twin rendering in numpy in its workers (ALEXPREP_CPU_KERNEL=0 there) instead of "
                             "the C++ pass: the CPU path before issue 29",

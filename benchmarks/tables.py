@@ -266,7 +266,7 @@ LOADERS = (("dali-arrow", "alexprep, DALI from Arrow shards (JPEG), the paper's 
            ("ffcv-paperop-jpeg", "FFCV `SimpleRGBImageDecoder` + our numba `PaperAugment` (the paper's recipe), "
             "JPEG q95 `.beton`"),
            ("ffcv-paperop-raw", "FFCV `SimpleRGBImageDecoder` + our `PaperAugment`, raw `.beton`"),
-           ("dali-files", "DALI `readers.file` over the same 256×256 JPEGs, our operators"),
+           ("dali-files", "DALI `readers.file` over the same 256×256 JPEGs, rendered as ours (DALI decodes, the host renders)"),
            ("imagefolder-original", "ImageFolder loop over the original JPEGs, the paper's recipe in numpy"),
            ("imagefolder-256", "ImageFolder loop over the 256×256 JPEGs"), ("webdataset", "webdataset tar shards"))
 
