@@ -15,8 +15,9 @@ What is timed (every cell a difference or a sum of CPU times measured in this ru
   that minus decode and render. Hand-off: benchmarks/handoff.py's measurement (a real
   one-worker loader whose workers only fill the slot: main + worker CPU per image, less
   the fill).
-- DALI from Arrow on the CPU as it runs now, `num_threads=1`: DALI decodes (a pipeline of
-  the external source alone, then with `decoders.image`: the increment), the host renders
+- DALI from Arrow on the CPU as it runs now, `num_threads=1`: DALI decodes each crop window
+  (a pipeline of the external source alone, then with `decoders.image_slice`: the
+  increment), the host renders
   (`render.render_into` over the decoded batches, split as the torch backend's); hand-off:
   DALI's batch as numpy and the ring's next output; "Python per sample" is the real
   loader's whole CPU per image less those.
@@ -255,6 +256,8 @@ def dali_stage_graph(stage: str, inputs, backend):
             std=[float(v) for v in source.norm.std], roi=dali_backend.ROI_DECODE)
     if stage == "source":
         return data
+    if stage == "decode" and backend._windowed:  # training on JPEGs: each crop window decoded alone
+        return dali_backend.window_graph(data, encoding="jpeg", anchor=inputs[1], shape=inputs[2])
     image = fn.decoders.image(data, output_type=types.RGB, **dali_backend.decoder_args(False, None))
     if stage == "decode":
         return image
@@ -379,11 +382,15 @@ class DaliParts:
         out = self.backend._ring.slots[0].numpy()
         plans = self.plans[:len(decoded)]
 
+        windowed = self.backend._windowed  # the decoded images are the windows: the mean read where they were
+
         def run():
             for b, images in zip(plans, decoded):
-                windows = np.ascontiguousarray(b.windows if flip else b.windows * np.array([1, 1, 0]), np.int64)
+                windows = b.windows * np.array([0, 0, 1]) if windowed else b.windows
+                windows = np.ascontiguousarray(windows if flip else windows * np.array([1, 1, 0]), np.int64)
+                mean_at = np.ascontiguousarray(b.windows[:, :, :2], np.int64) if windowed else None
                 render_into(out[:len(images)], images, windows, np.ascontiguousarray(b.cmn_mean, np.float32),
-                            mean_chw, inv_std)
+                            mean_chw, inv_std, mean_at)
         return cpu_us(run, sum(len(b) for b in plans))
 
     def feed(self) -> float:

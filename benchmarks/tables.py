@@ -259,6 +259,7 @@ _FFCV_OWN = ("its own pipeline: `RandomResizedCropRGBImageDecoder` at a fixed 22
 LOADERS = (("dali-arrow", "alexprep, DALI from Arrow shards (JPEG), the paper's recipe"),
            ("dali-arrow-raw", "alexprep, DALI from Arrow shards (raw), the paper's recipe"),
            ("dali-arrow-operators", "the same, rendered by DALI's operators (before issue 29)"),
+           ("dali-arrow-whole-decode", "the same, decoding whole images, not only the crop window"),
            ("torch-twin", "alexprep, torch backend: PIL in DataLoader workers, the paper's recipe"),
            ("torch-twin-numpy", "the same, rendering in numpy (before issue 29)"),
            ("ffcv-jpeg", f"FFCV 1.0.2, {_FFCV_OWN}; JPEG q95 `.beton` of the same 256×256 pixels"),
@@ -309,6 +310,8 @@ def loader_ratios() -> str:
             ("DALI from Arrow / ImageFolder, 256×256 JPEGs", "dali_arrow_over_imagefolder_256", 1, False),
             ("DALI from Arrow: host rendering in C++ / DALI's operators (issue 29)", "dali_arrow_over_dali_arrow_operators",
              2, False),
+            ("DALI from Arrow: decoding the crop window / the whole image (issue 29)",
+             "dali_arrow_over_dali_arrow_whole_decode", 2, False),
             ("torch backend: C++ rendering / numpy (issue 29)", "torch_twin_over_torch_twin_numpy", 2, False)]
     made = [(label, "not run here" if key not in pr else f"**{spread(pr[key], digits)}**" if bold
              else spread(pr[key], digits), _target(d, key)) for label, key, digits, bold in rows]

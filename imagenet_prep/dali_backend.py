@@ -13,16 +13,18 @@ cache directly), plus the per-sample crop positions, flips and lighting drawn on
 (augment.py), so that DALI's own random operators play no part. How the crop positions
 are made exact is in augment.crop_position.
 
-On the CPU DALI decodes (and under rrc cuts and resizes) and the host renders the batch
-(`render.render_into`, C++ on torch's threads: the crop, flip, mean image, lighting and
-1/std in one pass into a ring of output batches made once): DALI's CPU arithmetic,
-cast and crop_mirror_normalize operators took longer than its decoder (benchmarks/README.md,
-"Where the time goes"). Where the renderer cannot be built, DALI's operators do it all.
+On the CPU DALI only decodes and the host renders the batch (`render.render_into`, C++
+on torch's threads: the crop, flip, mean image, lighting and 1/std in one pass, into a
+ring of output batches made once): DALI's CPU arithmetic and crop_mirror_normalize
+operators took longer than its decoder (benchmarks/README.md, "Where the time goes").
+Where the renderer cannot be built, and on the GPU, DALI's operators do it all.
 
-recipe="rrc" (`rrc_graph`): each window (x, y, w, h) is fed in absolute pixels and decoded
-alone (`decoders.image_slice`: libjpeg-turbo's partial decoding; `fn.slice` for raw
-shards, fed as HWC views), then resized with DALI's antialiased linear filter
-(`fn.resize`), which differs from PIL's bilinear (the torch backend's) by at most a
+recipe="rrc": each window (x, y, w, h) is fed in absolute pixels and decoded alone
+(`decoders.image_slice`: libjpeg-turbo's partial decoding; `fn.slice` for raw shards, fed
+as HWC views). On the CPU the host resizes it with PIL (`resized_crop.resize_window`, on
+the loader's threads: DALI's CPU `fn.resize` took longer than its decoder), as the torch
+backend does, and renders it; DALI's operators (`rrc_graph`) resize with DALI's
+antialiased linear filter (`fn.resize`), which differs from PIL's bilinear by at most a
 couple of levels (docs/design.md, "Loaders").
 """
 from __future__ import annotations
@@ -41,10 +43,11 @@ from alexprep.imagenet_prep.resized_crop import resize_window
 from alexprep.imagenet_prep.transform import decode
 
 # Decode only the crop window in training (DALI's decoders.image_crop: libjpeg-turbo's
-# partial decoding on CPU, nvJPEG ROI on GPU)? The same pixels (checked in the tests), but
-# no faster on 256x256 q95 JPEGs on 2 CPU cores (the window is 77% of the image; see
-# benchmarks/loader_throughput.py, "dali-arrow-roi-decode"), so off by default. Not yet
-# measured on a GPU.
+# partial decoding on CPU, nvJPEG ROI on GPU), where DALI's operators render (the GPU, or
+# the CPU without the C++ renderer)? The same pixels (checked in the tests), but no faster
+# with those operators on 256x256 q95 JPEGs on 2 CPU cores (the window is 77% of the
+# image), so off by default. Not yet measured on a GPU (loader_throughput's
+# "dali-arrow-roi-decode" contender there).
 ROI_DECODE = False
 # The share of each batch's JPEGs the GPU's hardware decoder takes ("mixed" decoders, on
 # A100/H100-class GPUs; the rest go to nvJPEG's hybrid CPU + CUDA path). DALI's documented
@@ -57,6 +60,9 @@ HW_DECODER_LOAD = 0.65
 # where the C++ renderer builds. Read when a pipeline is built; the benchmarks turn it off
 # to compare.
 HOST_RENDER = True
+# With HOST_RENDER, decode only each training crop window (decoders.image_slice). Read when
+# a pipeline is built; the benchmarks turn it off to compare.
+WINDOW_DECODE = True
 
 
 def decoder_args(gpu: bool, max_shape: tuple[int, int] | None) -> dict:
@@ -186,6 +192,11 @@ class DaliBackend(BatchStream):
         # The host renders (module docstring): into a ring of batches, 3 deep (the caller's,
         # the one before it, the next); a batch the caller still holds is left to it.
         self._host = not self.gpu and HOST_RENDER and render.kernel() is not None
+        # Training on JPEGs: DALI decodes only each crop window (libjpeg-turbo's partial
+        # decoding, the same pixels as the whole image's; 13% more images/s decoded here),
+        # and the host reads the mean image where the window was.
+        self._windowed = (self._host and WINDOW_DECODE and config.train and not self._rrc
+                          and source.spec.encoding == "jpeg")
         if self._host:
             crops = 1 if config.train or self._rrc else len(source.eval_windows)
             self._ring = BatchSlots(3, (config.batch_size, crops, 3, config.crop, config.crop), torch.float32,
@@ -209,6 +220,11 @@ class DaliBackend(BatchStream):
 
         source, config = self.input, self.input.config
         norm, positions = source.norm, source.positions
+        if self._windowed:  # training on JPEGs: each crop window decoded alone
+            data, anchor, shape = fn.external_source(source=self._source, num_outputs=3, batch=True,
+                                                     batch_info=True, no_copy=True,
+                                                     dtype=[types.UINT8, types.FLOAT, types.FLOAT])
+            return window_graph(data, encoding="jpeg", anchor=anchor, shape=shape, max_shape=self._max_shape())
         if self._host:
             (data,) = fn.external_source(source=self._source, num_outputs=1, batch=True, batch_info=True,
                                          no_copy=True, dtype=[types.UINT8])
@@ -283,7 +299,11 @@ class DaliBackend(BatchStream):
             self._inflight.append((batch, inputs))
             return inputs
         inputs = ([tensor(v) for v in self.input.samples.views(batch.index)],)
-        if self.input.config.train and not self._host:
+        if self._windowed:
+            crop = self.input.config.crop
+            inputs += (np.ascontiguousarray(batch.windows[:, 0, :2], np.float32),
+                       np.full((len(batch), 2), crop, np.float32))
+        elif self.input.config.train and not self._host:
             w = batch.windows[:, 0, :]
             positions = self.input.positions
             inputs += (augment.crop_position(w[:, 0], positions), augment.crop_position(w[:, 1], positions),
@@ -325,6 +345,7 @@ class DaliBackend(BatchStream):
         """The host's rendering of DALI's uint8 (B, H, W, 3) output into the ring's next batch."""
         n = len(batch.labels)
         pixels = self._resize(out, n) if self._rrc else self._dense(out)
+        mean_at = None
         number, _ = self._ring.take()
         images = self._ring.batch(number, n)
         config, source = self.input.config, self.input
@@ -332,13 +353,18 @@ class DaliBackend(BatchStream):
             windows = np.zeros((n, 1, 3), np.int64)
             windows[:, 0, 2] = batch.windows[:, 0, 4]
             cmn = batch.cmn_mean
+        elif self._windowed:  # the windows are cut: their flips here, their offsets for the mean image
+            windows = np.zeros((n, 1, 3), np.int64)
+            windows[:, 0, 2] = batch.windows[:, 0, 2]
+            cmn = batch.cmn_mean
+            mean_at = np.ascontiguousarray(batch.windows[:, :, :2], np.int64)
         elif config.train:
             windows, cmn = batch.windows, batch.cmn_mean
         else:  # evaluation's fixed windows and no lighting, for every image
             windows = np.broadcast_to(source.eval_windows, (n, *source.eval_windows.shape))
             cmn = np.broadcast_to(source.norm.base, (n, 3))
         render.render_into(images.numpy(), pixels, np.ascontiguousarray(windows, np.int64),
-                           np.ascontiguousarray(cmn, np.float32), *self._norm_arrays)
+                           np.ascontiguousarray(cmn, np.float32), *self._norm_arrays, mean_at)
         return images if images.shape[1] > 1 else images[:, 0]
 
     def _decode_error(self, exc: Exception) -> Exception:

@@ -29,17 +29,18 @@ def kernel():
 
 
 def render_into(out: np.ndarray, images: np.ndarray, windows: np.ndarray, cmn_mean: np.ndarray,
-                mean_chw: np.ndarray | None, inv_std: np.ndarray | None) -> None:
-    """`render_one` for a batch, on the CPU: out (B, K, 3, c, c) float32 from (B, S, S, 3)
+                mean_chw: np.ndarray | None, inv_std: np.ndarray | None, mean_at: np.ndarray | None = None) -> None:
+    """`render_one` for a batch, on the CPU: out (B, K, 3, c, c) float32 from (B, H, W, 3)
     uint8 images, (B, K, 3) int64 windows and (B, 3) float32 cmn_mean; mean_chw and inv_std
-    as `cpu_norm_arrays` gives them. The C++ kernel on torch's threads, else numpy image by
-    image."""
+    as `cpu_norm_arrays` gives them; mean_at (B, K, 2) int64 or None as render_one's. The
+    C++ kernel on torch's threads, else numpy image by image."""
     ops = kernel()
     if ops is not None:
-        ops.render(out, images, windows, cmn_mean, mean_chw, inv_std)
+        ops.render(out, images, windows, cmn_mean, mean_chw, inv_std, mean_at)
         return
     for i in range(len(out)):
-        render_one(out[i], images[i], windows[i], cmn_mean[i], mean_chw, inv_std)
+        render_one(out[i], images[i], windows[i], cmn_mean[i], mean_chw, inv_std,
+                   None if mean_at is None else mean_at[i])
 
 
 def _window_indices(windows: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,14 +78,16 @@ def render(crops: torch.Tensor, windows: torch.Tensor, cmn_mean: torch.Tensor, m
 
 
 def render_one(out: np.ndarray, image: np.ndarray, windows: np.ndarray, cmn_mean: np.ndarray,
-               mean_chw: np.ndarray | None, inv_std: np.ndarray | None) -> None:
+               mean_chw: np.ndarray | None, inv_std: np.ndarray | None, mean_at: np.ndarray | None = None) -> None:
     """`render` for one (S, S, 3) uint8 image, written into out (K, 3, c, c) float32: the
     same float32 operations in the same order, image by image. In numpy, single-threaded:
     it runs in DataLoader workers (one thread each); a batched gather of the mean windows
     was 6x slower on the CPU, and torch's intra-op threads slow to a crawl on a busy machine.
 
     mean_chw (3, S, S) float32 or None; inv_std (3,) or None when it is all ones (a
-    multiplication by 1 is exact, so skipping it changes no bit).
+    multiplication by 1 is exact, so skipping it changes no bit). mean_at (K, 2) or None:
+    where each window's mean window is, when the image is not the whole stored image (a
+    window DALI decoded alone); by default where the window is.
     """
     c = out.shape[-1]
     chw = image.transpose(2, 0, 1)  # a view
@@ -97,7 +100,8 @@ def render_one(out: np.ndarray, image: np.ndarray, windows: np.ndarray, cmn_mean
         if mean_chw is None:
             np.copyto(o, x)  # uint8 -> float32, exact
         else:
-            m = mean_chw[:, oy:oy + c, ox:ox + c]
+            mx, my = (ox, oy) if mean_at is None else mean_at[k]
+            m = mean_chw[:, my:my + c, mx:mx + c]
             np.subtract(x, m[..., ::-1] if flip else m, out=o)  # float32(x) - mean, as DALI
         o -= shift
         if scale is not None:

@@ -20,14 +20,15 @@ namespace {
 constexpr int64_t MAX_CROP = 4096;
 
 void render_plane(const uint8_t* image, int64_t width, const float* mean, int64_t mean_width, int64_t ox,
-                  int64_t oy, bool flip, int64_t crop, int channel, float shift, const float* inv_std, float* out) {
+                  int64_t oy, int64_t mx, int64_t my, bool flip, int64_t crop, int channel, float shift,
+                  const float* inv_std, float* out) {
   float row_buffer[MAX_CROP];
   for (int64_t y = 0; y < crop; ++y) {
     const uint8_t* in = image + ((oy + y) * width + ox) * 3 + channel;
     float* o = out + y * crop;
     float* t = flip ? row_buffer : o;
     if (mean) {
-      const float* m = mean + (oy + y) * mean_width + ox;
+      const float* m = mean + (my + y) * mean_width + mx;
       for (int64_t x = 0; x < crop; ++x) t[x] = (static_cast<float>(in[3 * x]) - m[x]) - shift;
     } else {
       for (int64_t x = 0; x < crop; ++x) t[x] = static_cast<float>(in[3 * x]) - shift;
@@ -60,9 +61,11 @@ const T* data_of(const py::buffer_info& info, const char* name, const std::vecto
 
 // out (B, K, 3, c, c) float32; images (B, H, W, 3) uint8; windows (B, K, 3) int64
 // (offset_x, offset_y, flip); shifts (B, 3) float32; mean (3, S, S) float32 or None;
-// inv_std (3,) float32 or None (all ones).
+// inv_std (3,) float32 or None (all ones); mean_at (B, K, 2) int64 or None: where each
+// window's mean window is, when the images are windows decoded alone (default: the window's
+// own offsets).
 void render(py::buffer out, py::buffer images, py::buffer windows, py::buffer shifts, py::object mean,
-            py::object inv_std) {
+            py::object inv_std, py::object mean_at) {
   py::buffer_info out_info = out.request(true);
   if (out_info.ndim != 5) throw std::invalid_argument("out: (B, K, 3, c, c) float32 expected");
   const int64_t batch = out_info.shape[0], crops = out_info.shape[1], crop = out_info.shape[3];
@@ -90,10 +93,17 @@ void render(py::buffer out, py::buffer images, py::buffer windows, py::buffer sh
     inv_info = py::buffer(inv_std).request();
     inv = data_of<float>(inv_info, "inv_std", {3});
   }
+  py::buffer_info at_info;
+  const int64_t* at = nullptr;
+  if (!mean_at.is_none()) {
+    at_info = py::buffer(mean_at).request();
+    at = data_of<int64_t>(at_info, "mean_at", {batch, crops, 2});
+  }
   for (int64_t i = 0; i < batch * crops; ++i) {  // every window inside its image (and the mean image)
     const int64_t ox = window[3 * i], oy = window[3 * i + 1];
+    const int64_t mx = at ? at[2 * i] : ox, my = at ? at[2 * i + 1] : oy;
     if (ox < 0 || oy < 0 || ox + crop > width || oy + crop > height ||
-        (m && (ox + crop > mean_width || oy + crop > mean_height))) {
+        (m && (mx < 0 || my < 0 || mx + crop > mean_width || my + crop > mean_height))) {
       throw std::out_of_range("a window reaches outside its image");
     }
   }
@@ -103,8 +113,9 @@ void render(py::buffer out, py::buffer images, py::buffer windows, py::buffer sh
       const int64_t b = plane / (crops * 3), k = (plane / 3) % crops;
       const int channel = static_cast<int>(plane % 3);
       const int64_t* w = window + (b * crops + k) * 3;
+      const int64_t* a = at ? at + (b * crops + k) * 2 : w;
       render_plane(image + b * height * width * 3, width, m ? m + channel * mean_height * mean_width : nullptr,
-                   mean_width, w[0], w[1], w[2] != 0, crop, channel, shift[b * 3 + channel], inv,
+                   mean_width, w[0], w[1], a[0], a[1], w[2] != 0, crop, channel, shift[b * 3 + channel], inv,
                    o + plane * crop * crop);
     }
   });
@@ -113,5 +124,7 @@ void render(py::buffer out, py::buffer images, py::buffer windows, py::buffer sh
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("render", &render, "uint8 HWC images and their windows to float32 (B, K, 3, c, c)");
+  module.def("render", &render, "uint8 HWC images and their windows to float32 (B, K, 3, c, c)", py::arg("out"),
+             py::arg("images"), py::arg("windows"), py::arg("shifts"), py::arg("mean"), py::arg("inv_std"),
+             py::arg("mean_at") = py::none());
 }

@@ -326,8 +326,11 @@ def test_draws_do_not_depend_on_batch_size_or_ranks(backend, raw_out, closes):
 
 @pytest.mark.dali
 def test_roi_decoding_gives_the_same_pixels(jpeg_out, monkeypatch, closes):
+    """DALI's operators (where ROI decoding applies: the GPU, or the CPU without the C++
+    renderer) decoding only the window give the whole decode's pixels."""
     from alexprep.imagenet_prep import dali_backend
 
+    monkeypatch.setattr(dali_backend, "HOST_RENDER", False)
     batches = {}
     for roi in (False, True):
         monkeypatch.setattr(dali_backend, "ROI_DECODE", roi)
@@ -335,6 +338,26 @@ def test_roi_decoding_gives_the_same_pixels(jpeg_out, monkeypatch, closes):
     for (a, _), (b, _) in zip(batches[False], batches[True]):
         d = (a - b).abs()
         assert d.max() <= 2 and d.mean() <= 0.01
+
+
+@pytest.mark.dali
+def test_dali_decoding_each_training_window_alone_gives_the_whole_images_pixels(jpeg_out, monkeypatch, closes):
+    """On the CPU DALI decodes only each training crop window (decoders.image_slice) and the
+    host renders it with the mean image read where the window was: the batches of the whole
+    image's decoding, to the bit."""
+    from alexprep.imagenet_prep import dali_backend, render
+
+    if render.kernel() is None:
+        pytest.skip("the C++ renderer could not be built here")
+    batches = {}
+    for window in (True, False):
+        monkeypatch.setattr(dali_backend, "WINDOW_DECODE", window)
+        loader = closes(train_loader(jpeg_out, batch_size=8, device="cpu", seed=6, backend="dali", workers=2))
+        assert loader._backend._windowed is window
+        batches[window] = run(loader)
+    assert len(batches[True]) == len(batches[False]) > 0
+    for (a, la), (b, lb) in zip(batches[True], batches[False]):
+        assert torch.equal(la, lb) and torch.equal(a, b)
 
 
 def test_quasi_order_epochs(raw_out, closes):

@@ -60,6 +60,30 @@ def test_the_kernel_renders_what_numpy_renders_to_the_bit(mean, std, crops, crop
 
 
 @needs_kernel
+@pytest.mark.parametrize("flip", [0, 1])
+def test_windows_decoded_alone_read_the_mean_image_where_they_were(flip):
+    """DALI decodes a training window alone: the image is the window (offsets 0) and the mean
+    image is read at the window's place in the stored image (mean_at); the result is the
+    whole image's rendering, bit for bit, in the kernel and in numpy."""
+    images = photos(4)
+    windows, cmn, mean_chw, inv_std = case(4, 1, 224, 256, seed=11)
+    windows[..., 2] = flip
+    want = reference(images, windows, cmn, mean_chw, inv_std, 224)
+    cut = np.stack([img[oy:oy + 224, ox:ox + 224] for img, (ox, oy, _) in zip(images, windows[:, 0])])
+    at_zero = windows * np.array([0, 0, 1])
+    mean_at = np.ascontiguousarray(windows[..., :2])
+    got = np.full_like(want, np.nan)
+    render.render_into(got, cut, at_zero, cmn, mean_chw, inv_std, mean_at)
+    assert np.array_equal(got, want)
+    by_numpy = np.empty_like(want)
+    for i in range(4):
+        render.render_one(by_numpy[i], cut[i], at_zero[i], cmn[i], mean_chw, inv_std, mean_at[i])
+    assert np.array_equal(by_numpy, want)
+    with pytest.raises(IndexError, match="outside its image"):
+        render.render_into(got, cut, at_zero, cmn, mean_chw, inv_std, mean_at + 33)
+
+
+@needs_kernel
 def test_the_kernel_takes_read_only_inputs_and_refuses_windows_outside_the_image():
     images = photos(2)
     windows, cmn, mean_chw, _ = case(2, 1, 224, 256, seed=3)
