@@ -60,6 +60,12 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
                         help=f"also copy them into the tracked {PUBLISHED.relative_to(HERE.parent)}/")
 
 
+def check_work(parser: argparse.ArgumentParser, work: Path | None) -> None:
+    """A --work folder must be new or empty: the builds are written into it, never reused."""
+    if work is not None and work.exists() and (not work.is_dir() or any(work.iterdir())):
+        parser.error(f"--work {work}: not an empty folder; give a new or empty one (the corpus is built there)")
+
+
 def out_dir(args) -> Path:
     out = Path(args.out) if getattr(args, "out", None) else OUT
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_output_args, finish, machine, prepared_build, ratio_summary, summary
+from benchmarks.common import add_output_args, check_work, finish, machine, prepared_build, ratio_summary, summary
 
 HANDOFFS = ("fresh", "slots")
 
@@ -180,6 +180,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="where the builds go (default: a temporary folder)")
     add_output_args(parser)
     args = parser.parse_args(argv)
+    check_work(parser, args.work)
     repeats = args.repeats or (3 if args.quick else 5)
     with tempfile.TemporaryDirectory() as tmp:
         builds = make_builds(args.work or Path(tmp), args.images)

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (
-    FFCV_SIDE, add_output_args, bar_chart, ffcv_python, finish, machine, prepared_build, summary,
+    FFCV_SIDE, add_output_args, check_work, bar_chart, ffcv_python, finish, machine, prepared_build, summary,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -628,6 +628,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="where the builds go (default: a temporary folder)")
     add_output_args(parser)
     args = parser.parse_args(argv)
+    check_work(parser, args.work)
     images = args.images or (256 if args.quick else 512)
     repeats = args.repeats or (5 if args.quick else 7)
     if repeats < 5 or images < 2 * args.batch:

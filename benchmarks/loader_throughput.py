@@ -1,7 +1,7 @@
 """Training-loader throughput, images/s: our loaders against FFCV as its users run it, and
 every contender doing the paper's work per image.
 
-    .venv/bin/python -m benchmarks.loader_throughput --quick          # ~12-15 min on 2 cores
+    .venv/bin/python -m benchmarks.loader_throughput --quick          # ~4 min on 2 cores
     .venv/bin/python -m benchmarks.loader_throughput --device cuda    # the same on a GPU (FFCV: CPU only)
     .venv/bin/python -m benchmarks.loader_throughput --quick --recipe rrc   # RandomResizedCrop
 
@@ -746,7 +746,7 @@ class Config:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4,096 images, batch 64, 6 epochs (~12-15 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="4,096 images, batch 64, 6 epochs (~4 min on 2 cores)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--recipe", choices=["paper", "rrc"], default="paper",
                         help="the paper's crops (default) or RandomResizedCrop on a keep-aspect build")
@@ -898,6 +898,7 @@ def main(argv=None) -> dict:
         cfg = make_config(args)
     except ValueError as exc:
         parser.error(str(exc))
+    common.check_work(parser, args.work)
     started = time.perf_counter()
     only = set(args.only.split(",")) if args.only else None
     if only and only - set(CONTENDERS[args.recipe]):  # before minutes of building

@@ -44,3 +44,12 @@ def test_a_run_that_cannot_time_an_epoch_is_refused_before_any_work(argv, why, c
         lt.main(["--quick", "--workers", "2", *argv])
     assert exit_.value.code == 2
     assert why in capsys.readouterr().err
+
+
+def test_a_work_folder_that_holds_files_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "tars").mkdir()  # what an earlier run left there
+    with pytest.raises(SystemExit) as exit_:
+        lt.main(["--quick", "--workers", "2", "--work", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["tars"]  # nothing built there
