@@ -14,7 +14,7 @@ cache directly), plus the per-sample crop positions, flips and lighting drawn on
 are made exact is in augment.crop_position.
 
 On the CPU DALI only decodes and the host renders the batch (`render.render_into`, C++
-on torch's threads: the crop, flip, mean image, lighting and 1/std in one pass, into a
+on as many threads as torch's: the crop, flip, mean image, lighting and 1/std in one pass, into a
 ring of output batches made once): DALI's CPU arithmetic and crop_mirror_normalize
 operators took longer than its decoder (benchmarks/README.md, "Where the time goes").
 Where the renderer cannot be built, and on the GPU, DALI's operators do it all.

@@ -33,7 +33,8 @@ def render_into(out: np.ndarray, images: np.ndarray, windows: np.ndarray, cmn_me
     """`render_one` for a batch, on the CPU: out (B, K, 3, c, c) float32 from (B, H, W, 3)
     uint8 images, (B, K, 3) int64 windows and (B, 3) float32 cmn_mean; mean_chw and inv_std
     as `cpu_norm_arrays` gives them; mean_at (B, K, 2) int64 or None as render_one's. The
-    C++ kernel on torch's threads, else numpy image by image."""
+    C++ kernel on as many threads as torch's (started and joined per call: OpenMP's spin
+    after each call and took the DALI decoders' CPU), else numpy image by image."""
     ops = kernel()
     if ops is not None:
         ops.render(out, images, windows, cmn_mean, mean_chw, inv_std, mean_at)
