@@ -4,6 +4,9 @@ Session-scoped and read-only: a test that changes a tree or build copies it firs
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,6 +119,24 @@ def pytest_collection_modifyitems(config, items):
         for marker, reason in missing.items():
             if reason and item.get_closest_marker(marker):
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def without_kernel(tmp_path):
+    """`without_kernel(script, how)` runs `script` in a child process whose compiled CPU
+    kernels cannot load, and returns its stdout lines: how="no compiler" (CXX names none
+    and the extension cache is new, so nothing compiled earlier is found) or "turned off"
+    (ALEXPREP_CPU_KERNEL=0)."""
+    def run(script: str, how: str) -> list[str]:
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+        if how == "no compiler":
+            env["CXX"] = str(tmp_path / "no-such-c++")
+        else:
+            env["ALEXPREP_CPU_KERNEL"] = "0"
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.splitlines()
+    return run
 
 
 @pytest.fixture

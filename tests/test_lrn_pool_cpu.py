@@ -4,9 +4,6 @@ built. The first test to run compiles the kernel into torch's extension cache (1
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -248,21 +245,14 @@ FALLBACK = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("how", ["no compiler", "turned off"])
-def test_without_the_kernel_the_pytorch_path_runs_after_one_warning(how, tmp_path):
+def test_without_the_kernel_the_pytorch_path_runs_after_one_warning(how, without_kernel):
     """A process whose C++ compiler does not exist (CXX names none, a fresh extension
     cache so nothing compiled earlier is found): one one-line warning, then the PyTorch
     path's numbers, forward and backward. ALEXPREP_CPU_KERNEL=0: the same, silently."""
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    lines = without_kernel(FALLBACK, how)
     if how == "no compiler":
-        env["CXX"] = str(tmp_path / "no-such-c++")
-    else:
-        env["ALEXPREP_CPU_KERNEL"] = "0"
-    proc = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    if how == "no compiler":
-        assert "WARNINGS 1" in lines, proc.stdout
+        assert "WARNINGS 1" in lines, lines
         (message,) = [line for line in lines if line.startswith("MESSAGE")]
         assert "could not be built" in message and "PyTorch path" in message
     else:
-        assert "WARNINGS 0" in lines, proc.stdout
+        assert "WARNINGS 0" in lines, lines
