@@ -240,3 +240,38 @@ def ffcv_python() -> tuple[Path | None, dict]:
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         err = getattr(exc, "stderr", "") or ""
         return None, {"skipped": f"ffcv does not import in {FFCV_VENV.name}: {exc} {err.strip()[-300:]}"}
+
+
+class FfcvChild:
+    """A script in FFCV's venv that answers each request line on stdin with one JSON line
+    (its first, {"ready": ...}, once its Loaders are built): FFCV's loaders are timed in
+    their own process and alternate with ours. `ask(line)` -> the answer."""
+
+    def __init__(self, cmd: list[str], what: str):
+        import subprocess
+
+        self.what = what
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._answer()["ready"]
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.what} ended (exit code {self.proc.wait()}); its errors are above")
+        return json.loads(line)
+
+    def ask(self, request: str) -> dict:
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()

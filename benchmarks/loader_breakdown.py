@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (
-    FFCV_SIDE, add_output_args, check_work, bar_chart, ffcv_python, finish, machine, prepared_build, summary,
+    FFCV_SIDE, FfcvChild, add_output_args, check_work, bar_chart, ffcv_python, finish, machine, prepared_build, summary,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -451,26 +451,17 @@ def write_betons(build: Path, work: Path, python: Path) -> dict[str, Path]:
     return betons
 
 
-class FfcvParts:
+class FfcvParts(FfcvChild):
     """ffcv_breakdown.py in FFCV's venv, its Loaders built and warmed up once, one repeat
     per `repeat()`."""
 
     def __init__(self, python: Path, betons: dict, work: Path, batch: int, epochs: int):
-        cmd = [str(python), str(FFCV_BREAKDOWN), "--mean", str(work / "mean.npy"), "--std", str(work / "std.npy"),
-               "--batch", str(batch), "--epochs", str(epochs), "--raw", str(betons["raw"]), str(betons["jpg"])]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ready = self._answer()["ready"]
-
-    def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"ffcv_breakdown.py ended (exit {self.proc.wait()}); its errors are above")
-        return json.loads(line)
+        super().__init__([str(python), str(FFCV_BREAKDOWN), "--mean", str(work / "mean.npy"), "--std",
+                          str(work / "std.npy"), "--batch", str(batch), "--epochs", str(epochs), "--raw",
+                          str(betons["raw"]), str(betons["jpg"])], "ffcv_breakdown.py")
 
     def repeat(self) -> dict:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        r = self._answer()
+        r = self.ask("run")
         cpu = {name: v["cpu_us"] for name, v in r.items()}
         names = ["labels_only", "decoder", "flip", "normalize", "to_tensor", "to_torch_image"]
         step = {b: cpu[b] - cpu[a] for a, b in zip(names, names[1:])}
@@ -479,12 +470,6 @@ class FfcvParts:
         whole = cpu["to_torch_image"]
         return {"cpu": cpu, **parts, "whole": whole, "python": whole - sum(parts.values()),
                 "raw_whole": cpu["raw_whole"]}
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
 
 
 # ---------------------------------------------------------------------------- the table

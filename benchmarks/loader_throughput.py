@@ -475,7 +475,7 @@ def _optional(name: str):
     return None
 
 
-class FfcvServer:
+class FfcvServer(common.FfcvChild):
     """FFCV's loaders, in FFCV's venv (benchmarks/ffcv_side.py serve), timed epoch by epoch
     on request so that they alternate with the in-process contenders."""
 
@@ -483,34 +483,13 @@ class FfcvServer:
         """specs: NAME -> (ffcv_side.PIPELINES kind, .beton path); options: the pipelines'
         statistics (`--mean C.npy --std S.npy`, and `--mean-image M.npy --lighting L.npy`
         for "paperop")."""
-        cmd = [str(python), str(common.FFCV_SIDE), "serve", *options, "--batch", str(batch), "--workers",
-               str(workers)] + [f"{name}={kind}:{path}" for name, (kind, path) in specs.items()]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ready = self._answer()["ready"]
-
-    def _answer(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"ffcv_side.py serve ended (exit code {self.proc.wait()})")
-        return json.loads(line)
+        super().__init__([str(python), str(common.FFCV_SIDE), "serve", *options, "--batch", str(batch), "--workers",
+                          str(workers)] + [f"{name}={kind}:{path}" for name, (kind, path) in specs.items()],
+                         "ffcv_side.py serve")
 
     def runner(self, name: str):
         """run(skip) -> one epoch's timing (time_epoch's dict), measured in FFCV's process."""
-        def run(skip: int) -> dict:
-            self.proc.stdin.write(f"epoch {name} {skip}\n")
-            self.proc.stdin.flush()
-            return self._answer()
-
-        return run
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.close()
-                self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
+        return lambda skip: self.ask(f"epoch {name} {skip}")
 
 
 def _ffcv_ready(work: Path, device: str, notes: dict):
