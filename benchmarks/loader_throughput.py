@@ -18,8 +18,9 @@ Contenders (CONTENDERS says exactly what each runs; it goes into each result's "
   dali-arrow-raw: over `--encoding raw` shards (no decoding at all; 4x the disk);
 - dali-files: DALI's `readers.file` over the same 256x256 JPEGs (the shards' very bytes)
   as files, rendered as dali-arrow renders (on the CPU: DALI decodes, the host renders);
-- torch-twin: `train_loader(backend="torch")`, PIL decoding in DataLoader workers;
-  torch-twin-numpy (CPU): the same rendering in numpy, the path before issue 29;
+- torch-twin: `train_loader(backend="torch")`, decoding in DataLoader workers (OpenCV's
+  libjpeg-turbo, PIL's pixels); torch-twin-numpy (CPU): the same rendering in numpy,
+  torch-twin-pil-decode (CPU): decoding with PIL, the paths before issue 29;
 - imagefolder-original: what users write today, a torchvision-style ImageFolder in a
   DataLoader over the original JPEGs (decode, resize shorter side to 256, centre crop,
   random crop, flip, mean image, lighting), per-sample numpy in the workers;
@@ -287,19 +288,26 @@ def switched(module, name: str, value):
         setattr(module, name, before)
 
 
-def with_numpy_render(loader) -> None:
-    """Start the torch loader's workers now, with the C++ renderer off in them
-    (ALEXPREP_CPU_KERNEL=0 is read where they render): numpy renders, as before issue 29.
-    The batch taken here belongs to an epoch the benchmark restarts."""
-    before = os.environ.get("ALEXPREP_CPU_KERNEL")
-    os.environ["ALEXPREP_CPU_KERNEL"] = "0"
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """os.environ[name] = value for the block."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
-        next(iter(loader))
+        yield
     finally:
         if before is None:
-            del os.environ["ALEXPREP_CPU_KERNEL"]
+            del os.environ[name]
         else:
-            os.environ["ALEXPREP_CPU_KERNEL"] = before
+            os.environ[name] = before
+
+
+def start_workers(loader, setting) -> None:
+    """Start the torch loader's workers now, inside `setting` (a context manager: what they
+    inherit when they fork, or read where they work), so that they run the path before
+    issue 29. The batch taken here belongs to an epoch the benchmark restarts."""
+    with setting:
+        next(iter(loader))
 
 
 def rrc_contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -> dict:
@@ -325,7 +333,7 @@ def rrc_contenders(data: dict, device: str, batch: int, workers: int, notes: dic
 
 
 def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -> dict:
-    from alexprep.imagenet_prep import loaders
+    from alexprep.imagenet_prep import loaders, transform
 
     made = {}
     torch_device = "cuda:0" if device == "cuda" else "cpu"
@@ -356,7 +364,10 @@ def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -
         notes["dali"] = "nvidia.dali does not import here: DALI contenders skipped"
     ours("torch-twin", data["builds"]["jpeg"], "torch")
     if device == "cpu":
-        with_numpy_render(ours("torch-twin-numpy", data["builds"]["jpeg"], "torch"))
+        # ALEXPREP_CPU_KERNEL is read where the workers render; OPENCV_DECODE where they decode.
+        start_workers(ours("torch-twin-numpy", data["builds"]["jpeg"], "torch"), env_set("ALEXPREP_CPU_KERNEL", "0"))
+        start_workers(ours("torch-twin-pil-decode", data["builds"]["jpeg"], "torch"),
+                      switched(transform, "OPENCV_DECODE", False))
     for name, folder in (("imagefolder-original", data["src"]), ("imagefolder-256", data["files"])):
         made[name] = user_loader(ImageFolder(folder, UserAugment(data["stats"], resize=True)), batch, workers, device)
 
@@ -615,9 +626,12 @@ CONTENDERS = {
         "dali-arrow-raw": "train_loader(backend='dali') over --encoding raw shards (no decoding)",
         "dali-files": "DALI readers.file over the same 256x256 JPEGs as files, rendered as dali-arrow is (on the CPU "
                       "DALI decodes and the host renders: render.render_into)",
-        "torch-twin": "train_loader(backend='torch'): PIL decoding in DataLoader workers, the paper's recipe",
+        "torch-twin": "train_loader(backend='torch'): decoding (OpenCV, PIL's pixels) in DataLoader workers, the "
+                      "paper's recipe",
         "torch-twin-numpy": "torch-twin rendering in numpy in its workers (ALEXPREP_CPU_KERNEL=0 there) instead of "
                             "the C++ pass: the CPU path before issue 29",
+        "torch-twin-pil-decode": "torch-twin decoding with PIL in its workers (transform.OPENCV_DECODE off) instead "
+                                 "of OpenCV: the decoding before issue 29",
         "imagefolder-original": "ImageFolder + DataLoader over the original JPEGs: decode, Resize(256), "
                                 "CenterCrop(256), the paper's recipe in per-sample numpy (UserAugment)",
         "imagefolder-256": "the same ImageFolder loop over the 256x256 JPEGs as files",
@@ -805,7 +819,7 @@ PAIRS = [("dali-arrow", "ffcv-jpeg"), ("torch-twin", "ffcv-jpeg"), ("dali-arrow-
          ("rrc-dali", "rrc-ffcv-jpeg"), ("rrc-torch", "rrc-ffcv-jpeg"), ("rrc-dali", "rrc-ffcv-op-jpeg"),
          ("rrc-torch", "rrc-ffcv-op-jpeg"), ("rrc-dali", "rrc-imagefolder-pil"), ("rrc-torch", "rrc-imagefolder-pil"),
          ("dali-arrow", "dali-arrow-operators"), ("dali-arrow", "dali-arrow-whole-decode"),
-         ("torch-twin", "torch-twin-numpy"),
+         ("torch-twin", "torch-twin-numpy"), ("torch-twin", "torch-twin-pil-decode"),
          ("rrc-dali", "rrc-dali-operators")]
 # The issue's targets (issue 29) and the older ones: ratio key -> at least.
 TARGETS = {"paper": {"dali_arrow_over_ffcv_jpeg": 1.0, "torch_twin_over_ffcv_jpeg": 0.85,

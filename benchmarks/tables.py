@@ -260,8 +260,10 @@ LOADERS = (("dali-arrow", "alexprep, DALI from Arrow shards (JPEG), the paper's 
            ("dali-arrow-raw", "alexprep, DALI from Arrow shards (raw), the paper's recipe"),
            ("dali-arrow-operators", "the same, rendered by DALI's operators (before issue 29)"),
            ("dali-arrow-whole-decode", "the same, decoding whole images, not only the crop window"),
-           ("torch-twin", "alexprep, torch backend: PIL in DataLoader workers, the paper's recipe"),
+           ("torch-twin", "alexprep, torch backend: decoding (OpenCV, PIL's pixels) in DataLoader workers, the paper's "
+            "recipe"),
            ("torch-twin-numpy", "the same, rendering in numpy (before issue 29)"),
+           ("torch-twin-pil-decode", "the same, decoding with PIL (before issue 29)"),
            ("ffcv-jpeg", f"FFCV 1.0.2, {_FFCV_OWN}; JPEG q95 `.beton` of the same 256×256 pixels"),
            ("ffcv-raw", "FFCV, its own pipeline, raw `.beton`"),
            ("ffcv-paperop-jpeg", "FFCV `SimpleRGBImageDecoder` + our numba `PaperAugment` (the paper's recipe), "
@@ -312,7 +314,9 @@ def loader_ratios() -> str:
              2, False),
             ("DALI from Arrow: decoding the crop window / the whole image (issue 29)",
              "dali_arrow_over_dali_arrow_whole_decode", 2, False),
-            ("torch backend: C++ rendering / numpy (issue 29)", "torch_twin_over_torch_twin_numpy", 2, False)]
+            ("torch backend: C++ rendering / numpy (issue 29)", "torch_twin_over_torch_twin_numpy", 2, False),
+            ("torch backend: decoding with OpenCV / PIL (issue 29)", "torch_twin_over_torch_twin_pil_decode", 2,
+             False)]
     made = [(label, "not run here" if key not in pr else f"**{spread(pr[key], digits)}**" if bold
              else spread(pr[key], digits), _target(d, key)) for label, key, digits, bold in rows]
     files = pr["dali_arrow_over_dali_files"]

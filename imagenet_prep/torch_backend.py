@@ -5,10 +5,11 @@ benchmarks' baseline. A DataLoader over the shards, whose sampler hands each wor
 whole `Batch` plan (sample indices and the host's draws, exactly what DALI is fed). Where
 the pixels are decoded and rendered depends on the device (`decoder`):
 
-- CPU: workers decode with PIL (pillow-simd where installed) and render each image
+- CPU: workers decode (`transform.decode`: OpenCV's libjpeg-turbo where it gives PIL's
+  pixels, else PIL, pillow-simd where installed) and render each image
   (`render.render_into`: C++, or numpy where it cannot be built), so the work runs in
   parallel, one thread per worker.
-- CUDA (`decoder="pil"`, the default): workers decode with PIL and cut the uint8
+- CUDA (`decoder="pil"`, the default): workers decode as on the CPU and cut the uint8
   windows; the GPU renders them after a pinned, non-blocking copy.
 - CUDA with `decoder="torchvision"`: workers only copy each image's bytes; the main
   process decodes the whole batch in one nvJPEG call (`torchvision.io.decode_jpeg(...,
@@ -54,7 +55,7 @@ from alexprep.imagenet_prep.render import (
 )
 from alexprep.imagenet_prep.resized_crop import resized_canvases, resized_window, resized_windows_batched, window_pixels
 from alexprep.imagenet_prep.samples import SplitSamples
-from alexprep.imagenet_prep.transform import decode
+from alexprep.imagenet_prep.transform import decode, opencv_jpeg
 
 DECODERS = ("auto", "pil", "torchvision", "nvimgcodec")
 FAILED_PIXEL = 128  # what an image that does not decode is fed as: mid-grey
@@ -327,6 +328,8 @@ class TorchBackend(BatchStream):
         self.mode = mode
         if mode == "render":
             kernel()  # compiled or loaded here, before the workers fork, not in each of them
+        if mode != "bytes":
+            opencv_jpeg()  # the workers decode: checked once here, not in each of them
         workers = config.threads
         self._ring = self._make_ring(source, mode, workers) if mode != "bytes" and self.handoff == "slots" else None
         self.dataset = ShardBatches(source.samples, config.crop, mode, norm=source.norm, rrc=config.recipe == "rrc",

@@ -15,6 +15,7 @@ Decisions a user should know (also in docs/build.md):
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import contextlib
 import io
@@ -38,6 +39,9 @@ ENCODINGS = ("jpeg", "raw")
 # shorter side rescaled to S, longer side capped at max_side, nothing cropped (the input of
 # torchvision's and timm's RandomResizedCrop recipe); each row records its height and width.
 RESIZE_MODES = ("center-crop", "keep-aspect")
+# decode() reads shard JPEGs with OpenCV where opencv_jpeg() vouches for it; off: PIL only
+# (the torch backend's path before issue 29, a benchmark contender).
+OPENCV_DECODE = True
 
 
 @dataclass(frozen=True)
@@ -194,9 +198,52 @@ def decode(data: bytes, spec: ImageSpec, shape: tuple[int, int] | None = None) -
                 raise ValueError("raw keep-aspect bytes need the row's (height, width) to decode")
             shape = (spec.size, spec.size)
         return np.frombuffer(data, dtype=np.uint8).reshape(shape[0], shape[1], 3)
+    opencv = opencv_jpeg() if OPENCV_DECODE else None
+    if opencv is not None and bytes(data[-2:]) == b"\xff\xd9":  # complete: a truncated one is PIL's error below
+        pixels = opencv(data)
+        if pixels is not None:
+            return pixels
+    return pil_decode(data)
+
+
+def pil_decode(data) -> np.ndarray:
+    """PIL's (H, W, 3) uint8 RGB decoding of image bytes: the reference `decode` matches."""
     with Image.open(io.BytesIO(data)) as img:
         # convert() copies even an RGB image: only what is not RGB is converted.
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+
+
+@functools.cache
+def opencv_jpeg():
+    """OpenCV's JPEG decoding, `f(data) -> (H, W, 3) uint8 RGB or None`, where it gives
+    PIL's pixels: both are libjpeg-turbo's, and OpenCV's skips PIL's chunked feed and RGBX
+    copy (20% less CPU per 256x256 image, benchmarks/README.md). None where OpenCV does not
+    import, was built without libjpeg-turbo or differs from PIL on a test image; `decode`
+    then uses PIL."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    if "libjpeg-turbo" not in cv2.getBuildInformation():
+        return None
+    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV 4.10 and later
+    flags = cv2.IMREAD_IGNORE_ORIENTATION | (cv2.IMREAD_COLOR if rgb is None else rgb)  # EXIF ignored, as PIL
+
+    def opencv(data) -> np.ndarray | None:
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if pixels is None or pixels.ndim != 3 or pixels.shape[2] != 3:
+            return None
+        return pixels if rgb is not None else np.ascontiguousarray(pixels[..., ::-1])
+
+    # A test image as shards hold them (PIL's 4:2:0 JPEG of smooth and noisy pixels, odd sides).
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:67, 0:93]
+    test = np.stack([x * 2.7, y * 3.1, (x + y) * 1.4], -1) + rng.normal(0, 12, (67, 93, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(test, 0, 255).astype(np.uint8), "RGB").save(buf, format="JPEG", quality=90,
+                                                                           subsampling="4:2:0")
+    same = opencv(buf.getvalue())
+    return opencv if same is not None and np.array_equal(same, pil_decode(buf.getvalue())) else None
 
 
 def pil_flavour() -> dict:

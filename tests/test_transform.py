@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexprep.imagenet_prep.sample_data import jpeg_bytes, load_photo
-from alexprep.imagenet_prep.transform import ImageSpec, UnreadableImage, decode, encode, load_center_crop
+from alexprep.imagenet_prep.sample_data import jpeg_bytes, load_photo, photo_names
+from alexprep.imagenet_prep.transform import (
+    ImageSpec, UnreadableImage, decode, encode, load_center_crop, opencv_jpeg, pil_decode,
+)
 
 SPEC = ImageSpec()
 
@@ -164,3 +166,34 @@ def test_encode_decode_round_trip(photo):
 def test_bad_spec_is_refused(kwargs):
     with pytest.raises(ValueError):
         ImageSpec(**kwargs)
+
+
+@pytest.mark.skipif(opencv_jpeg() is None, reason="OpenCV's decoding is not used here (no libjpeg-turbo build)")
+@pytest.mark.parametrize("quality", [1, 50, 95, 100])
+def test_shard_jpegs_decode_to_pils_pixels(quality):
+    """decode() takes OpenCV's path for shard JPEGs: every shipped photo, encoded as build-shards
+    encodes (odd sides too), gives PIL's pixels to the bit."""
+    spec = ImageSpec(quality=quality)
+    rng = np.random.default_rng(quality)
+    for name in photo_names():
+        photo = load_photo(name)
+        h, w = rng.integers(150, 256, 2)
+        data = encode(np.ascontiguousarray(photo[:h, :w]), spec)
+        assert np.array_equal(opencv_jpeg()(data), pil_decode(data)), name
+        assert np.array_equal(decode(data, spec), pil_decode(data)), name
+
+
+@pytest.mark.skipif(opencv_jpeg() is None, reason="OpenCV's decoding is not used here (no libjpeg-turbo build)")
+def test_opencv_path_ignores_exif_orientation_and_refuses_truncation(photo):
+    """An EXIF 'rotate 90' tag changes nothing (as in PIL); a truncated shard JPEG is PIL's
+    error, never grey pixels."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=90, exif=exif)
+    data = buf.getvalue()
+    assert np.array_equal(decode(data, SPEC), pil_decode(data))
+    assert decode(data, SPEC).shape == (512, 640, 3)
+    with pytest.raises(OSError, match="(?i)truncated"):
+        decode(data[: len(data) // 2], SPEC)
+
