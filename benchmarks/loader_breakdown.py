@@ -7,7 +7,7 @@ the same images (the paper recipe, batch 64, one thread each).
 
 What is timed (every cell a difference or a sum of CPU times measured in this run):
 - torch backend, in this process, one thread, what a DataLoader worker runs: decode
-  (`transform.decode`, PIL, on the shard's bytes) and the render step `ShardBatches._write`
+  (`transform.decode`: OpenCV, PIL's pixels, on the shard's bytes) and the render step `ShardBatches._write`
   calls per image (`render_step`: render.render_into, one C++ pass), image by image; the
   render step split by timing it again with flip off/on, mean image None/given, 1/std
   none/given (the cast and the lighting shift are in the same pass: the crop row); the

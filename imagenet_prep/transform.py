@@ -217,7 +217,7 @@ def pil_decode(data) -> np.ndarray:
 def opencv_jpeg():
     """OpenCV's JPEG decoding, `f(data) -> (H, W, 3) uint8 RGB or None`, where it gives
     PIL's pixels: both are libjpeg-turbo's, and OpenCV's skips PIL's chunked feed and RGBX
-    copy (20% less CPU per 256x256 image, benchmarks/README.md). None where OpenCV does not
+    copy (benchmarks/README.md, "decoding with OpenCV / PIL"). None where OpenCV does not
     import, was built without libjpeg-turbo or differs from PIL on a test image; `decode`
     then uses PIL."""
     try:
