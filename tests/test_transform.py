@@ -197,3 +197,16 @@ def test_opencv_path_ignores_exif_orientation_and_refuses_truncation(photo):
     with pytest.raises(OSError, match="(?i)truncated"):
         decode(data[: len(data) // 2], SPEC)
 
+
+
+@pytest.mark.skipif(opencv_jpeg() is None, reason="OpenCV's decoding is not used here (no libjpeg-turbo build)")
+def test_an_opencv_without_rgb_decoding_still_gives_rgb(photo, monkeypatch):
+    """OpenCV before 4.10 has no IMREAD_COLOR_RGB: its BGR pixels are turned around."""
+    import cv2
+
+    monkeypatch.delattr(cv2, "IMREAD_COLOR_RGB")
+    opencv = opencv_jpeg.__wrapped__()  # a fresh check, not the cached decoder
+    assert opencv is not None
+    data = jpeg_bytes(photo, 95)
+    pixels = opencv(data)
+    assert np.array_equal(pixels, pil_decode(data)) and pixels.flags.c_contiguous
