@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <algorithm>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -129,10 +130,16 @@ void render(py::buffer out, py::buffer images, py::buffer windows, py::buffer sh
   // about 15); this thread takes the first share.
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), planes / 3));
   std::vector<std::thread> helpers;
+  helpers.reserve(threads);
   const int64_t share = (planes + threads - 1) / threads;
   for (int64_t t = 1; t < threads; ++t) {
     const int64_t begin = std::min(planes, t * share), end = std::min(planes, begin + share);
-    if (begin < end) helpers.emplace_back(run, begin, end);
+    if (begin >= end) continue;
+    try {
+      helpers.emplace_back(run, begin, end);
+    } catch (const std::system_error&) {  // no thread to be had (a process limit): this one does it
+      run(begin, end);
+    }
   }
   run(0, std::min(planes, share));
   for (auto& helper : helpers) helper.join();
