@@ -385,6 +385,47 @@ def contenders(data: dict, device: str, batch: int, workers: int, notes: dict) -
     return made
 
 
+def _files_pipeline(files: Path, batch: int, workers: int, gpu: bool, host: bool, windows_drawn, draws, mean):
+    """dali_files' pipeline, built: DALI's file reader, then each crop window decoded alone
+    (host rendering, fed `windows_drawn`) or DALI's whole image_graph (fed `draws`)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    from alexprep.imagenet_prep import dali_backend
+
+    pipe = Pipeline(batch_size=batch, num_threads=workers, device_id=0 if gpu else None, prefetch_queue_depth=2)
+    with pipe:
+        jpegs, labels = fn.readers.file(file_root=str(files), random_shuffle=True, initial_fill=1024, name="reader")
+        if host:  # as DaliBackend: each crop window decoded alone, the draws kept for the host's render
+            anchor, shape = fn.external_source(source=windows_drawn, num_outputs=2, batch=True,
+                                               dtype=[types.FLOAT, types.FLOAT])
+            images = dali_backend.window_graph(jpegs, encoding="jpeg", anchor=anchor, shape=shape)
+        else:
+            pos_x, pos_y, mirror, cmn = fn.external_source(source=draws, num_outputs=4, batch=True,
+                                                           dtype=[types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
+            images = dali_backend.image_graph(jpegs, encoding="jpeg", size=256, crop=224, gpu=gpu, mean_image=mean,
+                                              windows=[(pos_x, pos_y, mirror)], cmn_mean=cmn, std=[1.0, 1.0, 1.0],
+                                              roi=dali_backend.ROI_DECODE)
+        pipe.set_outputs(images, labels)
+    pipe.build()
+    return pipe
+
+
+def _dali_to_torch(out, shared: bool, torch_device: str):
+    """A DALI float batch as a torch tensor: zero-copy where DALI lends its buffer (as our
+    DALI backend does), else copied with DALI's feed_ndarray."""
+    import torch
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = out.as_tensor()
+    if shared:
+        with torch.device(torch_device):
+            return torch.from_dlpack(dense)
+    x = torch.empty(dense.shape(), dtype=torch.float32, device=torch_device)
+    feed_ndarray(dense, x, cuda_stream=torch.cuda.current_stream() if torch_device.startswith("cuda") else None)
+    return x
+
+
 def dali_files(data: dict, torch_device: str, batch: int, workers: int, per_epoch: int):
     """DALI's file reader over the 256x256 JPEGs, rendered as our DALI backend renders (on
     the CPU: DALI decodes each crop window, the host renders with `render.render_into` into a ring of three
@@ -392,9 +433,6 @@ def dali_files(data: dict, torch_device: str, batch: int, workers: int, per_epoc
     draws from augment.draw; an epoch is `per_epoch` batches of its one endless stream (the
     reader's own epochs are not exposed by `pipe.run()`)."""
     import torch
-    from nvidia.dali import fn, types
-    from nvidia.dali.pipeline import Pipeline
-    from nvidia.dali.plugin.pytorch import feed_ndarray
 
     from alexprep.imagenet_prep import augment, dali_backend, render
     from alexprep.imagenet_prep.batch_slots import BatchSlots
@@ -423,22 +461,7 @@ def dali_files(data: dict, torch_device: str, batch: int, workers: int, per_epoc
         return (augment.crop_position(d.offset_x, 33), augment.crop_position(d.offset_y, 33),
                 d.flip.astype(np.int32), cmn)
 
-    pipe = Pipeline(batch_size=batch, num_threads=workers, device_id=0 if gpu else None, prefetch_queue_depth=2)
-    with pipe:
-        jpegs, labels = fn.readers.file(file_root=str(data["files"]), random_shuffle=True, initial_fill=1024,
-                                        name="reader")
-        if host:  # as DaliBackend: each crop window decoded alone, the draws kept for the host's render
-            anchor, shape = fn.external_source(source=windows_drawn, num_outputs=2, batch=True,
-                                               dtype=[types.FLOAT, types.FLOAT])
-            images = dali_backend.window_graph(jpegs, encoding="jpeg", anchor=anchor, shape=shape)
-        else:
-            pos_x, pos_y, mirror, cmn = fn.external_source(source=draws, num_outputs=4, batch=True,
-                                                           dtype=[types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
-            images = dali_backend.image_graph(jpegs, encoding="jpeg", size=256, crop=224, gpu=gpu, mean_image=mean,
-                                              windows=[(pos_x, pos_y, mirror)], cmn_mean=cmn, std=[1.0, 1.0, 1.0],
-                                              roi=dali_backend.ROI_DECODE)
-        pipe.set_outputs(images, labels)
-    pipe.build()
+    pipe = _files_pipeline(data["files"], batch, workers, gpu, host, windows_drawn, draws, mean)
     ring = BatchSlots(3, (batch, 1, 3, 224, 224), torch.float32, torch.device("cpu"), shared=False) if host else None
     mean_chw = np.ascontiguousarray(mean.transpose(2, 0, 1))
 
@@ -456,16 +479,7 @@ def dali_files(data: dict, torch_device: str, batch: int, workers: int, per_epoc
     def batches():
         for _ in range(per_epoch):
             out, lab = pipe.run()
-            if host:
-                x = rendered(out)
-            else:
-                dense = out.as_tensor()
-                if pipe.exec_dynamic:  # zero-copy, as our DALI backend does
-                    with torch.device(torch_device):
-                        x = torch.from_dlpack(dense)
-                else:
-                    x = torch.empty(dense.shape(), dtype=torch.float32, device=torch_device)
-                    feed_ndarray(dense, x, cuda_stream=torch.cuda.current_stream() if gpu else None)
+            x = rendered(out) if host else _dali_to_torch(out, pipe.exec_dynamic, torch_device)
             y = torch.from_numpy(lab.as_array().reshape(-1).astype(np.int64)).to(torch_device)
             yield x, y
 
